@@ -1,0 +1,39 @@
+"""megatron-ham: pretraining Hybrid Associative Memory (HAM) language models on Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ham",
+    version="0.1.0",
+    description="Hybrid Associative Memory (HAM) layers, models and pretraining on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ham", "megatron_ham.*", "data_prep", "data_prep.*"]),
+    include_package_data=True,
+    package_data={"data_prep": ["sample/**/*", "manifests/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "pyyaml",
+        "einops",
+        "tqdm",
+        "psutil",
+        "zstandard",
+        "pyarrow",
+        "tokenizers",
+        "transformers>=4.45",
+        "safetensors",
+        "webdataset",
+        "tensorboard",
+    ],
+    extras_require={
+        # GPU kernels: fla's chunked gated-delta-rule (Triton / TileLang on Hopper).
+        "gpu": ["fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton>=3.2"],
+        # Optional accelerator; installable only on CUDA machines with a toolkit.
+        "te": ["transformer-engine[pytorch]"],
+        # CPU test environment: fla's pure-torch references need an importable triton.
+        "test": ["pytest>=8", "pytest-timeout", "fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton"],
+    },
+    entry_points={"console_scripts": []},
+)
