@@ -1,0 +1,20 @@
+"""Framework-free HAM math: tensors in, tensors out (no megatron imports).
+
+Layouts are fla's: [B, T, H, D] (batch, time, heads, head dim). Every op has a plain-PyTorch
+reference that runs on CPU; GPU kernels (megatron_ham.kernels) are picked by impl="auto".
+"""
+from .gated_delta_rule import gated_delta_rule
+from .scratchpad import scratchpad_attention
+from .routing import LearnedRouter, min_over_heads, route
+from .controller import KVFractionController
+from .combine import gated_combine
+
+__all__ = [
+    "gated_delta_rule",
+    "scratchpad_attention",
+    "LearnedRouter",
+    "min_over_heads",
+    "route",
+    "KVFractionController",
+    "gated_combine",
+]
