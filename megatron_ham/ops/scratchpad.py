@@ -1,0 +1,192 @@
+"""Scratchpad attention: causal softmax attention of every query over the ROUTED keys only.
+
+    o_t = sum_{j <= t, routed[b, j], doc(j) == doc(t)} softmax_j(scale * q_t . k_j) v_j
+
+A query that sees no routed key (nothing routed yet in its document) gets exactly 0.
+A query sees its own token only if that token is routed; there is no sink token.
+
+Layout (fla's): q, k `[B,T,H,K]`, v `[B,T,H,V]`, routed `[B,T]` bool (one decision per token,
+shared by all heads), output `[B,T,H,V]` in v's dtype. Under tensor parallelism H holds this
+rank's heads only; `routed` must be identical on all TP ranks (see routing.min_over_heads).
+`cu_seqlens` (int `[N+1]`, requires B == 1) packs N documents along T.
+
+Implementations (`impl=`):
+  "reference" explicit boolean mask `[B,1,T,T]` (causal & routed & same document): the definition,
+              O(T^2) memory.
+  "compact"   gathers the routed keys/values in position order (padded per batch row to the max
+              routed count), masks "pos[j] <= t" (a staircase) plus same document, and walks the
+              queries in blocks, each block only over the compacted keys it can see. Memory is
+              O(T x n_routed), cost follows the routed fraction. Differentiable (gather).
+  "auto"      see `_select_impl`: "compact" on every device today.
+Softmax is computed in fp32 in both (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_tensor
+
+_IMPLS = ("auto", "reference", "compact")
+_DEFAULT_BLOCK = 256  # query block of the compact path
+
+
+def _select_impl(impl: str, q: torch.Tensor) -> str:
+    """Resolve impl="auto".
+
+    GPU ENGINEER: this is the one dispatch point. Add the FlexAttention path for CUDA tensors
+    here (e.g. `if q.is_cuda: return "flex"` and a branch in `scratchpad_attention` calling
+    megatron_ham.kernels, imported lazily), keeping "compact" as the CPU path.
+    """
+    if impl != "auto":
+        return impl
+    return "compact"
+
+
+def _validate(q, k, v, routed, scale, cu_seqlens, impl):
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    check_tensor("q", q, [None, None, None, None], "[B,T,H,K]")
+    B, T, H, K = q.shape
+    check_tensor("k", k, [B, T, H, K], "[B,T,H,K] (same as q)")
+    check_tensor("v", v, [B, T, H, None], "[B,T,H,V]")
+    if not isinstance(routed, torch.Tensor):
+        raise ValueError(f"routed must be a bool torch.Tensor of shape [B,T] = [{B},{T}], "
+                         f"got {type(routed).__name__}")
+    if routed.dtype != torch.bool:
+        raise ValueError(f"routed must be a bool tensor of shape [B,T] = [{B},{T}], got dtype {routed.dtype}")
+    check_tensor("routed", routed, [B, T], "[B,T]", floating=False)
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                or cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
+            raise ValueError("cu_seqlens must be a 1-D integer tensor of shape [N+1] "
+                             f"(N documents), got {cu_seqlens!r}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens requires batch size B == 1 (q of shape [1,T,H,K]), got B={B}")
+        c = cu_seqlens.tolist()
+        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c[:-1], c[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {c}")
+
+
+def _doc_ids(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
+    """Document id of every position `[B,T]` (None without cu_seqlens)."""
+    if cu_seqlens is None:
+        return None
+    pos = torch.arange(T, device=device)
+    doc = torch.searchsorted(cu_seqlens.to(device=device, dtype=torch.long)[1:], pos, right=True)
+    return doc.view(1, T).expand(B, T)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp32, or float64 for float64 inputs (gradcheck)."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def _masked_softmax_values(s: torch.Tensor, mask: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """softmax of s `[B,H,Tq,N]` (fp32) over the keys allowed by mask, times vals `[B,N,H,V]`.
+
+    Rows without any allowed key give 0; no NaN in forward or backward (the -inf row is replaced
+    by zeros before the softmax and the probabilities are masked after it).
+    """
+    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)
+    return torch.einsum("bhtn,bnhv->bthv", p, vals)
+
+
+def _reference(q, k, v, routed, scale, doc):
+    B, T = routed.shape
+    pos = torch.arange(T, device=q.device)
+    mask = (pos[None, :] <= pos[:, None])[None] & routed[:, None, :]  # [B,T,T]
+    if doc is not None:
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    mask = mask[:, None]  # [B,1,T,T]
+    ct = _compute_dtype(q)
+    s = torch.einsum("bthk,bshk->bhts", q.to(ct), k.to(ct)) * scale
+    return _masked_softmax_values(s, mask, v.to(ct))
+
+
+def _compact(q, k, v, routed, scale, doc, block: int = _DEFAULT_BLOCK):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    device = q.device
+    counts = routed.sum(1)  # [B]
+    n = max(int(counts.max()) if B > 0 else 0, 1)  # >= 1 slot so the empty case runs the same path
+    # Routed positions first, in position order (stable sort on "not routed").
+    order = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)[:, :n]  # [B,n]
+    valid = torch.arange(n, device=device)[None, :] < counts[:, None]  # [B,n]
+    pos_c = torch.where(valid, order, torch.full_like(order, T))  # padding never visible (pos T > t)
+    ct = _compute_dtype(q)
+    kc = k.gather(1, order[:, :, None, None].expand(B, n, H, K)).to(ct)
+    vc = v.gather(1, order[:, :, None, None].expand(B, n, H, V)).to(ct)
+    doc_c = doc.gather(1, order) if doc is not None else None
+    qf = q.to(ct)
+
+    # Key window of each query block: keys with pos < t1 are the first cum[t1-1] compacted ones
+    # (max over the batch rows); with documents, keys before the block's first document start
+    # are never visible, so the window starts at the routed count before that start.
+    cum = torch.cumsum(routed.long(), dim=1)  # [B,T] routed count in [0, t]
+    starts = list(range(0, T, block))
+    ends = [min(s + block, T) for s in starts]
+    hi = cum[:, [e - 1 for e in ends]].amax(0).tolist() if T > 0 else []
+    if doc is not None:  # B == 1
+        d0 = doc[0, starts]
+        # first position of the document of each block's first query
+        doc_start = torch.searchsorted(doc[0].contiguous(), d0, right=False)
+        cum0 = torch.cat([torch.zeros(1, 1, dtype=torch.long, device=device), cum], dim=1)  # [1,T+1]
+        lo = cum0[0, doc_start].tolist()
+    else:
+        lo = [0] * len(starts)
+
+    outs = []
+    for t0, t1, a, b in zip(starts, ends, lo, hi):
+        if b <= a:  # no visible key in this block: exact zeros
+            outs.append(qf.new_zeros(B, t1 - t0, H, V))
+            continue
+        t = torch.arange(t0, t1, device=device)
+        mask = (pos_c[:, None, a:b] <= t[None, :, None]) & valid[:, None, a:b]  # [B,tq,w]
+        if doc is not None:
+            mask = mask & (doc_c[:, None, a:b] == doc[:, t0:t1, None])
+        s = torch.einsum("bthk,bnhk->bhtn", qf[:, t0:t1], kc[:, a:b]) * scale
+        outs.append(_masked_softmax_values(s, mask[:, None], vc[:, a:b]))
+    o = torch.cat(outs, dim=1) if outs else qf.new_zeros(B, T, H, V)
+    if not o.requires_grad and (qf.requires_grad or kc.requires_grad or vc.requires_grad):
+        # nothing visible anywhere: keep the output on the graph so backward gives zero grads
+        o = o + 0.0 * (qf.sum() + kc.sum() + vc.sum())
+    return o
+
+
+def scratchpad_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routed: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal softmax attention over routed keys only.
+
+    Args:
+        q, k: `[B,T,H,K]`; v: `[B,T,H,V]` (H = this tensor-parallel rank's heads).
+        routed: bool `[B,T]`, the tokens stored in the scratchpad (same for all heads).
+        scale: softmax scale, default K**-0.5.
+        cu_seqlens: int `[N+1]` document boundaries of a packed batch (B must be 1).
+        impl: "auto" | "reference" | "compact".
+    Returns:
+        o `[B,T,H,V]` in v's dtype; 0 for queries that see no routed key.
+    """
+    _validate(q, k, v, routed, scale, cu_seqlens, impl)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else float(scale)
+    doc = _doc_ids(cu_seqlens, B, T, q.device)
+    impl = _select_impl(impl, q)
+    if impl == "reference":
+        o = _reference(q, k, v, routed, scale, doc)
+    else:
+        o = _compact(q, k, v, routed, scale, doc)
+    return o.to(v.dtype)
