@@ -1,0 +1,45 @@
+"""Output combination of the two memories (recurrent state and scratchpad).
+
+    mixed = sigmoid(gate_rnn)[..., None] * o_rnn + sigmoid(gate_kv)[..., None] * o_kv
+    out   = RMSNorm_V(mixed) * weight * silu(out_gate)
+
+Independent sigmoid gates per head and token (not a softmax pair: both memories may be used
+fully, or neither). The norm is per head over the head dim V in fp32, the gated output norm of
+Gated DeltaNet. Layout `[B,T,H,V]`, H = this tensor-parallel rank's heads; `weight` `[V]` is
+shared by all heads (replicated on TP ranks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_tensor
+
+
+def gated_combine(
+    o_rnn: torch.Tensor,
+    o_kv: torch.Tensor,
+    gate_rnn: torch.Tensor,
+    gate_kv: torch.Tensor,
+    out_gate: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Combine o_rnn, o_kv `[B,T,H,V]` with gate logits `[B,T,H]`, out_gate `[B,T,H,V]`,
+    norm weight `[V]`. Returns `[B,T,H,V]` in o_rnn's dtype."""
+    check_tensor("o_rnn", o_rnn, [None, None, None, None], "[B,T,H,V]")
+    B, T, H, V = o_rnn.shape
+    check_tensor("o_kv", o_kv, [B, T, H, V], "[B,T,H,V] (same as o_rnn)")
+    check_tensor("gate_rnn", gate_rnn, [B, T, H], "[B,T,H]")
+    check_tensor("gate_kv", gate_kv, [B, T, H], "[B,T,H]")
+    check_tensor("out_gate", out_gate, [B, T, H, V], "[B,T,H,V]")
+    check_tensor("weight", weight, [V], "[V]")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    ct = torch.promote_types(o_rnn.dtype, torch.float32)  # fp32 (float64 for float64 inputs)
+    mixed = (torch.sigmoid(gate_rnn.to(ct))[..., None] * o_rnn.to(ct)
+             + torch.sigmoid(gate_kv.to(ct))[..., None] * o_kv.to(ct))
+    normed = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + eps)
+    out = normed * weight.to(ct) * F.silu(out_gate.to(ct))
+    return out.to(o_rnn.dtype)
