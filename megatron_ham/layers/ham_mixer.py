@@ -1,0 +1,129 @@
+"""HAMMixer: Hybrid Associative Memory sequence mixer (GDN state + routed KV scratchpad).
+
+Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and TP split) with:
+  - two more in_proj sections per head: gate_rnn, gate_kv (independent sigmoid gates);
+  - the scratchpad: causal softmax attention over the ROUTED tokens only, with the SAME q, k, v
+    as the state (one set of associations stored twice; decision, docs/parallelism.md); no RoPE
+    (NoPE scratchpad: the conv and the state carry position); q, k L2-normalised so the softmax
+    scale defaults to sqrt(K);
+  - routing per token, identical on every TP rank:
+      "error_l2" / "error_cosine": score_t = min over ALL heads of the state's prediction error,
+          the local min all-reduced (MIN) over the TP group; no gradient through routing.
+      "learned": r_t = LearnedRouter(x_t) on the full (SP-gathered) layer input, replicated on TP
+          ranks; routed values are scaled by r (router_weighted_values) so the LM loss trains it;
+          dL/dr is all-reduced over TP (each rank only sees its heads), so the router's
+          parameter gradient is the full one on every rank.
+      routed_t = score_t >= tau, tau = this layer's KVFractionController buffer (in the checkpoint).
+  - output: gated_combine(o_rnn, o_kv, gate_rnn, gate_kv, z, norm_weight) -> out_proj.
+
+Controller protocol: in training mode forward() only RECORDS the detached per-token scores
+[b, s] (tau is not touched, so it is constant within a step and robust to recomputation and
+micro-batching); megatron_ham.models.step_kv_controllers() updates every layer once per optimizer
+step from what was recorded. In eval mode nothing is recorded.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .gdn_mixer import GDNMixer, GDNMixerSubmodules, MixerOptions
+from .tp_utils import all_reduce_backward
+
+ROUTERS = ("error_l2", "error_cosine", "learned")
+
+
+def _in_backward() -> bool:
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except Exception:  # pragma: no cover
+        return False
+
+
+class HAMMixer(GDNMixer):
+    """HAM mixer: [s(/tp), b, h] -> (out [s(/tp), b, h], bias). See module docstring."""
+
+    def __init__(self, config, submodules: GDNMixerSubmodules, layer_number=None,
+                 pg_collection=None, options: Optional[MixerOptions] = None, **kwargs):
+        o = options if options is not None else MixerOptions()
+        if o.router not in ROUTERS:
+            raise ValueError(f"router must be one of {list(ROUTERS)}, got {o.router!r}")
+        if isinstance(o.kv_fraction, bool) or not (0.0 <= float(o.kv_fraction) <= 1.0):
+            raise ValueError(f"kv_fraction must be in [0, 1], got {o.kv_fraction!r}")
+        super().__init__(config, submodules, layer_number=layer_number,
+                         pg_collection=pg_collection, options=o, **kwargs)
+        from megatron_ham.ops import KVFractionController, LearnedRouter
+
+        self.kv_controller = KVFractionController(
+            float(o.kv_fraction), gain=o.controller_gain, warmup=o.controller_warmup
+        )
+        self.router = None
+        if o.router == "learned":
+            hid = o.router_hidden_size or None
+            # default RNG: identical on every TP rank (replicated module)
+            self.router = LearnedRouter(config.hidden_size, hid)
+            dev = self.norm_weight.device
+            self.router.to(device=dev, dtype=config.params_dtype)
+        self._recorded: List[torch.Tensor] = []
+        self.last_routed: Optional[torch.Tensor] = None  # [b, s] bool of the last forward
+
+    def _sections(self) -> List[Tuple[str, int]]:
+        return super()._sections() + [("gate_rnn", 1), ("gate_kv", 1)]
+
+    # ---------------------------------------------------------------- controller protocol
+    def pop_recorded_scores(self) -> Optional[torch.Tensor]:
+        """Flattened scores recorded since the last call (None if none), and clear them."""
+        if not self._recorded:
+            return None
+        out = torch.cat([r.reshape(-1) for r in self._recorded])
+        self._recorded = []
+        return out
+
+    def _scores(self, hidden_states, t, err, cu, s, b):
+        from megatron_ham.ops import min_over_heads
+
+        if self.router is None:
+            grp = self.tp_group if self.tp > 1 else None
+            return min_over_heads(err.float(), group=grp).detach(), None
+        x = hidden_states
+        if self.sp and self.tp > 1:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # backward = split (not reduce-scatter): dL/dr is already summed over TP below
+            x = gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+        r = self.router(x).transpose(0, 1)  # [s, b] -> [b, s]
+        r = all_reduce_backward(r, self.tp_group)
+        if cu is not None:
+            r = r.reshape(1, b * s)
+        return r.detach().float(), r
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, attention_bias=None, packed_seq_params=None,
+                sequence_len_offset=None, **kwargs):
+        """hidden_states [s(/tp), b, h] -> (out [s(/tp), b, h], bias)."""
+        from megatron_ham.ops import gated_combine, route, scratchpad_attention
+        from megatron_ham.ops.routing import router_weighted_values
+
+        if inference_context is not None or kwargs.get("inference_params") is not None:
+            raise NotImplementedError("HAMMixer: Megatron inference contexts are not supported")
+        o = self.opts
+        t, cu, s, b = self._project(hidden_states, packed_seq_params)
+        want_err = self.router is None
+        metric = "cosine" if o.router == "error_cosine" else "l2"
+        o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
+        scores, r = self._scores(hidden_states, t, err, cu, s, b)
+        tau = self.kv_controller.tau
+        routed = route(scores, tau)
+        if self.training and torch.is_grad_enabled() and not _in_backward():
+            self._recorded.append(scores.detach().reshape(b, s))
+        self.last_routed = routed.detach().reshape(b, s)
+        v_kv = t["v"] if r is None else router_weighted_values(t["v"], r.to(t["v"].dtype), routed)
+        scale = o.scratchpad_scale if o.scratchpad_scale > 0 else self.K ** 0.5
+        o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=scale, cu_seqlens=cu,
+                                    impl=o.scratchpad_impl)
+        y = gated_combine(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t["z"],
+                          self._norm_weight(), eps=o.norm_eps)
+        return self._output(y.to(hidden_states.dtype), s, b)

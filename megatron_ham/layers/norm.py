@@ -1,0 +1,47 @@
+"""Torch norms for the `local` backend, usable under sequence parallelism on any device.
+
+Megatron-Core's WrappedTorchNorm refuses `sequence_parallel=True`; HAMNorm accepts it and tags
+its (replicated) parameters `.sequence_parallel = True`, so Megatron's finalize_model_grads
+all-reduces their gradients over the TP group (each rank only saw s/tp tokens).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HAMNorm(nn.Module):
+    """RMSNorm or LayerNorm over the last dim (`config.normalization`), input [s(/tp), b, h].
+
+    Constructor matches Megatron's norm builders: (config, hidden_size, eps=1e-5).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        kind = getattr(config, "normalization", "RMSNorm")
+        if kind not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm', got {kind!r}")
+        self.rms = kind == "RMSNorm"
+        self.eps = float(eps)
+        self.hidden_size = hidden_size
+        self.zero_centered = bool(getattr(config, "layernorm_zero_centered_gamma", False))
+        dtype = getattr(config, "params_dtype", torch.float32)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        if getattr(config, "use_cpu_initialization", False):
+            device = "cpu"
+        init = 0.0 if self.zero_centered else 1.0
+        self.weight = nn.Parameter(torch.full((hidden_size,), init, dtype=dtype, device=device))
+        self.bias = None
+        if not self.rms:
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
+        sp = bool(getattr(config, "sequence_parallel", False))
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", sp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight + 1.0 if self.zero_centered else self.weight
+        if self.rms:
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * w.float()).to(x.dtype)
+        return torch.nn.functional.layer_norm(x, (self.hidden_size,), w, self.bias, self.eps)
