@@ -1,0 +1,413 @@
+"""Tokenize manifest components into Megatron IndexedDatasets, resumably and deterministically.
+
+Output directory layout::
+
+    <out>/<component>.bin, <component>.idx   one IndexedDataset per component (GPTDataset-ready)
+    <out>/blend.json                          {"blend": [{"prefix", "weight", ...}], ...}
+    <out>/stats.json                          documents / tokens / length histogram / problems
+    <out>/.work/state.json                    per-file progress (resumption)
+    <out>/.work/<component>/<i>.bin/.idx      per-file parts, merged into <component> then removed
+
+Safety: every file is written under a temporary name and renamed with ``os.replace``; for an
+IndexedDataset the ``.bin`` is renamed first and the ``.idx`` last, so a killed run never leaves
+a complete-looking ``.idx`` next to a partial ``.bin``. A file counts as finished only once
+its part is renamed and recorded in ``state.json`` (itself replaced atomically); a re-run skips
+finished files and redoes the rest.
+
+Determinism: files are read in sorted order as blocks of whole lines whose boundaries depend
+only on ``batch_bytes``; blocks are tokenized by a process pool but written in input order, so
+the bytes written are identical for any number of workers.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from .manifest import Component, Manifest
+from .sources import EMPTY, STRUCTURAL, Block, DataError, Problem, init_worker, iter_blocks, process_block
+from .tokenizer import TokenizerInfo
+
+log = logging.getLogger("data_prep")
+
+STATE_VERSION = 1
+HIST_EDGES = [0] + [2 ** k for k in range(7, 18)]  # 0,128,...,131072 (+ overflow bin)
+THRESHOLDS = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
+MAX_EXAMPLES = 20
+KILL_AFTER_FILES = "HAM_PREP_TEST_KILL_AFTER_FILES"    # test hook: SIGKILL self after N finished files
+KILL_AFTER_BLOCKS = "HAM_PREP_TEST_KILL_AFTER_BLOCKS"  # test hook: SIGKILL self after N written blocks
+
+
+@dataclass
+class Options:
+    out: str
+    workers: int = 1
+    on_error: str = "fail"          # fail | skip
+    batch_bytes: int = 1 << 20
+    progress: bool = True
+    overwrite: bool = False
+    keep_parts: bool = False
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_stats() -> dict:
+    return {"files": 0, "records": 0, "documents": 0, "tokens": 0, "text_tokens": 0,
+            "max_length": 0, "histogram": [0] * (len(HIST_EDGES)), "problems": {}, "examples": []}
+
+
+def _add_lengths(st: dict, text_lengths: np.ndarray) -> None:
+    if text_lengths.size == 0:
+        return
+    idx = np.searchsorted(np.asarray(HIST_EDGES[1:]), text_lengths, side="right")
+    counts = np.bincount(idx, minlength=len(HIST_EDGES))
+    st["histogram"] = [a + int(b) for a, b in zip(st["histogram"], counts)]
+    st["max_length"] = max(st["max_length"], int(text_lengths.max()))
+
+
+def merge_stats(dst: dict, src: dict) -> dict:
+    for k in ("files", "records", "documents", "tokens", "text_tokens"):
+        dst[k] += src[k]
+    dst["max_length"] = max(dst["max_length"], src["max_length"])
+    dst["histogram"] = [a + b for a, b in zip(dst["histogram"], src["histogram"])]
+    for k, v in src["problems"].items():
+        dst["problems"][k] = dst["problems"].get(k, 0) + v
+    dst["examples"] = (dst["examples"] + src["examples"])[:MAX_EXAMPLES]
+    return dst
+
+
+def describe_stats(st: dict) -> dict:
+    """Stats as written to stats.json (histogram with bin edges, threshold counts)."""
+    bins = []
+    for i, n in enumerate(st["histogram"]):
+        lo = HIST_EDGES[i]
+        hi = HIST_EDGES[i + 1] if i + 1 < len(HIST_EDGES) else None
+        bins.append({"min_tokens": lo, "max_tokens_exclusive": hi, "documents": n})
+    at_least = {}
+    for t in THRESHOLDS:
+        # thresholds are bin edges: count documents in bins starting at >= t
+        at_least[str(t)] = sum(n for i, n in enumerate(st["histogram"]) if HIST_EDGES[i] >= t)
+    docs = st["documents"]
+    return {
+        "files": st["files"], "records": st["records"], "documents": docs,
+        "tokens": st["tokens"], "text_tokens": st["text_tokens"],
+        "mean_length": (st["text_tokens"] / docs) if docs else 0.0, "max_length": st["max_length"],
+        "documents_at_least": at_least, "length_histogram": bins,
+        "problems": dict(sorted(st["problems"].items())), "problem_examples": st["examples"],
+    }
+
+
+class _Ordered:
+    """Run ``process_block`` over blocks on a pool (or inline), yielding results in input
+    order with at most ``2 * workers`` blocks in flight (bounded memory)."""
+
+    def __init__(self, tok: TokenizerInfo, comp: Component, workers: int):
+        self.workers = workers
+        args = (tok.json, tok.eod, tok.bos, tok.dtype, comp.text_field, comp.required_fields)
+        if workers <= 1:
+            init_worker(*args, die_with_parent=False)
+            self.pool = None
+        else:
+            self.pool = mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=args)
+
+    def map(self, blocks: Iterable[Block]):
+        if self.pool is None:
+            for b in blocks:
+                yield b, process_block(b)
+            return
+        pending = collections.deque()
+        for b in blocks:
+            pending.append((b, self.pool.apply_async(process_block, (b,))))
+            if len(pending) >= 2 * self.workers:
+                b0, r = pending.popleft()
+                yield b0, r.get()
+        while pending:
+            b0, r = pending.popleft()
+            yield b0, r.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def _record_problems(st: dict, path: str, problems: List[Problem], on_error: str) -> None:
+    for p in problems:
+        st["problems"][p.kind] = st["problems"].get(p.kind, 0) + 1
+        if len(st["examples"]) < MAX_EXAMPLES:
+            st["examples"].append({"file": path, "line": p.line, "kind": p.kind, "message": p.message})
+        if p.kind == EMPTY:
+            log.debug("%s:%d: %s (skipped)", path, p.line, p.message)
+            continue
+        if on_error == "fail":
+            raise DataError(f"{path}:{p.line}: {p.kind}: {p.message}\n"
+                            "(use --on-error skip to skip and count bad records)")
+        n = st["problems"][p.kind]
+        if n <= 5:
+            log.warning("%s:%d: %s: %s (skipped)", path, p.line, p.kind, p.message)
+        elif n == 6:
+            log.warning("%s: more %s problems; see stats.json for counts", path, p.kind)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True, leave=True, mininterval=0.5)
+
+
+def tokenize_file(path: str, comp: Component, tok: TokenizerInfo, prefix: str, runner: _Ordered,
+                  opts: Options, blocks_counter: Optional[list] = None) -> dict:
+    """Tokenize one input file into the IndexedDataset ``prefix`` (.bin then .idx, atomically)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    st = new_stats()
+    st["files"] = 1
+    extra = 1 + (tok.bos is not None)
+    bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
+    builder = IndexedDatasetBuilder(bin_tmp, dtype=np.dtype(tok.dtype).type)
+    reader_problems: List[Problem] = []
+    bar = _progress(os.path.getsize(path), f"{comp.name}:{os.path.basename(path)}", opts.progress)
+    t0 = time.perf_counter()
+    kill_blocks = int(os.environ.get(KILL_AFTER_BLOCKS, "0") or 0)
+    try:
+        for block, (tokens, lengths, lines, problems, n_records) in runner.map(
+                iter_blocks(path, opts.batch_bytes, reader_problems, comp.text_field)):
+            _record_problems(st, path, problems, opts.on_error)
+            st["records"] += n_records
+            # one sequence per document (document_indices = 0..n), as GPTDataset expects
+            off = 0
+            for n in lengths.tolist():
+                builder.add_document(tokens[off:off + n], [n])
+                off += n
+            st["documents"] += int(lengths.size)
+            st["tokens"] += int(tokens.size)
+            st["text_tokens"] += int(tokens.size - extra * lengths.size)
+            _add_lengths(st, lengths - extra)
+            if bar is not None:
+                bar.update(block.pos - bar.n)
+                dt = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{st['documents'] / dt:.1f} docs/s, {st['tokens'] / dt / 1e3:.1f}k tok/s",
+                                    refresh=False)
+            if blocks_counter is not None:
+                blocks_counter[0] += 1
+                if kill_blocks and blocks_counter[0] >= kill_blocks:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        _record_problems(st, path, reader_problems, opts.on_error)
+    except BaseException:
+        builder.data_file.close()
+        for p in (bin_tmp, idx_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    builder.finalize(idx_tmp)
+    os.replace(bin_tmp, prefix + ".bin")
+    os.replace(idx_tmp, prefix + ".idx")   # .idx last: its presence marks a complete part
+    dt = time.perf_counter() - t0
+    st["seconds"] = dt
+    log.info("%s: %d documents, %d tokens in %.1fs (%.1f docs/s, %.0f tok/s)%s", path, st["documents"],
+             st["tokens"], dt, st["documents"] / max(dt, 1e-9), st["tokens"] / max(dt, 1e-9),
+             "".join(f", {v} {k}" for k, v in sorted(st["problems"].items())))
+    return st
+
+
+def _file_id(path: str) -> dict:
+    s = os.stat(path)
+    return {"path": path, "size": s.st_size, "mtime_ns": s.st_mtime_ns}
+
+
+def _settings_fingerprint(tok: TokenizerInfo, comp: Component, opts: Options) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([STATE_VERSION, tok.fingerprint, comp.text_field, comp.required_fields,
+                         opts.on_error, opts.batch_bytes]).encode())
+    return h.hexdigest()[:16]
+
+
+def _remove_prefix(prefix: str) -> None:
+    for ext in (".idx", ".bin", ".idx.tmp", ".bin.tmp"):
+        if os.path.exists(prefix + ext):
+            os.remove(prefix + ext)
+
+
+def merge_parts(parts: List[str], prefix: str, dtype: str, move_single: bool = True) -> None:
+    """Concatenate per-file IndexedDatasets into ``prefix`` with IndexedDatasetBuilder.add_index."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    _remove_prefix(prefix)
+    if len(parts) == 1 and move_single:
+        os.replace(parts[0] + ".bin", prefix + ".bin")
+        os.replace(parts[0] + ".idx", prefix + ".idx")
+        return
+    builder = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=np.dtype(dtype).type)
+    for p in parts:
+        builder.add_index(p)
+    builder.finalize(prefix + ".idx.tmp")
+    os.replace(prefix + ".bin.tmp", prefix + ".bin")
+    os.replace(prefix + ".idx.tmp", prefix + ".idx")
+
+
+def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
+    """Build every component; returns the stats dict also written to <out>/stats.json."""
+    out = os.path.abspath(opts.out)
+    work = os.path.join(out, ".work")
+    os.makedirs(work, exist_ok=True)
+    state_path = os.path.join(work, "state.json")
+    state = {"version": STATE_VERSION, "components": {}}
+    if os.path.exists(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{state_path}: state version {state.get('version')} != {STATE_VERSION}; "
+                             "remove the output directory or use a new --out")
+    t_start = time.perf_counter()
+    comp_stats: Dict[str, dict] = {}
+    blocks_counter = [0]
+    kill_files = int(os.environ.get(KILL_AFTER_FILES, "0") or 0)
+    files_done_now = 0
+    for comp in manifest.components:
+        if not comp.files:
+            continue
+        fp = _settings_fingerprint(tok, comp, opts)
+        cstate = state["components"].get(comp.name)
+        if cstate and cstate.get("settings") != fp:
+            if not opts.overwrite:
+                raise ValueError(f"{out}: component {comp.name!r} was built with different settings "
+                                 "(tokenizer, fields, --on-error or --batch-bytes); pass --overwrite to rebuild it")
+            log.warning("component %s: settings changed, rebuilding (--overwrite)", comp.name)
+            cstate = None
+        file_ids = [_file_id(p) for p in comp.files]
+        prefix = os.path.join(out, comp.name)
+        if (cstate and cstate.get("done") and cstate.get("inputs") == file_ids
+                and os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
+            log.info("component %s: up to date (%s.bin/.idx), skipped", comp.name, prefix)
+            comp_stats[comp.name] = cstate["stats"]
+            continue
+        if cstate is None:
+            cstate = {"settings": fp, "files": {}}
+        cstate["done"] = False
+        cstate["inputs"] = file_ids
+        state["components"][comp.name] = cstate
+        pdir = os.path.join(work, comp.name)
+        os.makedirs(pdir, exist_ok=True)
+        runner = None
+        parts = []
+        total = new_stats()
+        try:
+            for i, (path, fid) in enumerate(zip(comp.files, file_ids)):
+                part = os.path.join(pdir, f"{i:05d}")
+                parts.append(part)
+                key = str(i)
+                fs = cstate["files"].get(key)
+                if (fs and fs.get("input") == fid and os.path.exists(part + ".idx")
+                        and os.path.exists(part + ".bin")):
+                    log.info("%s: finished in an earlier run, skipped", path)
+                    merge_stats(total, fs["stats"])
+                    continue
+                _remove_prefix(part)
+                if runner is None:
+                    runner = _Ordered(tok, comp, opts.workers)
+                st = tokenize_file(path, comp, tok, part, runner, opts, blocks_counter)
+                cstate["files"][key] = {"input": fid, "stats": st}
+                _atomic_write_json(state_path, state)
+                merge_stats(total, st)
+                files_done_now += 1
+                if kill_files and files_done_now >= kill_files:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            if runner is not None:
+                runner.close()
+        merge_parts(parts, prefix, tok.dtype, move_single=not opts.keep_parts)
+        cstate["done"] = True
+        cstate["stats"] = total
+        cstate["files"] = {}  # parts are merged (and removed below); the component is the unit now
+        _atomic_write_json(state_path, state)
+        if not opts.keep_parts:
+            shutil.rmtree(pdir, ignore_errors=True)
+        comp_stats[comp.name] = total
+        log.info("component %s: %d documents, %d tokens -> %s.bin/.idx", comp.name, total["documents"],
+                 total["tokens"], prefix)
+
+    weights = manifest.normalized_weights()
+    result = {
+        "manifest": manifest.path or manifest.name, "revision": manifest.revision,
+        "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod, "bos_id": tok.bos,
+        "dtype": tok.dtype, "length_unit": "tokens of the document text, EOD/BOS excluded",
+        "components": {}, "total": None, "seconds": time.perf_counter() - t_start,
+    }
+    grand = new_stats()
+    for comp in manifest.components:
+        if comp.name not in comp_stats:
+            continue
+        d = describe_stats(comp_stats[comp.name])
+        d["weight"] = weights.get(comp.name, 0.0)
+        d["prefix"] = os.path.join(out, comp.name)
+        d["inputs"] = comp.files
+        result["components"][comp.name] = d
+        merge_stats(grand, comp_stats[comp.name])
+    result["total"] = describe_stats(grand)
+    _atomic_write_json(os.path.join(out, "stats.json"), result)
+    write_blend(os.path.join(out, "blend.json"), result, manifest)
+    return result
+
+
+def write_blend(path: str, stats: dict, manifest: Manifest) -> None:
+    """blend.json: ``{"blend": [{"prefix", "weight", "relative_prefix", "documents", "tokens"}],
+    "tokenizer", "vocab_size", "eod_id", "dtype"}``; weights are normalised to sum to 1."""
+    base = os.path.dirname(os.path.abspath(path))
+    blend = []
+    for name, c in stats["components"].items():
+        if c["weight"] <= 0 or c["documents"] == 0:
+            continue
+        blend.append({"prefix": c["prefix"], "weight": c["weight"],
+                      "relative_prefix": os.path.relpath(c["prefix"], base),
+                      "name": name, "documents": c["documents"], "tokens": c["tokens"]})
+    total = sum(b["weight"] for b in blend)
+    for b in blend:
+        b["weight"] = b["weight"] / total if total else 0.0
+    _atomic_write_json(path, {"blend": blend, "tokenizer": stats["tokenizer"], "vocab_size": stats["vocab_size"],
+                              "eod_id": stats["eod_id"], "dtype": stats["dtype"],
+                              "manifest": stats["manifest"], "revision": stats["revision"]})
+
+
+def load_blend(path: str):
+    """Read blend.json -> (prefixes, weights) for ``GPTDatasetConfig(blend=(prefixes, weights))``.
+    ``prefix`` is used when its .idx exists, else ``relative_prefix`` (relative to the blend file)."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    entries = raw["blend"] if isinstance(raw, dict) else raw
+    base = os.path.dirname(os.path.abspath(path))
+    prefixes, weights = [], []
+    for i, e in enumerate(entries):
+        if "prefix" not in e or "weight" not in e:
+            raise ValueError(f"{path}: blend[{i}] needs 'prefix' and 'weight', got {sorted(e)}")
+        p = e["prefix"]
+        if not os.path.isabs(p):
+            p = os.path.join(base, p)
+        if not os.path.exists(p + ".idx") and "relative_prefix" in e:
+            p = os.path.join(base, e["relative_prefix"])
+        prefixes.append(p)
+        weights.append(float(e["weight"]))
+    return prefixes, weights
