@@ -171,9 +171,10 @@ class GDNMixer(MegatronModule):
         dev, dt = _device(config), config.params_dtype
         self.conv_sections = [("q", self.K), ("k", self.K), ("v", self.V)]
         c_l = self.H_l * (2 * self.K + self.V)
-        self.conv1d = nn.Conv1d(
-            c_l, c_l, kernel_size=o.conv_kernel, groups=c_l, bias=False, device=dev, dtype=dt
-        )
+        with torch.random.fork_rng(devices=[]):  # its default init would consume the RNG by
+            self.conv1d = nn.Conv1d(  # the LOCAL size; reset_parameters() draws it layout-free
+                c_l, c_l, kernel_size=o.conv_kernel, groups=c_l, bias=False, device=dev, dtype=dt
+            )
         self.A_log = nn.Parameter(torch.empty(self.H_l, device=dev, dtype=dt))
         self.dt_bias = nn.Parameter(torch.empty(self.H_l, device=dev, dtype=dt))
         self.norm_weight = nn.Parameter(torch.ones(self.V, device=dev, dtype=dt))

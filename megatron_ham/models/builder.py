@@ -19,7 +19,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     THIS stage's layers only (global layers [offset, offset + n) with Megatron's own
     get_transformer_layer_offset / get_num_layers_to_build), and TransformerLayer adds the offset
     to layer_number itself. Embedding: vocab padded to a multiple of
-    make_vocab_size_divisible_by * tp. Position embedding: RoPE when the pattern has attention
+    make_vocab_size_divisible_by (independent of TP). Position embedding: RoPE when the pattern has attention
     layers ('*'), none otherwise (GDN / HAM mixers ignore rotary arguments).
     Raises ValueError naming the setting for a bad configuration.
     """
@@ -55,7 +55,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     model = GPTModel(
         config=tc,
         transformer_layer_spec=block,
-        vocab_size=cfg.padded_vocab_size(tp),
+        vocab_size=cfg.padded_vocab_size(),
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
         post_process=post_process,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHITECTURES = ("transformer", "gdn", "gdn_gsa", "ham")
+ARCHITECTURES = ("transformer", "gdn", "gdn_gsa", "ham", "hybrid")
 ROUTERS = ("error_l2", "error_cosine", "learned")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -18,7 +18,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 class ModelConfig:
     """A model of the paper's four architectures.
 
-    architecture: "transformer" | "gdn" | "gdn_gsa" | "ham".
+    architecture: "transformer" | "gdn" | "gdn_gsa" | "ham" (the paper's four), or "hybrid"
+        (any explicit pattern mixing H / G / *).
     pattern: one symbol per layer, H = HAM, G = GDN, * = attention (each followed by an MLP);
         "" = the architecture's default: transformer "*"*L, gdn "G"*L, ham "H"*L, gdn_gsa
         "G*" repeated (attention every `gsa_attention_every`-th layer, counting from 1).
@@ -85,7 +86,10 @@ class ModelConfig:
         if self.architecture == "gdn_gsa":
             e = self.gsa_attention_every
             return "".join("*" if (i + 1) % e == 0 else "G" for i in range(L))
-        raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "hybrid":
+            return ""
+        raise ValueError(f"ModelConfig.architecture: must be one of {list(ARCHITECTURES)}, "
+                         f"got {self.architecture!r}")
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size:
@@ -99,8 +103,10 @@ class ModelConfig:
     def resolved_num_query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
-    def padded_vocab_size(self, tp: int = 1) -> int:
-        m = self.make_vocab_size_divisible_by * tp
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of make_vocab_size_divisible_by. Independent of
+        the TP size (so checkpoints reshard); validate() checks it is divisible by tp."""
+        m = self.make_vocab_size_divisible_by
         return (self.vocab_size + m - 1) // m * m
 
     def to_dict(self) -> dict:
@@ -151,7 +157,10 @@ class ModelConfig:
                 + ", ".join(f"{k!r}={v}" for k, v in LAYER_SYMBOLS.items()))
         if len(pat) != self.num_layers:
             bad("pattern", f"{pat!r} has {len(pat)} layers but num_layers={self.num_layers}")
-        expect = {"transformer": set("*"), "gdn": set("G"), "ham": set("H"), "gdn_gsa": set("G*")}
+        if self.architecture == "hybrid" and not self.pattern:
+            bad("pattern", "architecture='hybrid' needs an explicit pattern (e.g. 'HG*H')")
+        expect = {"transformer": set("*"), "gdn": set("G"), "ham": set("H"), "gdn_gsa": set("G*"),
+                  "hybrid": set("HG*")}
         if self.pattern and not set(pat) <= expect[self.architecture]:
             bad("pattern", f"{pat!r} uses symbols not allowed for architecture="
                 f"{self.architecture!r} (allowed: {sorted(expect[self.architecture])})")
@@ -185,6 +194,9 @@ class ModelConfig:
         if set(pat) & set("HG") and self.mixer_num_heads % tp:
             bad("mixer_num_heads", f"{self.mixer_num_heads} is not divisible by "
                 f"tensor_model_parallel_size={tp}")
+        if self.padded_vocab_size() % tp:
+            bad("make_vocab_size_divisible_by", f"padded vocab {self.padded_vocab_size()} is not "
+                f"divisible by tensor_model_parallel_size={tp}")
         if self.num_layers % pp:
             bad("num_layers", f"{self.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
         if self.sequence_parallel and tp == 1:
