@@ -1,0 +1,46 @@
+"""GPU paths of the HAM ops (fla, FlexAttention, Triton), imported lazily.
+
+Nothing here is imported by ``megatron_ham.ops`` at module load: the ops' dispatch functions call
+:func:`gdn_available` / :func:`flex_available` and import the submodule only for CUDA tensors.
+
+* :mod:`megatron_ham.kernels.gdn` -- ``gdn_with_error``: fla 0.6.0 chunked gated delta rule
+  (forward, final state, gradients) plus the per-token routing error read from fla's chunk
+  intermediates by our own Triton kernel (detached).
+* :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
+  routed keys + FlexAttention with a staircase BlockMask built by ``BlockMask.from_kv_blocks``.
+"""
+from __future__ import annotations
+
+import functools
+
+__all__ = ["gdn_available", "flex_available"]
+
+
+@functools.lru_cache(maxsize=None)
+def _try_import(name: str):
+    import importlib
+
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception as e:  # ImportError, or a wrong fla version (ImportError too)
+        return f"{type(e).__name__}: {e}"
+
+
+def gdn_available() -> bool:
+    """True when CUDA is usable and ``megatron_ham.kernels.gdn`` (fla 0.6.0 + triton) imports."""
+    import torch
+
+    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.gdn") is None
+
+
+def flex_available() -> bool:
+    """True when CUDA is usable and FlexAttention imports."""
+    import torch
+
+    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.scratchpad") is None
+
+
+def import_error(name: str):
+    """The error text of importing ``megatron_ham.kernels.<name>`` (None if it imports)."""
+    return _try_import(f"megatron_ham.kernels.{name}")
