@@ -124,6 +124,9 @@ def transformer_config(cfg: ModelConfig):
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # heterogeneous layers: checkpoint keys per global layer (decoder.layers.<i>.*), not
+        # stacked along a layer axis (layer types differ, so a stacked tensor would have holes)
+        hetereogenous_dist_checkpoint=True,
     )
 
 
