@@ -1,0 +1,377 @@
+"""Recipe YAML + `key=value` overrides -> one validated, typed `RunConfig`.
+
+A recipe is a YAML mapping with the sections of `RunConfig` (model, parallel, train, data,
+checkpoint, logging) plus two optional top-level keys:
+
+    base: _base.yaml        # another recipe (path relative to this file, or a list of them);
+                            # this file's settings are deep-merged over the base's
+    name: ham-800m          # the run's name (defaults to the recipe file's stem)
+
+Overrides are dotted `key=value` strings (`train.lr=3e-4 model.num_layers=2`); the value is
+parsed as YAML (so `true`, `1e-4`, `[1, 2]`, `null` work). Every key must exist in the schema
+and every value must have the field's type: errors are `ConfigError` (a ValueError) naming the
+dotted key and where it came from (the recipe file, or "override 'k=v'").
+
+`model:` maps 1:1 onto `megatron_ham.models.ModelConfig`; the other sections are the dataclasses
+below. Defaults are the tiny CPU settings; the paper recipes override them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import yaml
+
+from megatron_ham.models import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A recipe / override error; the message names the key and its source."""
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class ParallelConfig:
+    """Model parallel layout; data parallelism is world_size / (tp * pp)."""
+
+    tp: int = 1  # tensor model parallel size
+    pp: int = 1  # pipeline model parallel size
+    vp: Optional[int] = None  # virtual pipeline stages per rank (interleaved 1F1B), pp > 1 only
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and schedule. One step = one global batch = one optimizer update."""
+
+    train_steps: int = 50
+    global_batch_size: int = 8  # sequences per step (all data-parallel ranks together)
+    micro_batch_size: int = 1  # sequences per forward on one rank
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 5
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_steps: Optional[int] = None  # default: train_steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    # "none" | "selective" (core attention only) | "full" (whole layers, `recompute_num_layers`
+    # per uniform chunk): Megatron's activation recomputation.
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 1
+    overlap_grad_reduce: bool = True
+    use_distributed_optimizer: bool = True
+    grad_reduce_in_fp32: bool = True
+    eval_interval: int = 0  # validation every N steps (0 = never)
+    eval_iters: int = 2  # global batches per validation
+    exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after this step; tests
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    backend "megatron": GPTDataset over IndexedDataset prefixes via BlendedMegatronDatasetBuilder;
+        `blend` is a blend file written by ham-prep-data (YAML/JSON list of {prefix, weight};
+        relative prefixes resolve against the file's directory) and/or `prefixes` + `weights`.
+    backend "webdataset": token shards written by ham-prep-data --format webdataset (`urls`).
+    backend "synthetic": random tokens (benchmarks only; no learning signal).
+    """
+
+    backend: Literal["megatron", "webdataset", "synthetic"] = "megatron"
+    blend: Optional[str] = None
+    prefixes: List[str] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)
+    split: str = "98,2,0"  # train, valid, test fractions of each component's documents
+    eod_id: Optional[int] = None  # default: from `tokenizer`, else the blend file's, else 0
+    tokenizer: Optional[str] = None  # HF tokenizer directory (for the EOD id and the record)
+    cache_dir: Optional[str] = None  # GPTDataset index cache (default: <checkpoint.dir>/data_cache)
+    urls: List[str] = field(default_factory=list)  # webdataset shards (brace patterns allowed)
+    documents: bool = True  # respect EOD boundaries in the model (document_forward_kwargs)
+
+
+@dataclass
+class CheckpointConfig:
+    """dist_checkpointing saves under `dir`/step_XXXXXXXX, published atomically (docs/training.md)."""
+
+    dir: str = "runs/default/checkpoints"
+    interval: int = 0  # save every N steps (0 = only at the end and on signals)
+    keep_last: int = 0  # delete older complete checkpoints beyond the newest N (0 = keep all)
+    resume: bool = True  # auto-resume from `latest` when it exists
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1  # print/log every N steps
+    tensorboard_dir: Optional[str] = None  # default: <checkpoint.dir>/../tensorboard
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; default by device name
+    log_kv_layers: bool = True  # per-layer KV fraction and tau
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+_RESERVED = ("base", "inherit")
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(doc).__name__}")
+    return doc
+
+
+def _merge(dst: dict, src: dict, sources: dict, origin: str, prefix: str = "") -> None:
+    """Deep-merge `src` into `dst`, recording each leaf's origin in `sources` (dotted keys)."""
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v, sources, origin, key + ".")
+        else:
+            dst[k] = v
+            sources[key] = origin
+            if isinstance(v, dict):
+                for sub in _leaf_keys(v, key + "."):
+                    sources[sub] = origin
+
+
+def _leaf_keys(d: dict, prefix: str):
+    for k, v in d.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+
+
+def load_recipe_tree(path: str, _seen: Tuple[str, ...] = ()) -> Tuple[dict, dict]:
+    """The merged mapping of `path` and its bases, and {dotted key: source file}."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: circular base: {' -> '.join(_seen + (path,))}")
+    doc = _read_yaml(path)
+    bases = doc.get("base", doc.get("inherit"))
+    merged: dict = {}
+    sources: dict = {}
+    if bases is not None:
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+            raise ConfigError(f"{path}: key 'base': expected a file name or a list of them, got {bases!r}")
+        for b in bases:
+            bpath = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
+            bdoc, bsrc = load_recipe_tree(bpath, _seen + (path,))
+            _merge(merged, bdoc, sources, "")
+            sources.update(bsrc)
+    own = {k: v for k, v in doc.items() if k not in _RESERVED}
+    _merge(merged, own, sources, path)
+    return merged, sources
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4). The value is YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: bad key {key!r} (expected dotted.key=value)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return parts, value
+
+
+def apply_overrides(tree: dict, sources: dict, overrides: List[str]) -> None:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+        sources[".".join(parts)] = f"override {text!r}"
+
+
+# ----------------------------------------------------------------------------- typing
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}': expected a mapping (section), got {value!r}")
+        return _build(tp, value, key, None, where)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: key '{key}': expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}': expected a list, got {value!r}")
+        (et,) = args or (Any,)
+        return [_coerce(v, et, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{key}': expected bool (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key '{key}': expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: key '{key}': expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{key}': expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: key '{key}': unsupported schema type {tp!r}")  # pragma: no cover
+
+
+def _build(cls, data: dict, prefix: str, sources: Optional[dict], default_where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        where = (sources or {}).get(key, default_where) or default_where
+        if k not in known:
+            raise ConfigError(
+                f"{where}: unknown key '{key}' (valid keys here: {', '.join(sorted(known))})"
+            )
+        if dataclasses.is_dataclass(hints[k]):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: key '{key}': expected a mapping (section), got {v!r}")
+            kwargs[k] = _build(hints[k], v, key, sources, default_where)
+        else:
+            kwargs[k] = _coerce(v, hints[k], key, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{default_where}: section '{prefix or '<top>'}': {e}") from None
+
+
+def _schema_sources(sources: dict, tree: dict) -> dict:
+    return sources
+
+
+def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) -> RunConfig:
+    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides."""
+    overrides = list(overrides or [])
+    if recipe is not None:
+        tree, sources = load_recipe_tree(recipe)
+        where = os.path.abspath(recipe)
+    else:
+        tree, sources, where = {}, {}, "<defaults>"
+    apply_overrides(tree, sources, overrides)
+    tree.setdefault("name", os.path.splitext(os.path.basename(recipe))[0] if recipe else "run")
+    cfg = _build(RunConfig, tree, "", sources, where)
+    validate(cfg, sources, where)
+    return cfg
+
+
+def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<config>") -> None:
+    """Cross-field checks that need no process group (world size is checked at start-up)."""
+    src = lambda k: (sources or {}).get(k, where) or where  # noqa: E731
+
+    def bad(key, msg):
+        raise ConfigError(f"{src(key)}: key '{key}': {msg}")
+
+    t = cfg.train
+    for k in ("train_steps", "global_batch_size", "micro_batch_size", "eval_iters", "recompute_num_layers"):
+        if getattr(t, k) <= 0:
+            bad(f"train.{k}", f"must be > 0, got {getattr(t, k)}")
+    if t.global_batch_size % t.micro_batch_size:
+        bad("train.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.train_steps:
+        bad("train.warmup_steps", f"must be in [0, train.train_steps={t.train_steps}], got {t.warmup_steps}")
+    if not 0 <= t.min_lr <= t.lr:
+        bad("train.min_lr", f"must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    if t.eval_interval < 0:
+        bad("train.eval_interval", f"must be >= 0, got {t.eval_interval}")
+    if cfg.parallel.tp < 1 or cfg.parallel.pp < 1:
+        bad("parallel.tp", "tp and pp must be >= 1")
+    if cfg.parallel.vp is not None and (cfg.parallel.pp == 1 or cfg.parallel.vp < 1):
+        bad("parallel.vp", "virtual pipeline stages need parallel.pp > 1 and vp >= 1")
+    d = cfg.data
+    if d.backend == "megatron" and not d.blend and not d.prefixes:
+        bad("data.blend", "backend 'megatron' needs data.blend (a blend file) or data.prefixes")
+    if d.prefixes and d.weights and len(d.weights) != len(d.prefixes):
+        bad("data.weights", f"{len(d.weights)} weights for {len(d.prefixes)} prefixes")
+    if d.backend == "webdataset" and not d.urls:
+        bad("data.urls", "backend 'webdataset' needs data.urls (shard paths or brace patterns)")
+    try:
+        parts = [float(x) for x in d.split.split(",")]
+        assert len(parts) == 3 and all(p >= 0 for p in parts) and sum(parts) > 0
+    except Exception:
+        bad("data.split", f"expected three comma-separated non-negative numbers like '98,2,0', got {d.split!r}")
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep_last < 0:
+        bad("checkpoint.interval", "interval and keep_last must be >= 0")
+    if cfg.logging.interval <= 0:
+        bad("logging.interval", f"must be > 0, got {cfg.logging.interval}")
+    try:
+        cfg.model.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    except ValueError as e:
+        msg = str(e)
+        name = msg.split(":", 1)[0].replace("ModelConfig.", "")
+        raise ConfigError(f"{src('model.' + name)}: key 'model.{name}': {msg.split(':', 1)[-1].strip()}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (written next to the checkpoints)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

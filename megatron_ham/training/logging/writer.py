@@ -1,0 +1,77 @@
+"""One place that prints and records metrics (rank 0 only): stdout lines a person reads, plus
+TensorBoard scalars under the same names (train/loss, train/lr, ..., kv/layer_03_fraction)."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional
+
+
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    a = abs(v)
+    if a != 0 and (a < 1e-3 or a >= 1e5):
+        return f"{v:.3e}"
+    return f"{v:.4f}" if a < 10 else f"{v:.1f}"
+
+
+class MetricsWriter:
+    def __init__(self, enabled: bool, tensorboard_dir: Optional[str] = None):
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            except Exception as e:  # tensorboard missing: stdout only
+                print(f"[log] TensorBoard disabled: {e}", flush=True)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+    def train_step(self, step: int, total: int, m: Dict[str, float], kv: Dict[int, Dict[str, float]]):
+        if not self.enabled:
+            return
+        parts = [
+            f"step {step:>6d}/{total}",
+            f"loss {_fmt(m['loss'])}",
+            f"lr {m['lr']:.3e}",
+            f"grad_norm {_fmt(m['grad_norm'])}",
+            f"tok/s {m['tokens_per_s']:.0f}",
+            f"tok/s/dev {m['tokens_per_s_per_device']:.0f}",
+            "MFU " + ("n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"),
+            f"step_time {m['step_time_s']:.3f}s",
+        ]
+        for k in ("mem_alloc_gib", "mem_reserved_gib", "mem_rss_gib"):
+            if k in m:
+                parts.append(f"{k.replace('_gib', '')} {m[k]:.2f}GiB")
+        line = " | ".join(parts)
+        if kv:
+            line += " | kv " + " ".join(
+                f"L{l}:{v['fraction']:.2f}/tau={v['tau']:.3g}" for l, v in sorted(kv.items())
+            )
+        print(line, flush=True)
+        if self.tb is not None:
+            for k, v in m.items():
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+            for l, v in kv.items():
+                self.tb.add_scalar(f"kv/layer_{l:02d}_fraction", v["fraction"], step)
+                self.tb.add_scalar(f"kv/layer_{l:02d}_tau", v["tau"], step)
+            self.tb.flush()
+
+    def validation(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        print(f"step {step:>6d} | validation loss {_fmt(loss)} | ppl {_fmt(math.exp(min(loss, 50)))}",
+              flush=True)
+        if self.tb is not None:
+            self.tb.add_scalar("valid/loss", loss, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
