@@ -24,6 +24,9 @@ Public API (stable; used by megatron_ham.training):
           3. torch.cuda.synchronize() becomes a no-op (dist_checkpointing's torch_dist save calls it).
           4. megatron.core.transformer.utils.get_default_causal_mask builds its mask on the CPU
              (it hard-codes device="cuda"; used by Megatron's own DotProductAttention).
+          5. megatron.core.pipeline_parallel.schedules sees a `torch` whose zeros/ones/empty/
+             tensor map device="cuda" to the CPU (its token counter is allocated on "cuda");
+             nothing else in that module changes.
         WrappedTorchNorm is NOT patched: megatron-ham's specs use their own norm
         (megatron_ham.layers.norm.HAMNorm), which supports sequence parallelism on any device by
         tagging its parameters `.sequence_parallel = True`.
@@ -249,5 +252,34 @@ def apply_cpu_shims() -> bool:
         mfs.get_default_causal_mask = _cpu_causal_mask
     except Exception:  # pragma: no cover - module layout differs between versions
         pass
+    try:
+        import megatron.core.pipeline_parallel.schedules as msched
+
+        msched.torch = _CpuDeviceTorch(torch)
+    except Exception:  # pragma: no cover
+        pass
     _SHIMS_APPLIED = True
     return True
+
+
+class _CpuDeviceTorch:
+    """`torch` seen by Megatron's pipeline schedules on CPU: factory calls with a CUDA device
+    are made on the CPU; every other attribute is torch's own."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full")
+
+    def __init__(self, mod):
+        self._mod = mod
+
+    def __getattr__(self, name):
+        attr = getattr(self._mod, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            dev = kwargs.get("device")
+            if dev is not None and "cuda" in str(dev):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
