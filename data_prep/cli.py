@@ -107,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s ham-prep-data: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("data_prep").setLevel(getattr(logging, level))
+    # other libraries (megatron-core logs every index it opens) stay at WARNING: readable output
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 
 
 def main(argv=None) -> int:

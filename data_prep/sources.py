@@ -88,35 +88,32 @@ def iter_blocks(path: str, batch_bytes: int, problems: List[Problem],
     if path.endswith(".parquet"):
         yield from _parquet_blocks(path, batch_bytes, problems, text_field)
         return
-    state = {"next_line": 1}
+    buf = bytearray()
+    first = 1
     if path.endswith(".zst"):
-        chunks = _decompressed_chunks(path, problems, lambda: state["next_line"])
+        chunks = _decompressed_chunks(path, problems, lambda: first + buf.count(b"\n"))
     else:
         chunks = _raw_chunks(path)
-    pending: List[bytes] = []
-    pending_bytes = 0
-    tail = b""
-    first = 1
+    pos = 0
     for data, pos in chunks:
-        data = tail + data
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            tail = data
-            continue
-        body, tail = data[: cut + 1], data[cut + 1:]
-        pending.append(body)
-        pending_bytes += len(body)
-        state["next_line"] += body.count(b"\n")
-        if pending_bytes >= batch_bytes:
-            yield Block(first, b"".join(pending), pos)
-            first = state["next_line"]
-            pending, pending_bytes = [], 0
-    truncated = any(p.kind == "truncated_zstd" for p in problems)
-    if tail and not truncated:
-        pending.append(tail + b"\n")
-        state["next_line"] += 1
-    if pending:
-        yield Block(first, b"".join(pending), os.path.getsize(path))
+        buf += data
+        # cut blocks of whole lines at the first newline at/after batch_bytes: the boundaries
+        # depend on the content and batch_bytes only (not on read sizes or worker counts)
+        while len(buf) >= batch_bytes:
+            cut = buf.find(b"\n", batch_bytes - 1)
+            if cut < 0:
+                break
+            block = bytes(buf[: cut + 1])
+            del buf[: cut + 1]
+            yield Block(first, block, pos)
+            first += block.count(b"\n")
+    if any(p.kind == "truncated_zstd" for p in problems):
+        last_nl = buf.rfind(b"\n")
+        del buf[last_nl + 1:]  # drop the incomplete last line
+    if buf:
+        if not buf.endswith(b"\n"):
+            buf += b"\n"
+        yield Block(first, bytes(buf), os.path.getsize(path))
 
 
 def _parquet_blocks(path, batch_bytes, problems, text_field):
