@@ -104,15 +104,15 @@ class KVFractionController(nn.Module):
         Returns the measured fraction (averaged over `group` when given).
         """
         self._check_scores(scores)
-        s = scores.detach().reshape(-1).double()
+        s = scores.detach().reshape(-1).float()  # compared in fp32, as route() does
         t = self._target
-        tau = self.tau.to(device=s.device, dtype=torch.float64)
+        tau = self.tau.to(device=s.device)
         logs = s.clamp_min(self.min_tau).log()
         pos = s > self.min_tau
-        lp = torch.where(pos, logs, torch.zeros_like(logs))
+        lp = torch.where(pos, logs, torch.zeros_like(logs)).double()  # sums in float64
         levels = self._levels()
-        lq = [self._local_log_quantile(logs, p) for p in levels]  # this rank's, averaged below
-        stats = torch.stack([(s >= tau).sum().double(), s.new_tensor(float(s.numel())),
+        lq = [self._local_log_quantile(s, p, self.min_tau) for p in levels]  # averaged below
+        stats = torch.stack([(s >= tau).sum().double(), lp.new_tensor(float(s.numel())),
                              pos.sum().double(), lp.sum(), (lp * lp).sum(), *lq])
         world = 1
         if group is not None:
@@ -147,11 +147,11 @@ class KVFractionController(nn.Module):
         return [t + d, t, t - d]
 
     @staticmethod
-    def _local_log_quantile(logs: torch.Tensor, frac: float) -> torch.Tensor:
-        """log-score above which a fraction `frac` of this rank's scores lies."""
-        n = logs.numel()
+    def _local_log_quantile(s: torch.Tensor, frac: float, floor: float) -> torch.Tensor:
+        """log (float64) of the score above which a fraction `frac` of this rank's scores lies."""
+        n = s.numel()
         n_top = min(max(int(round(frac * n)), 1), n)
-        return logs.kthvalue(n - n_top + 1).values
+        return s.kthvalue(n - n_top + 1).values.double().clamp_min(floor).log()
 
     def _spread(self, levels, lq, n_pos, sum_l, sum_l2) -> float:
         """Local log-normal width at the target quantile: d log(score) / d z, in log units.
