@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads value (0 = leave torch's default)")
+                   help="torch.set_num_threads value (0 = leave torch's default); on a shared, busy "
+                        "machine use 1: intra-op threads then stall on every small op")
     p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the random inputs")
     return p.parse_args(argv)
