@@ -209,6 +209,14 @@ def test_cosine_first_token_is_one_and_range():
         assert (e[:, 1:] != 1.0).any()
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_empty_sequence_keeps_state(impl):
+    inp = make_inputs(1, 0, 2, 4, 3, h0=True, seed=30)
+    o, s, e = run(impl, inp)
+    assert o.shape == (1, 0, 2, 3) and e.shape == (1, 0, 2)
+    torch.testing.assert_close(s, inp["initial_state"])
+
+
 def test_flags_off_return_none():
     inp = make_inputs(1, 5, 1, 4, 4, seed=29)
     o, s, e = run("chunk", inp, output_final_state=False, return_error=False)
