@@ -27,6 +27,9 @@ Public API (stable; used by megatron_ham.training):
           5. megatron.core.pipeline_parallel.schedules sees a `torch` whose zeros/ones/empty/
              tensor map device="cuda" to the CPU (its token counter is allocated on "cuda");
              nothing else in that module changes.
+          6. tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state (used by
+             activation recomputation's CheckpointFunction) read / ignore the CPU generator
+             (its state is saved and restored alongside by the same code).
         WrappedTorchNorm is NOT patched: megatron-ham's specs use their own norm
         (megatron_ham.layers.norm.HAMNorm), which supports sequence parallelism on any device by
         tagging its parameters `.sequence_parallel = True`.
@@ -240,6 +243,8 @@ def apply_cpu_shims() -> bool:
             mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
     mrandom.initialize_rng_tracker = _init_tracker
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     mrandom._orig_initialize_rng_tracker = orig_init
 
     def _cpu_causal_mask(sq: int) -> torch.Tensor:

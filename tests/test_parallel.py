@@ -306,6 +306,8 @@ def _model_worker(rank, world, device_kind, tmp):
                     _same_on_all_ranks(f"model grad {n}", p.grad)
     m.eval()
     logits_a = _full_logits(m, bt)
+    taus_a = [float(mx.kv_controller.tau) for mx in m.modules() if isinstance(mx, HAMMixer)]
+    assert all(t > 0 for t in taus_a), taus_a  # moved from the initial 0 by the controller
     _save(m, f"{tmp}/a_tp2")
     _save_grads(m, f"{tmp}/a_tp2_grads")
     del m
@@ -315,6 +317,8 @@ def _model_worker(rank, world, device_kind, tmp):
     cfg1 = _model_cfg(sp=False)
     m = _new_model(cfg1, 99, dev)
     _load(m, f"{tmp}/a_tp2")
+    taus = [float(mx.kv_controller.tau) for mx in m.modules() if isinstance(mx, HAMMixer)]
+    assert taus == taus_a, (taus, taus_a)  # tau is in the checkpoint
     m.eval()
     _close("TP2->TP1 logits", _full_logits(m, bt), logits_a, atol=1e-4)
     m.train()

@@ -18,7 +18,8 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
 
 Controller protocol: in training mode forward() only RECORDS the detached per-token scores
 [b, s] (tau is not touched, so it is constant within a step and robust to recomputation and
-micro-batching); megatron_ham.models.step_kv_controllers() updates every layer once per optimizer
+micro-batching; the recomputed forward that activation checkpointing runs inside backward is
+not recorded again); megatron_ham.models.step_kv_controllers() updates every layer once per optimizer
 step from what was recorded. In eval mode nothing is recorded.
 """
 from __future__ import annotations
@@ -117,7 +118,9 @@ class HAMMixer(GDNMixer):
         scores, r = self._scores(hidden_states, t, err, cu, s, b)
         tau = self.kv_controller.tau
         routed = route(scores, tau)
-        if self.training and torch.is_grad_enabled() and not _in_backward():
+        # record once per micro-batch: a full-recompute checkpoint runs forward under no_grad,
+        # then again inside backward (skipped here)
+        if self.training and not _in_backward():
             self._recorded.append(scores.detach().reshape(b, s))
         self.last_routed = routed.detach().reshape(b, s)
         v_kv = t["v"] if r is None else router_weighted_values(t["v"], r.to(t["v"].dtype), routed)

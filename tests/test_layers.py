@@ -1,0 +1,86 @@
+"""Layer-level checks of the HAM / GDN mixers on real megatron-core (one process)."""
+from __future__ import annotations
+
+import torch
+
+from _dist import run_world
+
+
+def _layers_worker(rank, world):
+    import torch.nn.functional as F
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_ham import distributed as D
+    from megatron_ham.layers import HAMMixer, get_backend, mixer_spec
+    from megatron_ham.models import ModelConfig, build_model, step_kv_controllers
+    from megatron_ham.models.builder import mixer_options, transformer_config
+
+    D.initialize(tp=1, seed=2)
+    cfg = ModelConfig(architecture="ham", hidden_size=32, mixer_num_heads=2, mixer_key_head_dim=8,
+                      mixer_value_head_dim=8, dtype="fp32", use_cpu_initialization=True,
+                      impl="chunk")
+    tc = transformer_config(cfg)
+    m = build_module(mixer_spec("ham", get_backend("local"), mixer_options(cfg)), config=tc,
+                     layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                     pp_layer_offset=0, name="decoder.layers.0.self_attention",
+                     cp_comm_type=None)  # 0.19-style kwargs are accepted
+
+    # the manual causal conv == torch's Conv1d with left padding (no documents)
+    x = torch.randn(2, 10, m.conv1d.weight.shape[0])
+    ref = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), m.conv1d.weight,
+                          groups=x.shape[-1])).transpose(1, 2)
+    assert torch.allclose(m._causal_conv(x, None), ref, atol=1e-6)
+
+    # checkpoint: fused tensors are saved as named, TP-sharded sections
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sd = m.sharded_state_dict(prefix="mix.")
+    apply_factories(sd)
+    keys = {t.key for v in sd.values() for t in (v if isinstance(v, list) else [v])}
+    for name in ("q", "k", "v", "z", "beta", "a", "gate_rnn", "gate_kv"):
+        assert f"mix.in_proj.weight.{name}" in keys, sorted(keys)
+    for name in ("q", "k", "v"):
+        assert f"mix.conv1d.weight.{name}" in keys, sorted(keys)
+    assert "mix.kv_controller.tau" in keys and "mix.A_log" in keys
+
+    # recording protocol: train mode records one [b, s] per micro-batch, eval records nothing
+    h = torch.randn(6, 2, 32)
+    m.train()
+    m(h, None)
+    m(h[:4], None)
+    m.eval()
+    with torch.no_grad():
+        m(h, None)
+    rec = m.pop_recorded_scores()
+    assert rec is not None and rec.numel() == 6 * 2 + 4 * 2, None if rec is None else rec.shape
+    assert m.pop_recorded_scores() is None
+
+    # full activation recomputation: same loss and grads, scores recorded once per micro-batch
+    small = dict(architecture="ham", num_layers=2, hidden_size=32, mixer_num_heads=2,
+                 mixer_key_head_dim=8, mixer_value_head_dim=8, ffn_hidden_size=64,
+                 vocab_size=64, make_vocab_size_divisible_by=64, seq_length=12, dtype="fp32",
+                 use_cpu_initialization=True, impl="chunk")
+    toks = torch.randint(0, 64, (2, 12))
+    pos = torch.arange(12)[None].expand(2, -1)
+    res = []
+    for rc in ("", "full"):
+        torch.manual_seed(4)
+        model = build_model(ModelConfig(**small, recompute_granularity=rc))
+        model.train()
+        loss = model(toks, pos, None, labels=toks).sum()
+        loss.backward()
+        counts = [len(mx._recorded) for mx in model.modules() if isinstance(mx, HAMMixer)]
+        assert counts == [1, 1], (rc, counts)
+        stats = step_kv_controllers([model])
+        assert sorted(stats) == [1, 2] and all(0 <= s["fraction"] <= 1 for s in stats.values())
+        res.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
+    for n, g in res[0][1].items():
+        assert torch.allclose(g, res[1][1][n], atol=1e-5), n
+
+
+def test_layers_in_one_process():
+    """Mixer accepts 0.19 kwargs; manual conv == Conv1d; sectioned checkpoint keys; controller
+    recording protocol (train records per micro-batch, eval nothing, full recompute once)."""
+    run_world(_layers_worker, 1)
