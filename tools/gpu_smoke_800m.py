@@ -24,6 +24,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--docs", type=int, default=1)
     ap.add_argument("--router", default="learned")
+    ap.add_argument("--recompute", default="", choices=["", "full", "selective"],
+                    help="Megatron activation recomputation (default off)")
     a = ap.parse_args(argv)
 
     import torch
@@ -36,11 +38,13 @@ def main(argv=None):
     from megatron_ham.models.accounting import count_parameters
 
     D.initialize(tp=1, pp=1, seed=1)
-    cfg = paper_800m(a.arch, seq_length=a.seq, router=a.router)
+    cfg = paper_800m(a.arch, seq_length=a.seq, router=a.router,
+                     recompute_granularity=a.recompute)
     model = build_model(cfg).cuda()
     n = sum(p.numel() for p in model.parameters())
     assert n == count_parameters(cfg)["total"], (n, count_parameters(cfg))
-    print(f"{a.arch}: {n:,} parameters, layers {cfg.resolved_pattern()}", flush=True)
+    print(f"{a.arch}: {n:,} parameters, layers {cfg.resolved_pattern()}, seq {a.seq}, "
+          f"batch {a.batch}, docs {a.docs}, recompute {a.recompute or 'off'}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     tokens = torch.randint(1, cfg.vocab_size, (a.batch, a.seq), device="cuda", generator=g)
     for i in range(1, a.docs):
@@ -53,9 +57,15 @@ def main(argv=None):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        loss = model(tokens, pos, None, labels=labels, **kw).float().mean()
-        loss.backward()
-        torch.cuda.synchronize()
+        try:
+            loss = model(tokens, pos, None, labels=labels, **kw).float().mean()
+            loss.backward()
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError:
+            print(f"step {step}: OUT OF MEMORY (peak "
+                  f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB of "
+                  f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)", flush=True)
+            break
         dt = time.time() - t0
         stats = step_kv_controllers([model])
         model.zero_grad(set_to_none=True)
