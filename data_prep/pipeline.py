@@ -252,6 +252,23 @@ def _remove_prefix(prefix: str) -> None:
             os.remove(prefix + ext)
 
 
+def _append_part(builder, part: str) -> None:
+    """What ``IndexedDatasetBuilder.add_index`` does, minus its ``gc.collect()`` per part (0.4 s
+    each in a process with torch/transformers loaded): extend the builder's index lists with the
+    part's (read through megatron's IndexedDataset) and append the part's .bin."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(part, mmap=False)
+    if ds.index.dtype != builder.dtype:
+        raise ValueError(f"{part}: token dtype {ds.index.dtype} != {builder.dtype}")
+    offset = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(ds.sequence_lengths.tolist())
+    builder.document_indices.extend((ds.document_indices[1:] + offset).tolist())
+    del ds
+    with open(part + ".bin", "rb") as f:
+        shutil.copyfileobj(f, builder.data_file, 1 << 22)
+
+
 def merge_parts(parts: List[str], prefix: str, dtype: str, move_single: bool = True) -> None:
     """Concatenate per-file IndexedDatasets into ``prefix`` with IndexedDatasetBuilder.add_index."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -263,7 +280,7 @@ def merge_parts(parts: List[str], prefix: str, dtype: str, move_single: bool = T
         return
     builder = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=np.dtype(dtype).type)
     for p in parts:
-        builder.add_index(p)
+        _append_part(builder, p)
     builder.finalize(prefix + ".idx.tmp")
     os.replace(prefix + ".bin.tmp", prefix + ".bin")
     os.replace(prefix + ".idx.tmp", prefix + ".idx")

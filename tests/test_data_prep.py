@@ -272,3 +272,21 @@ def test_sample_tokenizer_loads_with_auto_tokenizer_and_has_eos():
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SAMPLE) for f in fs)
     assert size < 6 * 2 ** 20
+
+
+def test_part_merge_equals_megatron_add_index(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    texts = _sample_texts(max_chars=3000)
+    for i in range(2):
+        _write_zst(tmp_path / f"p{i}.jsonl.zst", [{"text": t} for t in texts[i::2]])
+    out = tmp_path / "o"
+    assert _run(["--input", f"m={tmp_path}/p*.jsonl.zst", "--out", str(out), "--keep-parts"]) == 0
+    parts = sorted(str(p)[:-4] for p in (out / ".work" / "m").glob("*.idx"))
+    assert len(parts) == 2
+    b = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for p in parts:
+        b.add_index(p)
+    b.finalize(str(tmp_path / "ref.idx"))
+    assert _read_bytes(out, ["m"]) == {"m.bin": (tmp_path / "ref.bin").read_bytes(),
+                                       "m.idx": (tmp_path / "ref.idx").read_bytes()}
