@@ -1,0 +1,14 @@
+"""The megatron_ham.ops functions the HF model uses, behind one import point.
+
+Inside the package these come from megatron_ham.ops. In an export directory (loaded with
+trust_remote_code=True, without megatron_ham) `ham-convert-hf` writes this file with the
+imports rewritten to the ops files copied next to it (`from ..ops.X import` -> `from .X import`),
+so both load the same code.
+"""
+from ..ops.gated_delta_rule import gated_delta_rule
+from ..ops.scratchpad import scratchpad_attention
+from ..ops.routing import LearnedRouter, router_weighted_values
+from ..ops.combine import gated_combine
+
+__all__ = ["gated_delta_rule", "scratchpad_attention", "LearnedRouter", "router_weighted_values",
+           "gated_combine"]

@@ -1,0 +1,636 @@
+"""HAMForCausalLM: plain-PyTorch Hugging Face model of an exported megatron-ham checkpoint.
+
+Every layer kind of the Megatron model (megatron_ham.models.build_model) is re-implemented here
+on top of megatron_ham.ops (through `ham_ops`), with the same math in the same order, so fp32
+logits match the Megatron model to ~1e-6:
+
+  embed_tokens -> [layer: x + mixer(norm(x)); x + mlp(norm(x))] * L -> norm -> lm_head
+  mixer "*": attention, fused Megatron QKV split into q/k/v_proj, RoPE (non-interleaved, base
+             rope_theta, positions = row positions), GQA, softmax scale 1/sqrt(head_dim).
+  mixer "G": Gated DeltaNet (in_proj split into q/k/v/z/b/a_proj, depthwise causal conv + SiLU on
+             q, k, v, L2-normalised q, k, g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b),
+             gated per-head RMSNorm, o_proj).
+  mixer "H": GDN + routed scratchpad: score per token (min over heads of the state's prediction
+             error, or the learned router), routed = score >= tau, softmax attention over routed
+             keys only, gated_combine of the two outputs.
+  mlp: SwiGLU (Megatron's gated linear_fc1 split into gate_proj / up_proj), down_proj.
+
+Layout inside the model: [B, T, hidden] (batch first; Megatron is [s, b, h]); mixer tensors are
+[B, T, H, D] (fla's layout, what megatron_ham.ops takes). Single device, no tensor parallelism.
+
+Documents: with config.reset_at_eod and config.eod_token_id set (as in training with
+data.documents), the token after an EOD starts a new document: the state, conv, scratchpad and
+attention restart there, as Megatron does with document_forward_kwargs.
+
+Cache (HAMCache, `past_key_values`): per layer, attention: the RoPE'd keys and values (+ a valid
+mask); GDN / HAM: the last conv_kernel - 1 pre-conv q/k/v inputs and the recurrent state
+[B, H, K, V] (fp32); HAM also the scratchpad: the routed keys / (router-weighted) values only,
+compacted per batch row (+ a valid mask). Its size therefore follows the KV fraction. generate()
+uses it (greedy / sampling; beam search and left padding are not supported).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_ham import HAMConfig
+from .ham_ops import (
+    LearnedRouter,
+    gated_combine,
+    gated_delta_rule,
+    router_weighted_values,
+    scratchpad_attention,
+)
+
+try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
+    from transformers import initialization as _init
+except Exception:  # pragma: no cover
+    _init = None
+
+
+# ====================================================================================== cache
+class HAMCache:
+    """Inference state of every layer, for one batch of rows generated in lock step.
+
+    seen: tokens processed so far (the RoPE position of the next token; same for every row).
+    attention layer i: keys[i] [B, L, n_kv, d] (after RoPE), values[i] [B, L, n_kv, d],
+        valid[i] bool [B, L] (False for entries of a finished document).
+    GDN / HAM layer i: conv[i] [B, conv_kernel - 1, C] (pre-conv q|k|v channels, C = H(2K + V);
+        zero where the previous tokens belong to another document), state[i] fp32 [B, H, K, V].
+    HAM layer i: keys[i] [B, N, H, K] / values[i] [B, N, H, V] are the ROUTED tokens only
+        (values scaled by the router output for the learned router), compacted per row in
+        position order, valid[i] [B, N]; N = the largest routed count over the rows.
+    Everything stored is already reset for the next token: when a row's last token was an EOD
+    (and config.reset_at_eod) its state / conv are zero and its keys are marked invalid.
+    """
+
+    def __init__(self, config: HAMConfig, batch_size: int):
+        self.config = config
+        self.batch_size = batch_size
+        self.kinds = config.layer_kinds()
+        n = len(self.kinds)
+        self.seen = 0
+        self.keys: List[Optional[torch.Tensor]] = [None] * n
+        self.values: List[Optional[torch.Tensor]] = [None] * n
+        self.valid: List[Optional[torch.Tensor]] = [None] * n
+        self.conv: List[Optional[torch.Tensor]] = [None] * n
+        self.state: List[Optional[torch.Tensor]] = [None] * n
+
+    # HF generation API ------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    # inspection --------------------------------------------------------------------------
+    def kv_counts(self) -> List[Optional[torch.Tensor]]:
+        """Per layer: int [B] entries held per row (routed tokens for HAM layers, tokens for
+        attention layers), None for GDN layers (constant-size state)."""
+        out = []
+        for i, kind in enumerate(self.kinds):
+            out.append(None if kind == "gdn" or self.valid[i] is None else self.valid[i].sum(1))
+        return out
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Start a new document in the rows where `rows` (bool [B]) is True."""
+        if not bool(rows.any()):
+            return
+        for i in range(len(self.kinds)):
+            if self.valid[i] is not None:
+                self.valid[i] = self.valid[i] & ~rows[:, None]
+            for store in (self.conv, self.state):
+                if store[i] is not None:
+                    store[i] = store[i].masked_fill(rows.view(-1, *([1] * (store[i].dim() - 1))), 0.0)
+
+
+def _compact(keys, values, valid):
+    """Keep the valid entries of each row, in order, padded to the max count: returns
+    (keys [B, N', ...], values [B, N', ...], valid [B, N'])."""
+    B, L = valid.shape
+    n = int(valid.sum(1).max()) if B else 0
+    if n == L:
+        return keys, values, valid
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :n]
+
+    def take(x):
+        return x.gather(1, order.view(B, n, *([1] * (x.dim() - 2))).expand(B, n, *x.shape[2:]))
+
+    return take(keys), take(values), valid.gather(1, order)
+
+
+def _masked_softmax_values(s, mask, vals):
+    """softmax of s [B, H, T, N] over allowed keys (mask [B, 1|H, T, N]), times vals
+    [B, N, H, V] -> [B, T, H, V]; rows without any allowed key give exactly 0."""
+    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)
+    return torch.einsum("bhtn,bnhv->bthv", p, vals)
+
+
+# ====================================================================================== pieces
+class HAMNorm(nn.Module):
+    """RMSNorm (fp32 inside) or LayerNorm over the last dim, as megatron_ham.layers.norm.HAMNorm."""
+
+    def __init__(self, hidden_size: int, eps: float, kind: str = "RMSNorm"):
+        super().__init__()
+        self.rms = kind == "RMSNorm"
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x):
+        if self.rms:
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * self.weight.float()).to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class HAMMLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)) (Megatron gated linear_fc1 = [gate; up])."""
+
+    def __init__(self, config: HAMConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rope_cos_sin(head_dim: int, base: float, positions: torch.Tensor):
+    """cos, sin [T, head_dim] (fp32) for integer positions [T]; Megatron's RotaryEmbedding
+    (non-interleaved: frequencies repeated as [f, f])."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                            device=positions.device) / head_dim))
+    freqs = torch.outer(positions.to(torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _apply_rope(x, cos, sin):
+    """x [B, T, n, d]; cos / sin [T, d] -> x * cos + rotate_half(x) * sin in x's dtype."""
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    c, s = cos.to(x.dtype)[None, :, None, :], sin.to(x.dtype)[None, :, None, :]
+    return x * c + rot * s
+
+
+class HAMAttention(nn.Module):
+    """Causal softmax attention with RoPE and grouped query heads (a Megatron '*' layer)."""
+
+    def __init__(self, config: HAMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.base = config.rope_theta
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.nh * self.d, bias=False)
+        self.k_proj = nn.Linear(h, self.nkv * self.d, bias=False)
+        self.v_proj = nn.Linear(h, self.nkv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.d, h, bias=False)
+
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
+        """x [B, T, h]; doc int [B, T] document index within this chunk (0 = the cached one)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.d)
+        k = self.k_proj(x).view(B, T, self.nkv, self.d)
+        v = self.v_proj(x).view(B, T, self.nkv, self.d)
+        cos, sin = _rope_cos_sin(self.d, self.base, torch.arange(offset, offset + T, device=x.device))
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        i = self.layer_idx
+        old = cache is not None and cache.keys[i] is not None and cache.keys[i].shape[1] > 0
+        keys, vals = (torch.cat([cache.keys[i], k], 1), torch.cat([cache.values[i], v], 1)) if old else (k, v)
+        rep = self.nh // self.nkv
+        qh = q.transpose(1, 2)
+        kh = keys.transpose(1, 2).repeat_interleave(rep, dim=1)
+        vh = vals.transpose(1, 2).repeat_interleave(rep, dim=1)
+        scale = 1.0 / math.sqrt(self.d)
+        if not old and not has_docs:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=T > 1, scale=scale)
+        else:
+            t = torch.arange(T, device=x.device)
+            mask = (t[:, None] >= t[None, :])[None] & (doc[:, :, None] == doc[:, None, :])
+            if old:
+                m_old = cache.valid[i][:, None, :] & (doc == 0)[:, :, None]
+                mask = torch.cat([m_old, mask], dim=-1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+        if cache is not None:
+            last = doc[:, -1:]
+            new_valid = doc == last  # tokens of the document that goes on
+            cache.keys[i], cache.values[i] = keys, vals
+            cache.valid[i] = torch.cat([cache.valid[i] & (last == 0), new_valid], 1) if old else new_valid
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))
+
+
+class HAMMixer(nn.Module):
+    """Gated DeltaNet mixer ('G'), and with `ham=True` the HAM mixer ('H'): GDN state plus the
+    routed KV scratchpad, sharing q, k, v."""
+
+    def __init__(self, config: HAMConfig, layer_idx: int, ham: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.ham = ham
+        H, K, V = config.mixer_num_heads, config.mixer_key_head_dim, config.mixer_value_head_dim
+        self.H, self.K, self.V = H, K, V
+        h = config.hidden_size
+        kern = config.conv_kernel
+        self.q_proj = nn.Linear(h, H * K, bias=False)
+        self.k_proj = nn.Linear(h, H * K, bias=False)
+        self.v_proj = nn.Linear(h, H * V, bias=False)
+        self.z_proj = nn.Linear(h, H * V, bias=False)  # output gate
+        self.b_proj = nn.Linear(h, H, bias=False)  # beta (write strength) logits
+        self.a_proj = nn.Linear(h, H, bias=False)  # decay input
+        self.q_conv1d = nn.Conv1d(H * K, H * K, kern, groups=H * K, bias=False)
+        self.k_conv1d = nn.Conv1d(H * K, H * K, kern, groups=H * K, bias=False)
+        self.v_conv1d = nn.Conv1d(H * V, H * V, kern, groups=H * V, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.o_norm = nn.Module()
+        self.o_norm.weight = nn.Parameter(torch.ones(V))
+        self.o_proj = nn.Linear(H * V, h, bias=False)
+        self.router = None
+        if ham:
+            self.gate_rnn_proj = nn.Linear(h, H, bias=False)
+            self.gate_kv_proj = nn.Linear(h, H, bias=False)
+            if config.router == "learned":
+                self.router = LearnedRouter(h, config.router_hidden_size)
+        self.tau = config.effective_tau(layer_idx) if ham else None
+        self.last_routed: Optional[torch.Tensor] = None  # bool [B, T] of the last forward
+        self.last_scores: Optional[torch.Tensor] = None  # fp32 [B, T] of the last forward
+
+    # ------------------------------------------------------------------ conv
+    def _conv(self, x, doc, cache):
+        """x [B, T, C] pre-conv q|k|v -> SiLU(causal depthwise conv) [B, T, C]; taps never cross
+        documents; the cached conv inputs belong to document 0 (zeros elsewhere)."""
+        B, T, C = x.shape
+        kern = self.config.conv_kernel
+        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0)[:, 0, :]
+        i = self.layer_idx
+        prev = cache.conv[i] if cache is not None and cache.conv[i] is not None else None
+        if prev is None:
+            prev = x.new_zeros(B, kern - 1, C)
+        ext = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, kern-1+T, C]
+        ext_doc = torch.cat([doc.new_zeros(B, kern - 1), doc], dim=1)
+        y = x * w[:, kern - 1]
+        for j in range(1, kern):
+            sh = ext[:, kern - 1 - j: kern - 1 - j + T]
+            same = (ext_doc[:, kern - 1 - j: kern - 1 - j + T] == doc)
+            y = y + (sh * same[..., None].to(x.dtype)) * w[:, kern - 1 - j]
+        if cache is not None:
+            tail = ext[:, ext.shape[1] - (kern - 1):]
+            keep = ext_doc[:, ext.shape[1] - (kern - 1):] == doc[:, -1:]
+            cache.conv[i] = tail * keep[..., None].to(tail.dtype)
+        return F.silu(y)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
+        """x [B, T, h] (normed layer input) -> [B, T, h]. doc int [B, T]: document index within
+        this chunk, 0 = the document the cache belongs to."""
+        B, T, _ = x.shape
+        H, K, V = self.H, self.K, self.V
+        cfg = self.config
+        i = self.layer_idx
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = self._conv(qkv, doc, cache)
+        q, k, v = torch.split(qkv, [H * K, H * K, H * V], dim=-1)
+        q = F.normalize(q.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(q.dtype)
+        k = F.normalize(k.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(k.dtype)
+        v = v.reshape(B, T, H, V)
+        z = self.z_proj(x).reshape(B, T, H, V)
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(self.b_proj(x).float())
+
+        # documents -> one packed row [1, B*T] with cu_seqlens (as Megatron does)
+        cu = None
+        init = cache.state[i] if cache is not None else None
+        if has_docs:
+            starts = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+            starts[:, 0] = True
+            starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+            flat = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+            cu = torch.cat([flat, flat.new_tensor([B * T])])
+            if init is not None:  # first segment of each row continues that row's cache
+                first = (flat % T == 0)
+                row = flat // T
+                z0 = init.new_zeros((len(flat),) + tuple(init.shape[1:]))
+                z0[first] = init[row[first]]
+                init = z0
+        pk = lambda t: t.reshape((1, B * T) + tuple(t.shape[2:])) if cu is not None else t  # noqa: E731
+        impl = "naive" if T == 1 else cfg.ops_impl
+        want_err = self.ham and self.router is None
+        o_rnn, final, err = gated_delta_rule(
+            pk(q), pk(k), pk(v), pk(g), pk(beta), initial_state=init,
+            output_final_state=cache is not None, return_error=want_err,
+            error_metric="cosine" if cfg.router == "error_cosine" else "l2",
+            cu_seqlens=cu, impl=impl,
+        )
+        if cache is not None:
+            if cu is not None:  # last segment of each row
+                last_seg = torch.searchsorted(cu[1:-1], torch.arange(1, B + 1, device=x.device) * T - 1,
+                                              right=True)
+                final = final[last_seg]
+            cache.state[i] = final
+        if cu is not None:
+            o_rnn = o_rnn.reshape(B, T, H, V)
+            err = err.reshape(B, T, H) if err is not None else None
+
+        if not self.ham:
+            of = o_rnn.float()
+            y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + cfg.mixer_norm_eps)
+            y = y * self.o_norm.weight.float() * F.silu(z.float())
+            return self.o_proj(y.to(x.dtype).reshape(B, T, H * V))
+
+        # ---- HAM: routing and the scratchpad
+        if self.router is None:
+            scores, r = err.float().amin(-1), None
+        else:
+            r = self.router(x)
+            scores = r.detach().float()
+        routed = scores >= self.tau
+        self.last_scores, self.last_routed = scores, routed
+        v_kv = v if r is None else router_weighted_values(v, r.to(v.dtype), routed)
+        scale = cfg.scratchpad_scale
+        old = cache is not None and cache.keys[i] is not None and bool(cache.valid[i].any())
+        if not old:
+            o_kv = scratchpad_attention(pk(q), pk(k), pk(v_kv), pk(routed), scale=scale, cu_seqlens=cu)
+            o_kv = o_kv.reshape(B, T, H, V)
+        else:
+            ck, cv, cval = cache.keys[i], cache.values[i], cache.valid[i]
+            t = torch.arange(T, device=x.device)
+            m_new = (t[:, None] >= t[None, :])[None] & routed[:, None, :] & (doc[:, :, None] == doc[:, None, :])
+            m_old = cval[:, None, :] & (doc == 0)[:, :, None]
+            mask = torch.cat([m_old, m_new], dim=-1)[:, None]  # [B, 1, T, N+T]
+            ct = torch.promote_types(q.dtype, torch.float32)
+            kk = torch.cat([ck.to(ct), k.to(ct)], 1)
+            vv = torch.cat([cv.to(ct), v_kv.to(ct)], 1)
+            s = torch.einsum("bthk,bnhk->bhtn", q.to(ct), kk) * scale
+            o_kv = _masked_softmax_values(s, mask, vv).to(v.dtype)
+        if cache is not None:
+            keep = routed & (doc == doc[:, -1:])  # routed tokens of the document that goes on
+            if old:
+                kk_, vv_, val_ = (torch.cat([cache.keys[i], k], 1), torch.cat([cache.values[i], v_kv], 1),
+                                  torch.cat([cache.valid[i] & (doc[:, -1:] == 0), keep], 1))
+            else:
+                kk_, vv_, val_ = k, v_kv, keep
+            cache.keys[i], cache.values[i], cache.valid[i] = _compact(kk_, vv_, val_)
+        y = gated_combine(o_rnn, o_kv, self.gate_rnn_proj(x), self.gate_kv_proj(x), z,
+                          self.o_norm.weight, eps=cfg.mixer_norm_eps)
+        return self.o_proj(y.to(x.dtype).reshape(B, T, H * V))
+
+
+class HAMDecoderLayer(nn.Module):
+    """x + mixer(input_layernorm(x)), then + mlp(post_attention_layernorm(.))."""
+
+    def __init__(self, config: HAMConfig, layer_idx: int):
+        super().__init__()
+        kind = config.layer_kinds()[layer_idx]
+        self.kind = kind
+        eps, norm = config.rms_norm_eps, config.normalization
+        self.input_layernorm = HAMNorm(config.hidden_size, eps, norm)
+        if kind == "attention":
+            self.self_attn = HAMAttention(config, layer_idx)
+        else:
+            self.mixer = HAMMixer(config, layer_idx, ham=kind == "ham")
+        self.post_attention_layernorm = HAMNorm(config.hidden_size, eps, norm)
+        self.mlp = HAMMLP(config)
+
+    def forward(self, x, doc, has_docs, cache, offset):
+        mix = self.self_attn if self.kind == "attention" else self.mixer
+        x = x + mix(self.input_layernorm(x), doc, has_docs, cache, offset)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ====================================================================================== models
+class HAMPreTrainedModel(PreTrainedModel):
+    config_class = HAMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["HAMDecoderLayer"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own HAMCache
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Fresh weights (only used when a weight is missing from a checkpoint): as Megatron's
+        init (normal(0, initializer_range)), norms 1, A ~ U[1, 16] (A_log = log A), dt_bias
+        the inverse softplus of 1e-2."""
+        std = self.config.initializer_range
+        normal = getattr(_init, "normal_", nn.init.normal_)
+        ones = getattr(_init, "ones_", nn.init.ones_)
+        zeros = getattr(_init, "zeros_", nn.init.zeros_)
+        copy = getattr(_init, "copy_", lambda p, v: p.copy_(v))
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            normal(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                zeros(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            normal(module.weight, mean=0.0, std=0.5)
+        elif isinstance(module, HAMNorm):
+            ones(module.weight)
+            if module.bias is not None:
+                zeros(module.bias)
+        elif isinstance(module, HAMMixer):
+            H = module.H
+            copy(module.A_log, torch.log(torch.linspace(1.0, 16.0, H)))
+            dt = torch.full((H,), 1e-2)
+            copy(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            ones(module.o_norm.weight)
+
+
+class HAMModel(HAMPreTrainedModel):
+    """Embedding + decoder layers + final norm; returns hidden states [B, T, hidden]."""
+
+    def __init__(self, config: HAMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HAMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = HAMNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _documents(self, input_ids, B, T, device):
+        """(doc int [B, T], has_docs): document index of each token within this chunk."""
+        eod = self.config.eod_token_id
+        if input_ids is None or eod is None or not self.config.reset_at_eod or T < 2:
+            return torch.zeros(B, T, dtype=torch.long, device=device), False
+        starts = torch.zeros(B, T, dtype=torch.long, device=device)
+        starts[:, 1:] = (input_ids[:, :-1] == eod).long()
+        if not bool(starts.any()):
+            return starts, False
+        return starts.cumsum(1), True
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("HAMModel.forward: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, hidden]")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
+        if attention_mask is not None and not bool((attention_mask != 0).all()):
+            raise ValueError("attention_mask: padding (zeros) is not supported by the HAM model; "
+                             "the recurrent state has no padding semantics. Generate unpadded rows "
+                             "(one prompt at a time, or prompts of equal length).")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, HAMCache):
+            raise ValueError(f"past_key_values must be a HAMCache (from a previous forward), got "
+                             f"{type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = HAMCache(self.config, B)
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"past_key_values holds {cache.batch_size} rows, input has {B}")
+        offset = cache.seen if cache is not None else 0
+        doc, has_docs = self._documents(input_ids, B, T, x.device)
+        hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if hidden is not None:
+                hidden.append(x)
+            x = layer(x, doc, has_docs, cache, offset)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        if cache is not None:
+            cache.seen += T
+            eod = self.config.eod_token_id
+            if self.config.reset_at_eod and eod is not None and input_ids is not None:
+                cache.reset_rows(input_ids[:, -1] == eod)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
+                                       hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
+    """HAM language model with an LM head (tied to the embedding when config.tie_word_embeddings)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HAMConfig):
+        super().__init__(config)
+        self.model = HAMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ------------------------------------------------------------------ inference controls
+    def ham_mixers(self):
+        """[(layer index, HAMMixer)] of the HAM layers."""
+        return [(i, l.mixer) for i, l in enumerate(self.model.layers) if l.kind == "ham"]
+
+    def set_tau(self, tau) -> None:
+        """Override the routing threshold: a float for every HAM layer, or a list with one entry
+        per layer (None keeps the current value). Also recorded in config.tau_override."""
+        n = self.config.num_hidden_layers
+        if isinstance(tau, (list, tuple)):
+            if len(tau) != n:
+                raise ValueError(f"set_tau: a list needs {n} entries (one per layer), got {len(tau)}")
+            taus = list(tau)
+        elif isinstance(tau, (int, float)) and not isinstance(tau, bool):
+            taus = [float(tau)] * n
+        else:
+            raise ValueError(f"set_tau: expected a float or a list of {n} floats/None, got {tau!r}")
+        cur = [None] * n
+        for i, m in self.ham_mixers():
+            if taus[i] is not None:
+                m.tau = float(taus[i])
+            cur[i] = m.tau
+        self.config.tau_override = cur
+
+    @torch.no_grad()
+    def calibrate_kv_fraction(self, input_ids: torch.Tensor, kv_fraction) -> List[Optional[float]]:
+        """Set every HAM layer's tau so that a fraction `kv_fraction` (float, or a list per layer)
+        of the tokens of `input_ids` [B, T] is routed (the score quantile at 1 - fraction, as the
+        controller's warm-up does; 1 -> -inf, 0 -> +inf). Layers are calibrated in order (each
+        with the earlier layers already at their new tau). Returns the taus per layer."""
+        n = self.config.num_hidden_layers
+        fr = list(kv_fraction) if isinstance(kv_fraction, (list, tuple)) else [kv_fraction] * n
+        if len(fr) != n:
+            raise ValueError(f"calibrate_kv_fraction: a list needs {n} entries, got {len(fr)}")
+        for i, m in self.ham_mixers():
+            f = fr[i]
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+                raise ValueError(f"calibrate_kv_fraction: fraction for layer {i} must be in [0, 1], got {f!r}")
+            if f >= 1.0:
+                m.tau = -math.inf
+                continue
+            if f <= 0.0:
+                m.tau = math.inf
+                continue
+            m.tau = -math.inf
+            self.forward(input_ids, use_cache=False)
+            s = m.last_scores.reshape(-1).double().sort(descending=True).values
+            n_top = min(max(int(round(f * s.numel())), 1), s.numel())
+            # halfway between the n_top-th largest score and the next one: no score sits on tau
+            nxt = s[n_top] if n_top < s.numel() else s[-1] - 1.0
+            m.tau = float((s[n_top - 1] + nxt) / 2)
+        taus = [None] * n
+        for i, m in self.ham_mixers():
+            taus[i] = m.tau
+        self.config.tau_override = taus
+        return taus
+
+    def routed_fractions(self) -> List[Optional[float]]:
+        """Per layer, the fraction of tokens routed to the scratchpad in the last forward
+        (None for non-HAM layers)."""
+        out = [None] * self.config.num_hidden_layers
+        for i, m in self.ham_mixers():
+            if m.last_routed is not None:
+                out[i] = float(m.last_routed.float().mean())
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                logits_to_keep: int = 0, **kwargs):
+        """input_ids int [B, T] -> CausalLMOutputWithPast(logits [B, T, vocab], past_key_values =
+        HAMCache when use_cache). labels [B, T]: next-token loss (shifted inside, -100 ignored)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+
+__all__ = ["HAMForCausalLM", "HAMModel", "HAMPreTrainedModel", "HAMCache"]
