@@ -1,0 +1,548 @@
+"""ham-convert-hf: a megatron-ham dist_checkpointing checkpoint -> a Hugging Face model directory.
+
+    ham-convert-hf --checkpoint RUN_DIR_OR_STEP_DIR --output DIR [--tokenizer PATH] [--dtype fp32]
+
+Steps (all in one process, on CPU, torch.distributed gloo world of size 1):
+  1. resolve the checkpoint: a step dir (step_XXXXXXXX with metadata.json and train_state.json),
+     or a run's checkpoint dir (its `latest` pointer, else the newest complete step dir);
+  2. read the run config the trainer saved next to the shards (config.yaml: model / data);
+  3. build the Megatron model at TP=1, PP=1 (the checkpoint may have any TP/PP layout: its
+     tensors are stored layout-free) and load the model part of the checkpoint into it;
+  4. map the Megatron state dict to HF names (fused projections split, vocab padding dropped,
+     per-layer tau into the config) and write, into a temp dir next to --output:
+     model.safetensors, config.json (with auto_map), generation_config.json, the modeling code
+     (configuration_ham.py, modeling_ham.py, ham_ops.py and the megatron_ham.ops files it needs),
+     the tokenizer; then rename the temp dir to --output.
+Errors name the path / key at fault. See docs/export.md for the name mapping.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+PROG = "ham-convert-hf"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+MARKER = "train_state.json"
+OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "_checks.py")
+CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint / config problem; the message names the path or key."""
+
+
+def log(msg: str) -> None:
+    print(f"[{PROG}] {msg}", flush=True)
+
+
+# ============================================================================ checkpoint paths
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, MARKER))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The step directory to convert: `path` itself when it is a checkpoint, else the run dir's
+    `latest`, else its newest complete step_XXXXXXXX. Raises ConversionError naming the path."""
+    if not os.path.exists(path):
+        raise ConversionError(f"--checkpoint {path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise ConversionError(f"--checkpoint {path}: not a directory (expected a run's checkpoint "
+                              "dir or one step_XXXXXXXX dir)")
+    if os.path.isfile(os.path.join(path, "metadata.json")) or STEP_RE.match(os.path.basename(path.rstrip("/"))) \
+            or os.path.basename(path.rstrip("/")).startswith(".tmp_"):
+        _check_step_dir(path)
+        return path
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            name = f.read().strip()
+        cand = os.path.join(path, name)
+        if STEP_RE.match(name) and _is_complete(cand):
+            return cand
+        log(f"warning: {latest} names {name!r}, which is not a complete checkpoint; "
+            "using the newest complete step dir instead")
+    steps = sorted(n for n in os.listdir(path) if STEP_RE.match(n))
+    complete = [n for n in steps if _is_complete(os.path.join(path, n))]
+    if not complete:
+        found = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
+        raise ConversionError(
+            f"--checkpoint {path}: no complete checkpoint found (a complete step_XXXXXXXX dir has "
+            f"metadata.json and {MARKER}; found: {found})")
+    return os.path.join(path, complete[-1])
+
+
+def _check_step_dir(path: str) -> None:
+    base = os.path.basename(path.rstrip("/"))
+    if base.startswith(".tmp_"):
+        raise ConversionError(f"--checkpoint {path}: a save in progress (temp dir), not a checkpoint")
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise ConversionError(f"--checkpoint {path}: incomplete checkpoint: no metadata.json "
+                              "(dist_checkpointing did not finish writing it)")
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise ConversionError(f"--checkpoint {path}: incomplete checkpoint: no {MARKER} (the "
+                              "trainer writes it last, after every shard is saved)")
+
+
+# ============================================================================ run config
+def read_run_config(step_dir: str, config_path: Optional[str] = None) -> dict:
+    """The saved run config (config.yaml next to the shards, or `config_path`) as a dict with
+    'model' (ModelConfig fields) and optional 'data'."""
+    import yaml
+
+    path = config_path or os.path.join(step_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: missing (the run config saved with the checkpoint; pass "
+                              "--config RECIPE_OR_CONFIG_YAML when it is elsewhere)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConversionError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise ConversionError(f"{path}: expected a mapping with a 'model:' section (the ModelConfig)")
+    return doc
+
+
+def model_config_from(doc: dict, where: str):
+    from megatron_ham.models import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_dict(doc["model"], where=f"{where}: model")
+        cfg.validate()
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    return cfg
+
+
+def resolve_eod(doc: dict, tokenizer_path: Optional[str]) -> Optional[int]:
+    """EOD id as training used it: data.eod_id, else the tokenizer's EOS, else None."""
+    data = doc.get("data") or {}
+    if data.get("eod_id") is not None:
+        return int(data["eod_id"])
+    tok = tokenizer_path or data.get("tokenizer")
+    if tok:
+        tj = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
+        if os.path.isfile(tj):
+            from tokenizers import Tokenizer
+
+            t = Tokenizer.from_file(tj)
+            for name in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>"):
+                i = t.token_to_id(name)
+                if i is not None:
+                    return int(i)
+    return None
+
+
+# ============================================================================ Megatron side
+def _init_single_process() -> None:
+    """gloo world of size 1 with a file rendezvous (no port to collide with other jobs)."""
+    import torch.distributed as dist
+
+    from megatron_ham.distributed import initialize
+
+    if not dist.is_initialized():
+        fd, rdv = tempfile.mkstemp(prefix="ham_convert_rdv_")
+        os.close(fd)
+        os.remove(rdv)
+        dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        raise ConversionError(f"{PROG} runs in one process; torch.distributed has world size "
+                              f"{dist.get_world_size()}")
+    initialize(tp=1, pp=1, backend="gloo")
+
+
+def load_megatron_model(step_dir: str, cfg):
+    """Build the TP=1, PP=1 Megatron model for `cfg` on CPU and load the checkpoint's model."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ham.models import build_model
+
+    _init_single_process()
+    cfg.use_cpu_initialization = True
+    cfg.sequence_parallel = False
+    model = build_model(cfg)
+    sharded = model.sharded_state_dict()
+    try:
+        loaded = dist_checkpointing.load({"model": sharded}, step_dir)
+    except Exception as e:  # missing shards / keys: name the checkpoint
+        raise ConversionError(f"--checkpoint {step_dir}: could not load the model from the "
+                              f"checkpoint ({type(e).__name__}: {e})") from e
+    model.load_state_dict(loaded["model"], strict=True)
+    model.eval()
+    return model
+
+
+# ============================================================================ name mapping
+def _split(t: torch.Tensor, widths: List[int], names: List[str], key: str) -> Dict[str, torch.Tensor]:
+    if sum(widths) != t.shape[0]:
+        raise ConversionError(f"{key}: {t.shape[0]} rows, expected {sum(widths)} "
+                              f"({dict(zip(names, widths))})")
+    return dict(zip(names, torch.split(t, widths, dim=0)))
+
+
+def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Tensor], List[Optional[float]]]:
+    """Megatron GPTModel state dict (TP=1) -> (HF state dict, per-layer tau (None for non-HAM)).
+
+    Every Megatron key must be consumed (else ConversionError naming it)."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    out: Dict[str, torch.Tensor] = {}
+    used = set()
+
+    def take(key):
+        if key not in sd:
+            raise ConversionError(f"checkpoint model state: missing key {key!r}")
+        used.add(key)
+        return sd[key].detach().clone()
+
+    V = cfg.vocab_size
+    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:V]
+    pattern = cfg.resolved_pattern()
+    H, K, Vd = cfg.mixer_num_heads, cfg.mixer_key_head_dim, cfg.mixer_value_head_dim
+    nh, ng, d = cfg.num_attention_heads, cfg.resolved_num_query_groups(), cfg.resolved_kv_channels()
+    taus: List[Optional[float]] = []
+    for i, sym in enumerate(pattern):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for norm_m, norm_h in (("input_layernorm", "input_layernorm"),
+                               ("pre_mlp_layernorm", "post_attention_layernorm")):
+            out[f"{h}{norm_h}.weight"] = take(f"{m}{norm_m}.weight")
+            if f"{m}{norm_m}.bias" in sd:
+                out[f"{h}{norm_h}.bias"] = take(f"{m}{norm_m}.bias")
+        fc1 = take(f"{m}mlp.linear_fc1.weight")
+        f = fc1.shape[0] // 2
+        out[f"{h}mlp.gate_proj.weight"], out[f"{h}mlp.up_proj.weight"] = fc1[:f], fc1[f:]
+        out[f"{h}mlp.down_proj.weight"] = take(f"{m}mlp.linear_fc2.weight")
+        a = f"{m}self_attention."
+        if sym == "*":
+            qkv = take(f"{a}linear_qkv.weight")  # rows: per query group [q (nh/ng heads), k, v]
+            per = nh // ng
+            g = qkv.view(ng, (per + 2) * d, -1)
+            out[f"{h}self_attn.q_proj.weight"] = g[:, : per * d].reshape(nh * d, -1)
+            out[f"{h}self_attn.k_proj.weight"] = g[:, per * d: (per + 1) * d].reshape(ng * d, -1)
+            out[f"{h}self_attn.v_proj.weight"] = g[:, (per + 1) * d:].reshape(ng * d, -1)
+            out[f"{h}self_attn.o_proj.weight"] = take(f"{a}linear_proj.weight")
+            taus.append(None)
+            continue
+        x = f"{h}mixer."
+        names = ["q", "k", "v", "z", "b", "a"] + (["gate_rnn", "gate_kv"] if sym == "H" else [])
+        widths = [H * K, H * K, H * Vd, H * Vd, H, H] + ([H, H] if sym == "H" else [])
+        parts = _split(take(f"{a}in_proj.weight"), widths, names, f"{a}in_proj.weight")
+        for n in names:
+            out[f"{x}{n}_proj.weight"] = parts[n]
+        conv = _split(take(f"{a}conv1d.weight"), [H * K, H * K, H * Vd], ["q", "k", "v"], f"{a}conv1d.weight")
+        for n in ("q", "k", "v"):
+            out[f"{x}{n}_conv1d.weight"] = conv[n]
+        out[f"{x}A_log"] = take(f"{a}A_log")
+        out[f"{x}dt_bias"] = take(f"{a}dt_bias")
+        out[f"{x}o_norm.weight"] = take(f"{a}norm_weight")
+        out[f"{x}o_proj.weight"] = take(f"{a}out_proj.weight")
+        if sym == "H":
+            taus.append(float(take(f"{a}kv_controller.tau")))
+            take(f"{a}kv_controller.num_updates")
+            if cfg.router == "learned":
+                for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+                    out[f"{x}router.{p}"] = take(f"{a}router.{p}")
+        else:
+            taus.append(None)
+    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+    if "decoder.final_layernorm.bias" in sd:
+        out["model.norm.bias"] = take("decoder.final_layernorm.bias")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("output_layer.weight")[:V]
+    left = sorted(set(sd) - used)
+    if left:
+        raise ConversionError(f"checkpoint model state: keys with no HF mapping: {left[:8]}"
+                              f"{' ...' if len(left) > 8 else ''}")
+    return out, taus
+
+
+def hf_config_from(cfg, model, taus, eod: Optional[int], documents: bool):
+    """HAMConfig for ModelConfig `cfg` (+ the built Megatron `model` for the mixer settings)."""
+    from .configuration_ham import HAMConfig
+
+    opts = None
+    for layer in model.decoder.layers:
+        opts = getattr(layer.self_attention, "opts", None) or opts
+    mixer_eps = float(opts.norm_eps) if opts is not None else 1e-6
+    K = cfg.mixer_key_head_dim
+    scale = float(cfg.scratchpad_scale) if cfg.scratchpad_scale > 0 else K ** 0.5
+    router_hidden = cfg.router_hidden_size or max(1, cfg.hidden_size // 4)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype]
+    return HAMConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.resolved_ffn_hidden_size(),
+        num_hidden_layers=cfg.num_layers,
+        layer_pattern=cfg.resolved_pattern(),
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.resolved_num_query_groups(),
+        head_dim=cfg.resolved_kv_channels(),
+        rope_theta=float(cfg.rotary_base),
+        max_position_embeddings=cfg.seq_length,
+        mixer_num_heads=cfg.mixer_num_heads,
+        mixer_key_head_dim=cfg.mixer_key_head_dim,
+        mixer_value_head_dim=cfg.mixer_value_head_dim,
+        conv_kernel=cfg.conv_kernel,
+        mixer_norm_eps=mixer_eps,
+        router=cfg.router,
+        router_hidden_size=router_hidden,
+        scratchpad_scale=scale,
+        kv_fraction=float(cfg.kv_fraction),
+        ham_taus=taus,
+        normalization=cfg.normalization,
+        rms_norm_eps=cfg.norm_eps,
+        eod_token_id=eod,
+        reset_at_eod=bool(documents and eod is not None),
+        initializer_range=cfg.init_method_std,
+        ops_impl=cfg.impl if cfg.impl in ("auto", "chunk", "naive") else "auto",
+        tie_word_embeddings=cfg.tie_embeddings,
+        eos_token_id=eod,
+        architectures=["HAMForCausalLM"],
+        auto_map={"AutoConfig": "configuration_ham.HAMConfig",
+                  "AutoModel": "modeling_ham.HAMModel",
+                  "AutoModelForCausalLM": "modeling_ham.HAMForCausalLM"},
+        dtype=dtype,
+    )
+
+
+# ============================================================================ writing
+def _check_portable(path: str) -> None:
+    """The copied code may import only torch / transformers / the stdlib / its siblings."""
+    from transformers.dynamic_module_utils import get_imports
+
+    bad = [m for m in get_imports(path) if m.split(".")[0] in ("megatron_ham", "megatron", "fla", "triton",
+                                                             "transformer_engine", "apex")]
+    if bad:
+        raise ConversionError(f"{path}: imports {bad} outside a try block; the export must load "
+                              "without megatron_ham (wrap optional GPU imports in try/except)")
+
+
+def write_code(out_dir: str) -> None:
+    """Copy the modeling code and the ops it needs into `out_dir` (flat, relative imports)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    ops = os.path.join(os.path.dirname(here), "ops")
+    for name in CODE_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, name))
+    with open(os.path.join(here, "ham_ops.py"), encoding="utf-8") as f:
+        src = f.read()
+    src = src.replace("from ..ops.", "from .")
+    with open(os.path.join(out_dir, "ham_ops.py"), "w", encoding="utf-8") as f:
+        f.write(src)
+    for name in OPS_FILES:
+        src_path = os.path.join(ops, name)
+        if not os.path.isfile(src_path):
+            raise ConversionError(f"{src_path}: missing (megatron_ham.ops file the export needs)")
+        shutil.copyfile(src_path, os.path.join(out_dir, name))
+    for name in CODE_FILES + ("ham_ops.py",) + OPS_FILES:
+        _check_portable(os.path.join(out_dir, name))
+
+
+def write_tokenizer(src: str, out_dir: str) -> None:
+    """Save the tokenizer at `src` (HF tokenizer dir or a tokenizer.json) into `out_dir`."""
+    if not os.path.exists(src):
+        raise ConversionError(f"--tokenizer {src}: no such file or directory")
+    try:
+        if os.path.isdir(src):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(src)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast(tokenizer_file=src)
+        tok.save_pretrained(out_dir)
+        return
+    except Exception as e:  # fall back to copying the files as they are
+        if not os.path.isdir(src):
+            raise ConversionError(f"--tokenizer {src}: cannot load it as a tokenizer ({e})") from e
+        log(f"warning: tokenizer {src} did not load with AutoTokenizer ({type(e).__name__}: {e}); "
+            "copying its files")
+    for name in os.listdir(src):
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            shutil.copyfile(p, os.path.join(out_dir, name))
+
+
+def _publish(tmp: str, output: str, overwrite: bool) -> None:
+    if os.path.exists(output):
+        if not overwrite:
+            raise ConversionError(f"--output {output}: exists; pass --overwrite to replace it")
+        old = f"{output}.old.{os.getpid()}"
+        os.rename(output, old)
+        os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, output)
+
+
+def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype: str = "auto",
+            config_path: Optional[str] = None, overwrite: bool = False,
+            verify_tokens: int = 0) -> str:
+    """Convert; returns the output directory. Raises ConversionError / ValueError."""
+    if dtype not in ("auto",) + tuple(DTYPES):
+        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    t0 = time.time()
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise ConversionError(f"--output {output}: exists; pass --overwrite to replace it")
+    step_dir = resolve_checkpoint(checkpoint)
+    log(f"checkpoint: {step_dir}")
+    doc = read_run_config(step_dir, config_path)
+    cfg = model_config_from(doc, config_path or os.path.join(step_dir, "config.yaml"))
+    data = doc.get("data") or {}
+    tok_path = tokenizer or data.get("tokenizer")
+    if tokenizer is None and tok_path and not os.path.exists(tok_path):
+        log(f"warning: the run's data.tokenizer {tok_path} does not exist here; no tokenizer written")
+        tok_path = None
+    eod = resolve_eod(doc, tok_path)
+    documents = bool(data.get("documents", True))
+    log(f"model: {cfg.architecture} pattern {cfg.resolved_pattern()!r}, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size()}), dtype {cfg.dtype}, "
+        f"eod {eod}, documents {documents}")
+    model = load_megatron_model(step_dir, cfg)
+    log(f"loaded the Megatron model (TP=1, PP=1) in {time.time() - t0:.1f} s")
+    hf_sd, taus = megatron_to_hf(model.state_dict(), cfg)
+    hf_cfg = hf_config_from(cfg, model, taus, eod, documents)
+    ham_taus = {i: t for i, t in enumerate(taus) if t is not None}
+    if ham_taus:
+        log("per-layer tau: " + ", ".join(f"{i}: {t:.4g}" for i, t in ham_taus.items()))
+
+    from transformers import GenerationConfig
+
+    from .modeling_ham import HAMForCausalLM
+
+    out_dtype = DTYPES[cfg.dtype] if dtype == "auto" else DTYPES[dtype]
+    hf_cfg.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[out_dtype]
+    hf = HAMForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict({k: v.to(torch.float32) for k, v in hf_sd.items()}, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConversionError(f"HF model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    hf = hf.to(out_dtype).eval()
+
+    if verify_tokens:
+        diff = verify(model, hf, cfg, eod, documents, verify_tokens)
+        log(f"verify: max |logits(Megatron) - logits(HF)| = {diff:.3e} on {verify_tokens} tokens")
+
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp_{os.path.basename(output)}_", dir=parent)
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        gen = GenerationConfig(eos_token_id=eod, pad_token_id=eod, do_sample=False)
+        gen.save_pretrained(tmp)
+        write_code(tmp)
+        if tok_path:
+            write_tokenizer(tok_path, tmp)
+            log(f"tokenizer: {tok_path}")
+        else:
+            log("no tokenizer given (--tokenizer, or data.tokenizer in the run config)")
+        with open(os.path.join(tmp, "megatron_ham_export.json"), "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": os.path.abspath(step_dir), "model_config": cfg.to_dict(),
+                       "train_state": _read_json(os.path.join(step_dir, MARKER)),
+                       "dtype": hf_cfg.dtype}, f, indent=1, default=str)
+        _publish(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {output} in {time.time() - t0:.1f} s "
+        f"({sum(v.numel() for v in hf_sd.values()) / 1e6:.2f} M parameters, {hf_cfg.dtype})")
+    return output
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+@torch.no_grad()
+def verify(model, hf, cfg, eod, documents, n_tokens: int) -> float:
+    """Max |logits| difference between the Megatron and HF models on random tokens (one EOD in
+    the middle when an EOD id is known), over the real vocabulary."""
+    from megatron_ham.models import document_forward_kwargs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (1, n_tokens), generator=g)
+    kw = {}
+    if eod is not None:
+        x[x == eod] = (eod + 1) % cfg.vocab_size
+        if n_tokens > 2:
+            x[0, n_tokens // 2] = eod
+        if documents:
+            kw = document_forward_kwargs(x, eod)
+    ref = model(x, None, None, **kw).float()[..., : cfg.vocab_size]
+    if ref.shape[0] != x.shape[0]:  # [s, b, v] on older megatron-core
+        ref = ref.transpose(0, 1)
+    got = hf(x.to(hf.device), use_cache=False).logits.float()
+    return float((ref - got).abs().max())
+
+
+# ============================================================================ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Convert a megatron-ham training checkpoint (Megatron dist_checkpointing, saved at any "
+            "TP/PP layout) into a Hugging Face model directory loadable with "
+            "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True), or without "
+            "trust_remote_code after `import megatron_ham.hf`. Runs on CPU in one process."),
+        epilog=(
+            "Example: ham-convert-hf --checkpoint runs/tiny/checkpoints --output exports/tiny "
+            "--tokenizer data_prep/sample/tokenizer\n"
+            "The output is written to a temp dir next to --output and renamed when complete. "
+            "See docs/export.md."),
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_STEP_DIR",
+                   help="a run's checkpoint dir (uses its `latest`, else the newest complete "
+                        "step_XXXXXXXX) or one step_XXXXXXXX dir")
+    p.add_argument("--output", required=True, metavar="DIR", help="the HF model directory to write")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="HF tokenizer dir or tokenizer.json to ship with the model (default: the "
+                        "run config's data.tokenizer, when it exists)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype of the export (auto = the checkpoint's model dtype)")
+    p.add_argument("--config", metavar="YAML",
+                   help="run config to read the model settings from (default: config.yaml in the "
+                        "checkpoint dir, written by the trainer)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="after converting, compare Megatron and HF logits on N random tokens and "
+                        "log the max difference (0 = skip)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args.checkpoint, args.output, tokenizer=args.tokenizer, dtype=args.dtype,
+                config_path=args.config, overwrite=args.overwrite, verify_tokens=args.verify)
+    except (ConversionError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        try:
+            from megatron_ham.distributed import destroy
+
+            destroy()
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
