@@ -43,7 +43,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .sdpa_attention import document_ids_from_cu_seqlens
+from .sdpa_attention import cached_document_ids, document_ids_from_cu_seqlens
 from .tp_utils import all_reduce_backward, section_factory
 
 
@@ -117,7 +117,7 @@ def document_cu_seqlens(packed_seq_params, b: int, s: int) -> Optional[torch.Ten
             f"over the flattened batch, see document_forward_kwargs), got {fmt!r}"
         )
     cu = packed_seq_params.cu_seqlens_q
-    document_ids_from_cu_seqlens(cu, b, s)  # validates
+    cached_document_ids(packed_seq_params, b, s, cu.device)  # validates (once per forward)
     return cu.to(torch.int64)
 
 
@@ -266,7 +266,7 @@ class GDNMixer(MegatronModule):
         cu = document_cu_seqlens(packed_seq_params, b, s)
         doc = None
         if cu is not None:
-            doc = document_ids_from_cu_seqlens(cu, b, s).to(proj.device)
+            doc = cached_document_ids(packed_seq_params, b, s, proj.device)
         proj = proj.transpose(0, 1)  # [b, s, D_l]
         widths = [w * self.H_l for _, w in self.sections]
         parts = dict(zip([n for n, _ in self.sections], torch.split(proj, widths, dim=-1)))

@@ -46,6 +46,34 @@ def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, b: int, s: int) -> to
     return doc.reshape(b, s)
 
 
+def cached_document_ids(packed_seq_params, b: int, s: int, device) -> torch.Tensor:
+    """document_ids_from_cu_seqlens, computed once per PackedSeqParams object (one forward)
+    and shared by all layers."""
+    key = (b, s, str(device))
+    cache = getattr(packed_seq_params, "_ham_doc_ids", None)
+    if cache is None or cache[0] != key:
+        doc = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, s).to(device)
+        cache = (key, doc)
+        setattr(packed_seq_params, "_ham_doc_ids", cache)
+    return cache[1]
+
+
+def _document_mask(packed_seq_params, b, s, causal, device) -> torch.Tensor:
+    """Boolean [b, 1, s, s] (True = attend) block-diagonal (causal) mask; built once per
+    PackedSeqParams object, so all attention layers of a forward share one tensor (also in the
+    tensors saved for backward)."""
+    key = (b, s, bool(causal), str(device))
+    cache = getattr(packed_seq_params, "_ham_sdpa_mask", None)
+    if cache is None or cache[0] != key:
+        doc = cached_document_ids(packed_seq_params, b, s, device)
+        mask = doc[:, :, None] == doc[:, None, :]
+        if causal:
+            mask &= torch.ones(s, s, dtype=torch.bool, device=device).tril()
+        cache = (key, mask[:, None])
+        setattr(packed_seq_params, "_ham_sdpa_mask", cache)
+    return cache[1]
+
+
 class SDPACoreAttention(MegatronModule):
     """Core attention on torch SDPA. Args as Megatron's DotProductAttention."""
 
@@ -134,12 +162,7 @@ class SDPACoreAttention(MegatronModule):
                 )
             if sq != sk:
                 raise ValueError("SDPACoreAttention: documents need sq == sk")
-            doc = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, sq)
-            doc = doc.to(q.device)
-            mask = doc[:, :, None] == doc[:, None, :]  # [b, s, s] True = attend
-            if causal:
-                mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-            mask = mask[:, None]
+            mask = _document_mask(packed_seq_params, b, sq, causal, q.device)
         elif attention_mask is not None and not causal:
             mask = ~attention_mask.to(torch.bool)  # Megatron: True = masked out
         dropout = self.dropout_p if self.training else 0.0
