@@ -52,7 +52,7 @@ def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: 
                         yield b
                         if b.pos >= sample_bytes:
                             return
-                for block, (toks, lengths, _lines, _probs, _n) in runner.map(limited()):
+                for (_, block), (toks, lengths, _lines, _probs, _n) in runner.map((None, b) for b in limited()):
                     tokens += int(toks.size)
                     docs += int(lengths.size)
                     long_docs += int((lengths >= 16384).sum())

@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from .manifest import Component, Manifest
-from .sources import EMPTY, STRUCTURAL, Block, DataError, Problem, init_worker, iter_blocks, process_block
+from .sources import EMPTY, DataError, Problem, init_worker, iter_blocks, process_block
 from .tokenizer import TokenizerInfo
 
 log = logging.getLogger("data_prep")
@@ -128,20 +128,30 @@ class _Ordered:
         else:
             self.pool = mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=args)
 
-    def map(self, blocks: Iterable[Block]):
+    def map(self, items: Iterable, skip=lambda item: False):
+        """Yield (item, result) in input order; ``item`` is (tag, Block); items for which
+        ``skip(item)`` is true pass through in order with result None."""
         if self.pool is None:
-            for b in blocks:
-                yield b, process_block(b)
+            for it in items:
+                yield it, (None if skip(it) else process_block(it[1]))
             return
         pending = collections.deque()
-        for b in blocks:
-            pending.append((b, self.pool.apply_async(process_block, (b,))))
-            if len(pending) >= 2 * self.workers:
-                b0, r = pending.popleft()
-                yield b0, r.get()
+        busy = 0
+        for it in items:
+            if skip(it):
+                pending.append((it, None))
+                continue
+            pending.append((it, self.pool.apply_async(process_block, (it[1],))))
+            busy += 1
+            while busy >= 2 * self.workers:
+                it0, r = pending.popleft()
+                if r is not None:
+                    busy -= 1
+                    r = r.get()
+                yield it0, r
         while pending:
-            b0, r = pending.popleft()
-            yield b0, r.get()
+            it0, r = pending.popleft()
+            yield it0, (r.get() if r is not None else None)
 
     def close(self):
         if self.pool is not None:
@@ -176,62 +186,115 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=True, mininterval=0.5)
 
 
-def tokenize_file(path: str, comp: Component, tok: TokenizerInfo, prefix: str, runner: _Ordered,
-                  opts: Options, blocks_counter: Optional[list] = None) -> dict:
-    """Tokenize one input file into the IndexedDataset ``prefix`` (.bin then .idx, atomically)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+class _FileWriter:
+    """One input file's part: an IndexedDatasetBuilder on temporary names, made final (.bin
+    first, .idx last) by ``finish``; ``abort`` removes the temporary files."""
 
-    st = new_stats()
-    st["files"] = 1
-    extra = 1 + (tok.bos is not None)
-    bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
-    builder = IndexedDatasetBuilder(bin_tmp, dtype=np.dtype(tok.dtype).type)
-    reader_problems: List[Problem] = []
-    bar = _progress(os.path.getsize(path), f"{comp.name}:{os.path.basename(path)}", opts.progress)
-    t0 = time.perf_counter()
+    def __init__(self, path: str, prefix: str, tok: TokenizerInfo):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.path, self.prefix = path, prefix
+        self.bin_tmp, self.idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
+        self.builder = IndexedDatasetBuilder(self.bin_tmp, dtype=np.dtype(tok.dtype).type)
+        self.extra = 1 + (tok.bos is not None)
+        self.st = new_stats()
+        self.st["files"] = 1
+        self.t0 = time.perf_counter()
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, n_records: int) -> None:
+        st = self.st
+        st["records"] += n_records
+        # one sequence per document (document_indices = 0..n), as GPTDataset expects
+        off = 0
+        add = self.builder.add_document
+        for n in lengths.tolist():
+            add(tokens[off:off + n], [n])
+            off += n
+        st["documents"] += int(lengths.size)
+        st["tokens"] += int(tokens.size)
+        st["text_tokens"] += int(tokens.size - self.extra * lengths.size)
+        _add_lengths(st, lengths - self.extra)
+
+    def finish(self) -> dict:
+        self.builder.finalize(self.idx_tmp)
+        os.replace(self.bin_tmp, self.prefix + ".bin")
+        os.replace(self.idx_tmp, self.prefix + ".idx")   # .idx last: its presence marks a complete part
+        st = self.st
+        dt = time.perf_counter() - self.t0
+        st["seconds"] = dt
+        log.info("%s: %d documents, %d tokens in %.1fs (%.1f docs/s, %.0f tok/s)%s", self.path, st["documents"],
+                 st["tokens"], dt, st["documents"] / max(dt, 1e-9), st["tokens"] / max(dt, 1e-9),
+                 "".join(f", {v} {k}" for k, v in sorted(st["problems"].items())))
+        return st
+
+    def abort(self) -> None:
+        try:
+            self.builder.data_file.close()
+        finally:
+            for p in (self.bin_tmp, self.idx_tmp):
+                if os.path.exists(p):
+                    os.remove(p)
+
+
+def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, opts: Options,
+                   on_file_done, blocks_counter: Optional[list] = None) -> None:
+    """Tokenize ``todo`` = [(path, part_prefix, key)] into one IndexedDataset part per file.
+
+    All files' blocks go through one ordered stream, so the workers keep busy across file
+    boundaries (the next file is read while the last blocks of the previous one finish).
+    ``on_file_done(key, stats)`` runs after each part is final, in file order.
+    """
+    reader_problems: Dict[str, List[Problem]] = {}
+    END = object()
+
+    def stream():
+        for path, _prefix, key in todo:
+            probs = reader_problems.setdefault(key, [])
+            for b in iter_blocks(path, opts.batch_bytes, probs, comp.text_field):
+                yield key, b
+            yield key, END
+
+    total_bytes = sum(os.path.getsize(p) for p, _, _ in todo)
+    bar = _progress(total_bytes, comp.name, opts.progress)
+    done_bytes = 0
+    paths = {key: (path, prefix) for path, prefix, key in todo}
+    writers: Dict[str, _FileWriter] = {}
     kill_blocks = int(os.environ.get(KILL_AFTER_BLOCKS, "0") or 0)
+    t0 = time.perf_counter()
+    docs = toks = 0
     try:
-        for block, (tokens, lengths, lines, problems, n_records) in runner.map(
-                iter_blocks(path, opts.batch_bytes, reader_problems, comp.text_field)):
-            _record_problems(st, path, problems, opts.on_error)
-            st["records"] += n_records
-            # one sequence per document (document_indices = 0..n), as GPTDataset expects
-            off = 0
-            for n in lengths.tolist():
-                builder.add_document(tokens[off:off + n], [n])
-                off += n
-            st["documents"] += int(lengths.size)
-            st["tokens"] += int(tokens.size)
-            st["text_tokens"] += int(tokens.size - extra * lengths.size)
-            _add_lengths(st, lengths - extra)
+        for (key, block), res in runner.map(stream(), skip=lambda item: item[1] is END):
+            path, prefix = paths[key]
+            w = writers.get(key)
+            if w is None:
+                w = writers[key] = _FileWriter(path, prefix, tok)
+            if block is END:
+                _record_problems(w.st, path, reader_problems.pop(key), opts.on_error)
+                st = w.finish()
+                del writers[key]
+                done_bytes += os.path.getsize(path)
+                on_file_done(key, st)
+                continue
+            tokens, lengths, _lines, problems, n_records = res
+            _record_problems(w.st, path, problems, opts.on_error)
+            w.add(tokens, lengths, n_records)
+            docs += int(lengths.size)
+            toks += int(tokens.size)
             if bar is not None:
-                bar.update(block.pos - bar.n)
+                bar.update(done_bytes + block.pos - bar.n)
                 dt = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{st['documents'] / dt:.1f} docs/s, {st['tokens'] / dt / 1e3:.1f}k tok/s",
-                                    refresh=False)
+                bar.set_postfix_str(f"{docs / dt:.1f} docs/s, {toks / dt / 1e3:.1f}k tok/s", refresh=False)
             if blocks_counter is not None:
                 blocks_counter[0] += 1
                 if kill_blocks and blocks_counter[0] >= kill_blocks:
                     os.kill(os.getpid(), signal.SIGKILL)
-        _record_problems(st, path, reader_problems, opts.on_error)
     except BaseException:
-        builder.data_file.close()
-        for p in (bin_tmp, idx_tmp):
-            if os.path.exists(p):
-                os.remove(p)
+        for w in writers.values():
+            w.abort()
         raise
     finally:
         if bar is not None:
             bar.close()
-    builder.finalize(idx_tmp)
-    os.replace(bin_tmp, prefix + ".bin")
-    os.replace(idx_tmp, prefix + ".idx")   # .idx last: its presence marks a complete part
-    dt = time.perf_counter() - t0
-    st["seconds"] = dt
-    log.info("%s: %d documents, %d tokens in %.1fs (%.1f docs/s, %.0f tok/s)%s", path, st["documents"],
-             st["tokens"], dt, st["documents"] / max(dt, 1e-9), st["tokens"] / max(dt, 1e-9),
-             "".join(f", {v} {k}" for k, v in sorted(st["problems"].items())))
-    return st
 
 
 def _file_id(path: str) -> dict:
@@ -329,32 +392,36 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
         state["components"][comp.name] = cstate
         pdir = os.path.join(work, comp.name)
         os.makedirs(pdir, exist_ok=True)
-        runner = None
         parts = []
+        todo = []
         total = new_stats()
-        try:
-            for i, (path, fid) in enumerate(zip(comp.files, file_ids)):
-                part = os.path.join(pdir, f"{i:05d}")
-                parts.append(part)
-                key = str(i)
-                fs = cstate["files"].get(key)
-                if (fs and fs.get("input") == fid and os.path.exists(part + ".idx")
-                        and os.path.exists(part + ".bin")):
-                    log.info("%s: finished in an earlier run, skipped", path)
-                    merge_stats(total, fs["stats"])
-                    continue
-                _remove_prefix(part)
-                if runner is None:
-                    runner = _Ordered(tok, comp, opts.workers)
-                st = tokenize_file(path, comp, tok, part, runner, opts, blocks_counter)
-                cstate["files"][key] = {"input": fid, "stats": st}
-                _atomic_write_json(state_path, state)
-                merge_stats(total, st)
-                files_done_now += 1
-                if kill_files and files_done_now >= kill_files:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            if runner is not None:
+        for i, (path, fid) in enumerate(zip(comp.files, file_ids)):
+            part = os.path.join(pdir, f"{i:05d}")
+            parts.append(part)
+            key = str(i)
+            fs = cstate["files"].get(key)
+            if (fs and fs.get("input") == fid and os.path.exists(part + ".idx")
+                    and os.path.exists(part + ".bin")):
+                log.info("%s: finished in an earlier run, skipped", path)
+                merge_stats(total, fs["stats"])
+                continue
+            _remove_prefix(part)
+            todo.append((path, part, key))
+
+        def on_file_done(key, st):
+            nonlocal files_done_now
+            cstate["files"][key] = {"input": file_ids[int(key)], "stats": st}
+            _atomic_write_json(state_path, state)
+            merge_stats(total, st)
+            files_done_now += 1
+            if kill_files and files_done_now >= kill_files:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        if todo:
+            runner = _Ordered(tok, comp, opts.workers)
+            try:
+                tokenize_files(todo, comp, tok, runner, opts, on_file_done, blocks_counter)
+            finally:
                 runner.close()
         merge_parts(parts, prefix, tok.dtype, move_single=not opts.keep_parts)
         cstate["done"] = True

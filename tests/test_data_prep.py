@@ -1,6 +1,5 @@
 """ham-prep-data: round trip through GPTDataset, resumption after SIGKILL, bad input, webdataset
 shards, determinism over worker counts. Real megatron-core, real tokenizer (the sample's)."""
-import io
 import json
 import logging
 import os
