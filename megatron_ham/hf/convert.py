@@ -145,13 +145,18 @@ def resolve_eod(doc: dict, tokenizer_path: Optional[str]) -> Optional[int]:
 
 
 # ============================================================================ Megatron side
+_OWN_GROUP = False  # True when this module created the process group (main() tears it down)
+
+
 def _init_single_process() -> None:
     """gloo world of size 1 with a file rendezvous (no port to collide with other jobs)."""
+    global _OWN_GROUP
     import torch.distributed as dist
 
     from megatron_ham.distributed import initialize
 
     if not dist.is_initialized():
+        _OWN_GROUP = True
         fd, rdv = tempfile.mkstemp(prefix="ham_convert_rdv_")
         os.close(fd)
         os.remove(rdv)
@@ -527,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    global _OWN_GROUP
     args = build_parser().parse_args(argv)
     try:
         convert(args.checkpoint, args.output, tokenizer=args.tokenizer, dtype=args.dtype,
@@ -535,12 +541,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        try:
+        if _OWN_GROUP:
             from megatron_ham.distributed import destroy
 
             destroy()
-        except Exception:
-            pass
+            _OWN_GROUP = False
     return 0
 
 

@@ -1,0 +1,303 @@
+"""Hugging Face export: Megatron checkpoint -> ham-convert-hf -> AutoModelForCausalLM.
+
+Real parts end to end: a tiny Megatron model of each layer kind (hybrid "H*G" with the error
+router and untied embeddings, pure "H" with the learned router and tied embeddings) is built in
+a subprocess (gloo world of 1), its KV controllers set tau from a real training-mode forward,
+and it is saved with megatron.core.dist_checkpointing in the trainer's layout (step dir +
+config.yaml + train_state.json + `latest`). The CLI converts it (another subprocess); a fresh
+process WITHOUT megatron_ham loads the export with trust_remote_code=True and compares logits
+with the Megatron model (fp32, inputs with an EOD, documents on) and checks that greedy
+generate with the recurrent cache equals generate without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EOD = 0
+VOCAB = 100
+CASES = {
+    # name: (pattern, router, tie_embeddings)
+    "hybrid": ("H*G", "error_l2", False),
+    "ham": ("HH", "learned", True),
+}
+ATOL = 2e-5
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _run(args, cwd=None, check=True):
+    p = subprocess.run([sys.executable] + args, cwd=cwd or REPO, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args[:2]} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+# ------------------------------------------------------------------ Megatron side (subprocess)
+def _make_checkpoints(root: str) -> None:
+    """Build, calibrate (one controller update), save and record reference logits per case."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import yaml
+
+    torch.set_num_threads(1)
+    from megatron.core import dist_checkpointing
+
+    from megatron_ham.hf.convert import _init_single_process
+    from megatron_ham.models import ModelConfig, build_model, document_forward_kwargs
+    from megatron_ham.models.builder import step_kv_controllers
+
+    _init_single_process()
+    for name, (pattern, router, tie) in CASES.items():
+        arch = "hybrid" if len(set(pattern)) > 1 else "ham"
+        cfg = ModelConfig(architecture=arch, pattern=pattern, num_layers=len(pattern), hidden_size=32,
+                          vocab_size=VOCAB, num_attention_heads=4, num_query_groups=2,
+                          mixer_num_heads=2, mixer_key_head_dim=8, mixer_value_head_dim=16,
+                          router=router, kv_fraction=0.5, tie_embeddings=tie, dtype="fp32",
+                          use_cpu_initialization=True, seq_length=64)
+        torch.manual_seed(1)
+        model = build_model(cfg)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randint(1, VOCAB, (2, 40), generator=g)
+        x[0, 13] = EOD
+        x[1, 25] = EOD
+        kw = document_forward_kwargs(x, EOD)
+        model.train()  # one real controller update: tau = the batch quantile at 1 - kv_fraction
+        model(x, None, None, **kw)
+        taus = step_kv_controllers(model)
+        assert len(taus) == pattern.count("H"), taus
+        model.eval()
+        with torch.no_grad():
+            ref = model(x, None, None, **kw)
+            routed = [m.self_attention.last_routed.float().mean().item()
+                      for m in model.decoder.layers if hasattr(m.self_attention, "kv_controller")]
+        run = os.path.join(root, name)
+        step = os.path.join(run, "step_00000003")
+        os.makedirs(step)
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, step)
+        with open(os.path.join(step, "config.yaml"), "w") as f:
+            yaml.safe_dump({"name": name, "model": cfg.to_dict(),
+                            "data": {"eod_id": EOD, "documents": True, "tokenizer": None}}, f)
+        with open(os.path.join(step, "train_state.json"), "w") as f:
+            json.dump({"step": 3, "consumed_samples": 24, "world_size": 1}, f)
+        with open(os.path.join(run, "latest"), "w") as f:
+            f.write("step_00000003\n")
+        torch.save({"x": x, "ref": ref.float(), "routed": routed,
+                    "taus": {k: v["tau"] for k, v in taus.items()}}, os.path.join(root, f"{name}_ref.pt"))
+
+
+# ------------------------------------------------------------------ HF side (fresh process)
+def _check_exports(root: str) -> None:
+    """Runs WITHOUT megatron_ham on the path: trust_remote_code loading, parity, cache."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = {}
+    for name in CASES:
+        out = os.path.join(root, f"{name}_hf")
+        ref = torch.load(os.path.join(root, f"{name}_ref.pt"))
+        m = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert "megatron_ham" not in sys.modules, "the export must load without megatron_ham"
+        x = ref["x"]
+        with torch.no_grad():
+            logits = m(x, use_cache=False).logits
+            diff = (logits - ref["ref"][..., :VOCAB]).abs().max().item()
+            fr = [f for f in m.routed_fractions() if f is not None]
+            # incremental (cache) forward == full forward, across the EOD
+            c, outs = None, []
+            for a, b in ((0, 9), (9, 10), (10, 20), (20, 21), (21, 22), (22, 40)):
+                o = m(x[:, a:b], past_key_values=c, use_cache=True)
+                c, outs = o.past_key_values, outs + [o.logits]
+            inc = (torch.cat(outs, 1) - logits).abs().max().item()
+            counts = [None if k is None else k.tolist() for k in c.kv_counts()]
+        prompt = x[:1, 14:30]  # one document (after the EOD at 13)
+        g_cache = m.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        g_none = m.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+        tok = None
+        if os.path.isfile(os.path.join(out, "tokenizer.json")):
+            tok = AutoTokenizer.from_pretrained(out)("hello world")["input_ids"]
+        report[name] = {"diff": diff, "inc": inc, "routed_hf": fr, "routed_ref": ref["routed"],
+                        "kv_counts": counts, "gen_cache": g_cache.tolist(), "gen_none": g_none.tolist(),
+                        "class": type(m).__module__, "tok": tok}
+    with open(os.path.join(root, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+# ------------------------------------------------------------------ the tests
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("hf_export"))
+    _run([os.path.abspath(__file__), "make", root])
+    logs = {}
+    for name in CASES:
+        args = ["tools/convert_to_hf.py", "--checkpoint", os.path.join(root, name),
+                "--output", os.path.join(root, f"{name}_hf"), "--verify", "24"]
+        if name == "hybrid":
+            args += ["--tokenizer", os.path.join(REPO, "data_prep", "sample", "tokenizer")]
+        p = _run(args)
+        logs[name] = p.stdout + p.stderr
+    # the fresh process must not see megatron_ham: run from the export root with a clean path
+    env_cmd = [os.path.abspath(__file__), "check", root]
+    p = subprocess.run([sys.executable, "-c",
+                        "import sys; sys.path = [p for p in sys.path if p not in ('', %r)]; "
+                        "sys.argv = %r; f = %r; exec(compile(open(f).read(), f, 'exec'), "
+                        "{'__name__': '__main__', '__file__': f})" % (REPO, env_cmd, env_cmd[0])],
+                       cwd=root, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise AssertionError(f"check process failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    with open(os.path.join(root, "report.json")) as f:
+        return root, json.load(f), logs
+
+
+def test_convert_log_and_files(exported):
+    root, report, logs = exported
+    for name in CASES:
+        log = logs[name]
+        assert "checkpoint: " + os.path.join(root, name, "step_00000003") in log, log
+        assert "verify: max |logits(Megatron) - logits(HF)|" in log
+        diff = float(log.split("verify: max |logits(Megatron) - logits(HF)| = ")[1].split()[0])
+        assert diff < ATOL, log
+        out = os.path.join(root, f"{name}_hf")
+        for f in ("config.json", "generation_config.json", "model.safetensors", "modeling_ham.py",
+                  "configuration_ham.py", "ham_ops.py", "gated_delta_rule.py", "scratchpad.py"):
+            assert os.path.isfile(os.path.join(out, f)), f
+        assert not [d for d in os.listdir(root) if d.startswith(".tmp_")], "temp dir left behind"
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        ref = torch.load(os.path.join(root, f"{name}_ref.pt"))
+        pattern = CASES[name][0]
+        assert cfg["layer_pattern"] == pattern and cfg["eod_token_id"] == EOD and cfg["reset_at_eod"]
+        for i, sym in enumerate(pattern):
+            if sym == "H":
+                assert cfg["ham_taus"][i] == pytest.approx(ref["taus"][i + 1], rel=1e-6)
+            else:
+                assert cfg["ham_taus"][i] is None
+        assert cfg["tie_word_embeddings"] == CASES[name][2]
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+            assert f.get_tensor("model.embed_tokens.weight").shape[0] == VOCAB  # padding dropped
+        assert ("lm_head.weight" in keys) == (not CASES[name][2])
+        if "*" in pattern:
+            assert {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"} <= keys
+        assert "model.layers.0.mixer.gate_kv_proj.weight" in keys
+
+
+def test_trust_remote_code_parity_and_cache(exported):
+    root, report, _ = exported
+    for name, r in report.items():
+        assert r["class"].startswith("transformers_modules"), r["class"]
+        assert r["diff"] < ATOL, (name, r["diff"])
+        assert r["inc"] < ATOL, (name, r["inc"])
+        # same routing decisions as Megatron (fractions per HAM layer), and a partial fraction
+        assert r["routed_hf"] == pytest.approx(r["routed_ref"], abs=1e-6), name
+        assert any(0.0 < f < 1.0 for f in r["routed_hf"]), r["routed_hf"]
+        assert r["gen_cache"] == r["gen_none"], name
+        assert len(r["gen_cache"][0]) > 16
+        # the scratchpad cache holds only routed tokens of the current document
+        for i, sym in enumerate(CASES[name][0]):
+            if sym == "H":
+                c0, c1 = r["kv_counts"][i]
+                assert 0 <= c0 <= 40 - 14 and 0 <= c1 <= 40 - 26, r["kv_counts"]
+            elif sym == "*":
+                assert r["kv_counts"][i] == [40 - 14, 40 - 26]
+    assert report["hybrid"]["tok"], "tokenizer shipped with the export"
+
+
+def test_registered_loading_without_remote_code(exported):
+    root, _, _ = exported
+    import megatron_ham.hf  # noqa: F401  (registers model_type megatron_ham)
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ham.hf import HAMForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(os.path.join(root, "hybrid_hf")).eval()
+    assert isinstance(m, HAMForCausalLM)
+    ref = torch.load(os.path.join(root, "hybrid_ref.pt"))
+    with torch.no_grad():
+        logits = m(ref["x"]).logits
+    assert (logits - ref["ref"][..., :VOCAB]).abs().max().item() < ATOL
+
+    # tau override at inference: all / none routed, and calibration to a target fraction
+    x = ref["x"]
+    with torch.no_grad():
+        m.set_tau(float("inf"))
+        m(x, use_cache=False)
+        assert m.routed_fractions()[0] == 0.0
+        m.set_tau(float("-inf"))
+        out = m(x, use_cache=True)
+        assert m.routed_fractions()[0] == 1.0
+        assert out.past_key_values.kv_counts()[0].tolist() == [40 - 14, 40 - 26]
+        taus = m.calibrate_kv_fraction(x, 0.25)
+        m(x, use_cache=False)
+        assert m.routed_fractions()[0] == pytest.approx(0.25, abs=0.02)
+        assert m.config.tau_override[0] == taus[0] and taus[1] is None
+    with pytest.raises(ValueError, match="padding"):
+        m(x, attention_mask=torch.cat([torch.zeros(2, 1, dtype=torch.long),
+                                       torch.ones(2, 39, dtype=torch.long)], 1))
+    with pytest.raises(ValueError, match="one per layer"):
+        m.set_tau([0.1])
+
+
+def test_bad_inputs(tmp_path):
+    from megatron_ham.hf import HAMConfig
+    from megatron_ham.hf.convert import ConversionError, main, resolve_checkpoint
+
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ConversionError, match="nope: no such file"):
+        resolve_checkpoint(missing)
+    run = tmp_path / "run"
+    (run / "step_00000005").mkdir(parents=True)
+    (run / "step_00000005" / "metadata.json").write_text("{}")
+    with pytest.raises(ConversionError, match="no complete checkpoint found"):
+        resolve_checkpoint(str(run))
+    with pytest.raises(ConversionError, match="step_00000005: incomplete checkpoint: no train_state.json"):
+        resolve_checkpoint(str(run / "step_00000005"))
+    (run / "step_00000005" / "train_state.json").write_text("{}")
+    assert resolve_checkpoint(str(run)) == str(run / "step_00000005")
+    # a complete-looking step without the run config
+    with pytest.raises(ConversionError, match="config.yaml: missing"):
+        from megatron_ham.hf.convert import read_run_config
+
+        read_run_config(str(run / "step_00000005"))
+    # the CLI reports errors naming the path, rc 2
+    assert main(["--checkpoint", missing, "--output", str(tmp_path / "o")]) == 2
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(ConversionError, match="exists; pass --overwrite"):
+        from megatron_ham.hf.convert import convert
+
+        convert(str(run), str(out))
+    with pytest.raises(ValueError, match="layer_pattern"):
+        HAMConfig(layer_pattern="HX", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        HAMConfig(layer_pattern="HH", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="ham_taus"):
+        HAMConfig(layer_pattern="HH", num_hidden_layers=2, ham_taus=[0.1])
+    p = _run(["tools/convert_to_hf.py", "--help"])
+    assert "--checkpoint" in p.stdout and "trust_remote_code" in p.stdout
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        _make_checkpoints(sys.argv[2])
+    elif sys.argv[1] == "check":
+        _check_exports(sys.argv[2])
