@@ -35,5 +35,6 @@ setup(
         # CPU test environment: fla's pure-torch references need an importable triton.
         "test": ["pytest>=8", "pytest-timeout", "fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton"],
     },
-    entry_points={"console_scripts": ["ham-prep-data = data_prep.cli:main"]},
+    entry_points={"console_scripts": ["ham-prep-data = data_prep.cli:main",
+                                     "ham-convert-hf = megatron_ham.hf.convert:main"]},
 )
