@@ -63,8 +63,8 @@ class HAMMixer(GDNMixer):
             hid = o.router_hidden_size or None
             # default RNG: identical on every TP rank (replicated module)
             self.router = LearnedRouter(config.hidden_size, hid)
-            dev = self.norm_weight.device
-            self.router.to(device=dev, dtype=config.params_dtype)
+            # kept in fp32 (tiny): a bf16 sigmoid output would put many tokens exactly on tau
+            self.router.to(device=self.norm_weight.device, dtype=torch.float32)
         self._recorded: List[torch.Tensor] = []
         self.last_routed: Optional[torch.Tensor] = None  # [b, s] bool of the last forward
 
@@ -94,7 +94,7 @@ class HAMMixer(GDNMixer):
             x = gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        r = self.router(x).transpose(0, 1)  # [s, b] -> [b, s]
+        r = self.router(x.to(self.router.fc1.weight.dtype)).transpose(0, 1)  # [s,b] -> [b,s]
         r = all_reduce_backward(r, self.tp_group)
         if cu is not None:
             r = r.reshape(1, b * s)
