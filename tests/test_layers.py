@@ -66,10 +66,19 @@ def _layers_worker(rank, world):
     res = []
     for rc in ("", "full"):
         torch.manual_seed(4)
-        model = build_model(ModelConfig(**small, recompute_granularity=rc))
+        model = build_model(ModelConfig(**small))
+        if rc:  # as the training loop does (train.recompute): set on the built config
+            model.config.recompute_granularity = "full"
+            model.config.recompute_method = "uniform"
+            model.config.recompute_num_layers = 1
         model.train()
+        calls = []
+        for mx in model.modules():
+            if isinstance(mx, HAMMixer):
+                mx.register_forward_hook(lambda *a: calls.append(1))
         loss = model(toks, pos, None, labels=toks).sum()
         loss.backward()
+        assert len(calls) == (4 if rc else 2), (rc, len(calls))  # recompute re-runs the mixers
         counts = [len(mx._recorded) for mx in model.modules() if isinstance(mx, HAMMixer)]
         assert counts == [1, 1], (rc, counts)
         stats = step_kv_controllers([model])

@@ -38,9 +38,13 @@ def main(argv=None):
     from megatron_ham.models.accounting import count_parameters
 
     D.initialize(tp=1, pp=1, seed=1)
-    cfg = paper_800m(a.arch, seq_length=a.seq, router=a.router,
-                     recompute_granularity=a.recompute)
+    cfg = paper_800m(a.arch, seq_length=a.seq, router=a.router)
     model = build_model(cfg).cuda()
+    if a.recompute:  # as the training loop does (train.recompute)
+        model.config.recompute_granularity = a.recompute
+        if a.recompute == "full":
+            model.config.recompute_method = "uniform"
+            model.config.recompute_num_layers = 1
     n = sum(p.numel() for p in model.parameters())
     assert n == count_parameters(cfg)["total"], (n, count_parameters(cfg))
     print(f"{a.arch}: {n:,} parameters, layers {cfg.resolved_pattern()}, seq {a.seq}, "

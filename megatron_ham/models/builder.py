@@ -127,18 +127,7 @@ def transformer_config(cfg: ModelConfig):
         # heterogeneous layers: checkpoint keys per global layer (decoder.layers.<i>.*), not
         # stacked along a layer axis (layer types differ, so a stacked tensor would have holes)
         hetereogenous_dist_checkpoint=True,
-        **_recompute_kwargs(cfg),
     )
-
-
-def _recompute_kwargs(cfg: ModelConfig) -> dict:
-    if not cfg.recompute_granularity:
-        return {}
-    kw = {"recompute_granularity": cfg.recompute_granularity}
-    if cfg.recompute_granularity == "full":
-        kw.update(recompute_method=cfg.recompute_method,
-                  recompute_num_layers=cfg.recompute_num_layers)
-    return kw
 
 
 def _ham_mixers(model_chunks):

@@ -32,9 +32,8 @@ class ModelConfig:
     backend: "local" | "te"; dtype: "fp32" | "bf16" | "fp16" (params and compute).
     sequence_parallel: Megatron sequence parallelism (needs TP > 1 to matter).
     impl: op implementation for tests ("auto" on GPU/CPU picks the right one).
-    recompute_granularity / recompute_method / recompute_num_layers: Megatron's activation
-        recomputation ("" = off); "full" recomputes whole layers (HAM layers record their
-        routing scores once per micro-batch either way).
+    Activation recomputation is a training setting (train.recompute), set on the built model's
+    TransformerConfig; HAM layers record their routing scores once per micro-batch either way.
     """
 
     architecture: str = "ham"
@@ -74,10 +73,6 @@ class ModelConfig:
     sequence_parallel: bool = False
     use_cpu_initialization: bool = False
     impl: str = "auto"
-    # activation recomputation (Megatron's): "" (off) | "full" | "selective"
-    recompute_granularity: str = ""
-    recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
 
     # ------------------------------------------------------------------ derived
     def resolved_pattern(self) -> str:
@@ -210,10 +205,5 @@ class ModelConfig:
             pass  # harmless: Megatron turns it off with TP=1
         if self.tie_embeddings and pp > 1:
             pass  # Megatron handles the embedding group
-        if self.recompute_granularity not in ("", "full", "selective"):
-            bad("recompute_granularity", f"must be '', 'full' or 'selective', got "
-                f"{self.recompute_granularity!r}")
-        if self.recompute_method not in ("uniform", "block"):
-            bad("recompute_method", f"must be 'uniform' or 'block', got {self.recompute_method!r}")
         if self.impl not in ("auto", "naive", "chunk"):
             bad("impl", f"must be 'auto', 'naive' or 'chunk', got {self.impl!r}")
