@@ -5,7 +5,7 @@ reference that runs on CPU; GPU kernels (megatron_ham.kernels) are picked by imp
 """
 from .gated_delta_rule import gated_delta_rule
 from .scratchpad import scratchpad_attention
-from .routing import LearnedRouter, min_over_heads, route
+from .routing import LearnedRouter, min_over_heads, route, router_weighted_values
 from .controller import KVFractionController
 from .combine import gated_combine
 
@@ -15,6 +15,7 @@ __all__ = [
     "LearnedRouter",
     "min_over_heads",
     "route",
+    "router_weighted_values",
     "KVFractionController",
     "gated_combine",
 ]
