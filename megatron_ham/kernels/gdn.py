@@ -175,6 +175,7 @@ class _GDNWithError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                 return_error, metric):
+        ctx.set_materialize_grads(False)  # unused final state -> dht None (fla skips it)
         chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK) if cu_seqlens is not None else None
         g_cum = chunk_local_cumsum(g, chunk_size=CHUNK, scale=RCP_LN2, cu_seqlens=cu_seqlens,
                                    chunk_indices=chunk_indices)
@@ -206,6 +207,8 @@ class _GDNWithError(torch.autograd.Function):
         # rest = (dht, derr) or (derr,); derr is ignored (err is non-differentiable)
         dht = rest[0] if len(rest) == 2 else None
         q, k, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
         with torch.cuda.device(q.device):
             dq, dk, dv, db, dg, dh0, _, _ = chunk_gated_delta_rule_bwd(
                 q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=ctx.scale,

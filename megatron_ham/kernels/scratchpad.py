@@ -13,14 +13,16 @@ How:
    The compacted length is always T (static shapes: one compilation per (T, H, D, dtype,
    documents or not), never one per step); slots past the routed count cost nothing because the
    BlockMask never visits their blocks.
-2. Staircase BlockMask, built directly with ``BlockMask.from_kv_blocks`` (no ``create_block_mask``,
-   no [T,T] mask evaluation): since compacted positions are sorted, the keys visible to a query
+2. Staircase BlockMask, built directly from block lists (no ``create_block_mask``, no [T,T]
+   mask evaluation, and no vmap-based transposition as ``BlockMask.from_kv_blocks`` does: the
+   query-side lists come from the same [NB, NB] block matrices): since compacted positions are sorted, the keys visible to a query
    block ``[t0, t1]`` are the slots ``[lo(t0), cum(t1))``, and slots ``[lo(t1), cum(t0))`` are
    visible to every query of the block (``cum(t)`` = routed count in ``[0, t]``; ``lo(t)`` =
    routed count before t's document start, 0 without documents). Blocks inside the second range
    are "full" (no mask_mod call), the rest of the first range "partial".
 3. ``mask_mod(b, h, q, kv) = pos_c[b, kv] <= q`` (``& doc_c[b, kv] == doc_q[b, q]`` under
-   ``cu_seqlens``), and ``torch.compile``'d ``flex_attention``.
+   ``cu_seqlens``), and ``torch.compile``'d ``flex_attention``. The integer work of steps 1-2 is
+   a separate compiled function, so its ~30 small ops fuse into a few kernels.
 
 The cost therefore follows the routed fraction f (about f x a causal attention), and the
 BlockMask construction (a few [B, T/128, T/128]-sized integer ops) is part of every call.
@@ -55,9 +57,11 @@ def staircase_plan(routed: torch.Tensor, doc_q: Optional[torch.Tensor], dstart: 
 
     routed bool ``[B,T]``; doc_q int ``[B,T]`` document id of each position and dstart long
     ``[B,T]`` first position of that document (both None without documents).
-    Returns ``(order [B,T] long, pos_c [B,T] int32, kv_num [B,1,NB] int32, kv_idx [B,1,NB,NB]
-    int32, full_num, full_idx)`` with NB = ceil(T / block); ``order[b, s]`` is the position held by
-    slot s, ``pos_c[b, s]`` that position for routed slots and T for the others.
+    Returns ``(order [B,T] long, pos_c [B,T] int32, kv, full, q, full_q)`` where each of the last
+    four is a ``(num [B,1,NB] int32, idx [B,1,NB,NB] int32)`` pair in BlockMask's layout
+    (partial KV blocks per query block, full KV blocks per query block, and the transposes: query
+    blocks per KV block), NB = ceil(T / block); ``order[b, s]`` is the position held by slot s,
+    ``pos_c[b, s]`` that position for routed slots and T for the others.
     """
     B, T = routed.shape
     dev = routed.device
@@ -89,11 +93,15 @@ def staircase_plan(routed: torch.Tensor, doc_q: Optional[torch.Tensor], dstart: 
     j = torch.arange(nb, device=dev, dtype=torch.long).view(1, 1, nb)
     full = (j >= f0[..., None]) & (j < f1[..., None])              # [B,nb,nb]
     part = (j >= p0[..., None]) & (j < p1[..., None]) & ~full
-    kv_num = part.sum(-1, dtype=torch.int32)[:, None]
-    full_num = full.sum(-1, dtype=torch.int32)[:, None]
-    kv_idx = torch.argsort(torch.where(part, j, j + nb), dim=-1).to(torch.int32)[:, None]
-    full_idx = torch.argsort(torch.where(full, j, j + nb), dim=-1).to(torch.int32)[:, None]
-    return order, pos_c, kv_num, kv_idx, full_num, full_idx
+    return order, pos_c, _ordered(part, j, nb), _ordered(full, j, nb), \
+        _ordered(part.transpose(1, 2), j, nb), _ordered(full.transpose(1, 2), j, nb)
+
+
+def _ordered(dense: torch.Tensor, j: torch.Tensor, nb: int):
+    """bool [B, rows, cols] -> (num [B,1,rows] int32, idx [B,1,rows,cols] int32), listed first."""
+    num = dense.sum(-1, dtype=torch.int32)[:, None]
+    idx = torch.argsort(torch.where(dense, j, j + nb), dim=-1).to(torch.int32)[:, None]
+    return num, idx
 
 
 def _doc_info(cu_seqlens: torch.Tensor, T: int, device):
@@ -102,6 +110,18 @@ def _doc_info(cu_seqlens: torch.Tensor, T: int, device):
     doc = torch.searchsorted(cs[1:], pos, right=True)              # [T]
     dstart = cs[doc]
     return doc.to(torch.int32)[None], dstart[None]
+
+
+def _block_mask(T, kv, full, qb, fq, mask_mod) -> BlockMask:
+    """BlockMask from both block-list sides (no vmap-based transposition at run time)."""
+    return BlockMask((T, T), kv[0], kv[1], full[0], full[1], qb[0], qb[1], fq[0], fq[1],
+                     (BLOCK, BLOCK), mask_mod)
+
+
+def _compiled_plan():
+    if "plan" not in _compiled:
+        _compiled["plan"] = torch.compile(staircase_plan, dynamic=False)
+    return _compiled["plan"]
 
 
 def scratchpad_attention_flex(
@@ -118,21 +138,26 @@ def scratchpad_attention_flex(
     """Scratchpad attention with FlexAttention. q, k ``[B,T,H,K]``, v ``[B,T,H,V]`` (same dtype),
     routed bool ``[B,T]``, cu_seqlens int ``[N+1]`` (B == 1). Returns ``[B,T,H,V]`` in q's dtype
     (a transposed view of FlexAttention's ``[B,H,T,V]`` output). Arguments are assumed validated
-    by the op. ``compiled=False`` runs flex_attention eagerly (tests on CPU only).
+    by the op.
+
+    ``compiled=True``: the compaction order and block lists are one ``torch.compile``'d integer
+    function (:func:`staircase_plan`, static shapes; document ids are computed outside it, so the
+    number of documents never causes a recompilation), and flex_attention is compiled.
+    ``compiled=False`` runs both eagerly (FlexAttention's eager path; CPU tests only).
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     if cu_seqlens is not None:
         doc_q, dstart = _doc_info(cu_seqlens, T, q.device)
-        doc_q, dstart = doc_q.expand(B, T), dstart.expand(B, T)
+        doc_q, dstart = doc_q.expand(B, T).contiguous(), dstart.expand(B, T).contiguous()
     else:
         doc_q = dstart = None
-    order, pos_c, kv_num, kv_idx, full_num, full_idx = staircase_plan(routed, doc_q, dstart)
+    plan = _compiled_plan() if compiled else staircase_plan
+    with torch.no_grad():
+        order, pos_c, kv, full, qb, fq = plan(routed, doc_q, dstart)
     idx = order[:, :, None, None]
     kc = k.gather(1, idx.expand(B, T, H, K))
-    vc = v.gather(1, idx.expand(B, T, H, V))
-
+    vc = v.gather(1, idx.expand(B, T, H, v.shape[-1]))
     if doc_q is None:
         def mask_mod(b, h, q_idx, kv_idx):
             return pos_c[b, kv_idx] <= q_idx
@@ -141,9 +166,7 @@ def scratchpad_attention_flex(
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (pos_c[b, kv_idx] <= q_idx) & (doc_c[b, kv_idx] == doc_q[b, q_idx])
-
-    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(BLOCK, BLOCK),
-                                  mask_mod=mask_mod, seq_lengths=(T, T))
+    bm = _block_mask(T, kv, full, qb, fq, mask_mod)
     fn = _flex() if compiled else flex_attention
     opts = kernel_options if kernel_options is not None else KERNEL_OPTIONS
     o = fn(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), block_mask=bm, scale=scale,

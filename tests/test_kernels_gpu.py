@@ -1,0 +1,187 @@
+"""Parity of the GPU paths (megatron_ham.kernels) with the CPU references (megatron_ham.ops).
+
+Every test is marked `gpu` (skipped without CUDA). The references run on the same GPU tensors in
+float32 (the ops upcast internally): gated_delta_rule impl="chunk" (validated against the naive
+recurrence by tests/test_gated_delta_rule.py) and scratchpad_attention impl="reference" (T=1024)
+or impl="compact" (T=16384, where a [T,T] mask per head would be large). Inputs are bf16; outputs
+and gradients are compared by ||a - b|| / ||b||, with bf16 tolerances. T = 1024 and 16384, with
+and without packed documents (cu_seqlens, including a one-token document). The routing error of
+the GPU path is detached (no gradient), so only its values are compared.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the GPU result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _cu(T: int, packed: bool):
+    if not packed:
+        return None
+    # uneven documents, one of length 1, boundaries not on chunk (64) or block (128) edges
+    cuts = [0, T // 3 + 5, T // 3 + 6, (3 * T) // 4 - 7, T]
+    return torch.tensor(cuts, dtype=torch.int32, device=DEV)
+
+
+def _gdn_inputs(T: int, H: int, K: int, V: int, n_state: int, seed: int):
+    g_ = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g_, device=DEV)  # noqa: E731
+    q = F.normalize(r(1, T, H, K), dim=-1).bfloat16()
+    k = F.normalize(r(1, T, H, K), dim=-1).bfloat16()
+    v = r(1, T, H, V).bfloat16()
+    g = F.logsigmoid(r(1, T, H) + 3.0)                       # decays mostly near 1
+    beta = torch.sigmoid(r(1, T, H)).bfloat16()
+    beta[torch.rand(1, T, H, generator=g_, device=DEV) < 0.1] = 0.0   # beta == 0: err must not blow up
+    h0 = 0.1 * r(n_state, H, K, V)
+    return q, k, v, g, beta, h0
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("T", [1024, 16384])
+def test_gdn_with_error_matches_reference(T, packed, metric):
+    from megatron_ham.kernels.gdn import gdn_with_error
+    from megatron_ham.ops.gated_delta_rule import gated_delta_rule
+
+    if metric == "cosine" and T > 1024:
+        pytest.skip("cosine metric checked at T=1024 only (same kernel, other reduction)")
+    H, K, V = 16, 128, 128  # the benchmark's shapes (shares fla's autotune results)
+    cu = _cu(T, packed)
+    n = 1 if cu is None else cu.numel() - 1
+    q, k, v, g, beta, h0 = _gdn_inputs(T, H, K, V, n, seed=T + packed)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    o, ht, err = gdn_with_error(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                return_error=True, error_metric=metric, cu_seqlens=cu)
+    assert o.shape == (1, T, H, V) and o.dtype == torch.bfloat16
+    assert ht.shape == (n, H, K, V) and ht.dtype == torch.float32
+    assert err.shape == (1, T, H) and err.dtype == torch.float32 and not err.requires_grad
+    do = torch.randn_like(o)
+    dht = torch.randn_like(ht)
+    torch.autograd.backward([o, ht], [do, dht])
+
+    refs = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    o_r, ht_r, err_r = gated_delta_rule(*refs[:5], initial_state=refs[5], output_final_state=True,
+                                        return_error=True, error_metric=metric, cu_seqlens=cu,
+                                        impl="chunk")
+    torch.autograd.backward([o_r, ht_r], [do.float(), dht])
+
+    assert rel(o, o_r) < 2e-2
+    assert rel(ht, ht_r) < 2e-2
+    assert rel(err, err_r) < 2e-2
+    # per-token check too: no token's error is far off (e.g. where beta == 0)
+    assert (err - err_r).abs().max().item() < 0.1 * err_r.abs().max().item()
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), leaves, refs):
+        assert rel(a.grad, b.grad) < 3e-2, name
+
+
+def test_gdn_without_error_equals_fla():
+    """Our autograd.Function gives fla's own output and gradients when no error is asked for."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    from megatron_ham.kernels.gdn import gdn_with_error
+
+    q, k, v, g, beta, _ = _gdn_inputs(2048, 16, 128, 128, 1, seed=7)
+    a = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta)]
+    b = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta)]
+    o1, _, e1 = gdn_with_error(*a)
+    assert e1 is None
+    o2, _ = chunk_gated_delta_rule(q=b[0], k=b[1], v=b[2], g=b[3], beta=b[4])
+    do = torch.randn_like(o1)
+    o1.backward(do)
+    o2.backward(do)
+    assert rel(o1, o2) < 1e-3
+    for x, y in zip(a, b):
+        assert rel(x.grad, y.grad) < 1e-3
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("T", [1024, 16384])
+def test_scratchpad_flex_matches_reference(T, packed, frac):
+    from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
+    from megatron_ham.ops.scratchpad import scratchpad_attention
+
+    if T > 1024 and frac != 0.3:
+        pytest.skip("edge fractions checked at T=1024")
+    H, D = 16, 128
+    cu = _cu(T, packed)
+    gen = torch.Generator(device=DEV).manual_seed(11 + T + packed)
+    q, k, v = (torch.randn(1, T, H, D, generator=gen, device=DEV).bfloat16() for _ in range(3))
+    routed = torch.rand(1, T, generator=gen, device=DEV) < frac
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o = scratchpad_attention_flex(*leaves, routed, cu_seqlens=cu)
+    assert o.shape == (1, T, H, D)
+    do = torch.randn_like(o)
+    o.backward(do)
+
+    refs = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v)]
+    impl = "reference" if T <= 1024 else "compact"
+    o_r = scratchpad_attention(*refs, routed, cu_seqlens=cu, impl=impl)
+    o_r.backward(do.float())
+    if frac == 0.0:
+        assert o.abs().max().item() == 0.0
+        for x in leaves:
+            assert x.grad.abs().max().item() == 0.0
+        return
+    assert rel(o, o_r) < 2e-2
+    for name, a, b in zip(("dq", "dk", "dv"), leaves, refs):
+        assert rel(a.grad, b.grad) < 3e-2, name
+    # unrouted keys get no gradient
+    assert leaves[1].grad[0, ~routed[0]].abs().max().item() == 0.0 if (~routed).any() else True
+
+
+def test_scratchpad_flex_does_not_recompile_per_routing():
+    """New routing patterns (same shapes) reuse the compiled kernels: no new dynamo graphs."""
+    import torch._dynamo.utils as du
+
+    from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
+
+    T, H, D = 1024, 16, 128  # the parity tests' shapes: compiled once already
+    q, k, v = (torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+
+    def step(frac):
+        routed = torch.rand(1, T, device=DEV) < frac
+        scratchpad_attention_flex(q, k, v, routed).sum().backward()
+
+    step(0.5)
+    before = du.counters["stats"]["unique_graphs"]
+    for frac in (0.1, 0.25, 0.7, 0.5):
+        step(frac)
+    torch.cuda.synchronize()
+    assert du.counters["stats"]["unique_graphs"] == before
+
+
+def test_staircase_plan_block_lists():
+    """The block lists cover exactly the blocks that hold a visible (query, key) pair."""
+    from megatron_ham.kernels.scratchpad import BLOCK, staircase_plan
+
+    T = 1000
+    routed = torch.rand(1, T, device=DEV) < 0.4
+    order, pos_c, (kv_num, kv_idx), (full_num, full_idx), _, _ = staircase_plan(routed, None, None)
+    n = int(routed.sum())
+    assert torch.equal(pos_c[0, :n].long(), torch.nonzero(routed[0]).flatten())
+    assert (pos_c[0, n:] == T).all()
+    t = torch.arange(T, device=DEV)
+    vis = pos_c[0][None, :] <= t[:, None]                              # [T(q), T(slot)]
+    nb = kv_num.shape[-1]
+    pad = nb * BLOCK - T
+    vb = F.pad(vis, (0, pad, 0, pad)).view(nb, BLOCK, nb, BLOCK)
+    anyv = vb.any(3).any(1)
+    allv = F.pad(vis, (0, pad, 0, pad), value=True).view(nb, BLOCK, nb, BLOCK).all(3).all(1)
+    for i in range(nb):
+        part = set(kv_idx[0, 0, i, : kv_num[0, 0, i]].tolist())
+        full = set(full_idx[0, 0, i, : full_num[0, 0, i]].tolist())
+        assert not (part & full)
+        assert part | full == set(torch.nonzero(anyv[i]).flatten().tolist())
+        assert full <= set(torch.nonzero(allv[i]).flatten().tolist())
