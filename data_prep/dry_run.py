@@ -45,25 +45,34 @@ def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: 
                 bytes_total += size
                 problems = []
                 tokens = docs = 0
-                consumed = 0
+                seen = {"stopped": False, "last": None, "text_bytes": 0}
 
                 def limited():
                     for b in iter_blocks(path, batch_bytes, problems, comp.text_field):
                         yield b
-                        if b.pos >= sample_bytes:
+                        seen["last"] = b
+                        if b.pos >= sample_bytes and b.pos < size:
+                            seen["stopped"] = True
                             return
                 for (_, block), (toks, lengths, _lines, _probs, _n) in runner.map((None, b) for b in limited()):
                     tokens += int(toks.size)
                     docs += int(lengths.size)
                     long_docs += int((lengths >= 16384).sum())
-                    consumed = block.pos
+                    seen["text_bytes"] += len(block.data) if isinstance(block.data, bytes) else \
+                        sum(len(x) for x in block.data if isinstance(x, str))
                 docs_seen += docs
-                if consumed >= size:
+                last = seen["last"]
+                consumed = last.pos if last is not None else 0
+                if not seen["stopped"]:
                     est_tokens += tokens
                     est_docs += docs
                 else:
                     exact = False
-                    scale = size / max(consumed, 1)
+                    if isinstance(last.data, bytes) and last.decoded:
+                        # decoded bytes per compressed byte so far -> decoded size of the whole file
+                        scale = (size * last.decoded / max(last.pos, 1)) / max(seen["text_bytes"], 1)
+                    else:
+                        scale = size / max(consumed, 1)
                     est_tokens += tokens * scale
                     est_docs += docs * scale
                 log.info("dry run %s: %d documents, %d tokens in the first %.1f MiB of %.1f MiB",

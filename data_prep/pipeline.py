@@ -190,7 +190,7 @@ class _FileWriter:
     """One input file's part: an IndexedDatasetBuilder on temporary names, made final (.bin
     first, .idx last) by ``finish``; ``abort`` removes the temporary files."""
 
-    def __init__(self, path: str, prefix: str, tok: TokenizerInfo):
+    def __init__(self, path: str, prefix: str, tok: TokenizerInfo, t0: float):
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.path, self.prefix = path, prefix
@@ -199,7 +199,7 @@ class _FileWriter:
         self.extra = 1 + (tok.bos is not None)
         self.st = new_stats()
         self.st["files"] = 1
-        self.t0 = time.perf_counter()
+        self.t0 = t0  # when the previous file of the stream finished (the stream is shared)
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, n_records: int) -> None:
         st = self.st
@@ -260,17 +260,18 @@ def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, 
     paths = {key: (path, prefix) for path, prefix, key in todo}
     writers: Dict[str, _FileWriter] = {}
     kill_blocks = int(os.environ.get(KILL_AFTER_BLOCKS, "0") or 0)
-    t0 = time.perf_counter()
+    t0 = last_done = time.perf_counter()
     docs = toks = 0
     try:
         for (key, block), res in runner.map(stream(), skip=lambda item: item[1] is END):
             path, prefix = paths[key]
             w = writers.get(key)
             if w is None:
-                w = writers[key] = _FileWriter(path, prefix, tok)
+                w = writers[key] = _FileWriter(path, prefix, tok, last_done)
             if block is END:
                 _record_problems(w.st, path, reader_problems.pop(key), opts.on_error)
                 st = w.finish()
+                last_done = time.perf_counter()
                 del writers[key]
                 done_bytes += os.path.getsize(path)
                 on_file_done(key, st)

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import zstandard
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 18
 
 # Problems a record can have. "structural" ones fail the run under --on-error fail.
 STRUCTURAL = ("malformed_json", "missing_field", "invalid_utf8", "truncated_zstd", "not_an_object",
@@ -33,6 +33,7 @@ class Block:
     first_line: int          # 1-based line (or parquet row) number of the first record
     data: object             # bytes (jsonl: lines joined by b"\n") or list of str/None (parquet)
     pos: int                 # bytes of the *input file* consumed so far (for progress / sampling)
+    decoded: int = 0         # decompressed bytes read so far (>= the bytes handed out in blocks)
 
 
 @dataclass
@@ -94,9 +95,10 @@ def iter_blocks(path: str, batch_bytes: int, problems: List[Problem],
         chunks = _decompressed_chunks(path, problems, lambda: first + buf.count(b"\n"))
     else:
         chunks = _raw_chunks(path)
-    pos = 0
+    pos = decoded = 0
     for data, pos in chunks:
         buf += data
+        decoded += len(data)
         # cut blocks of whole lines at the first newline at/after batch_bytes: the boundaries
         # depend on the content and batch_bytes only (not on read sizes or worker counts)
         while len(buf) >= batch_bytes:
@@ -105,7 +107,7 @@ def iter_blocks(path: str, batch_bytes: int, problems: List[Problem],
                 break
             block = bytes(buf[: cut + 1])
             del buf[: cut + 1]
-            yield Block(first, block, pos)
+            yield Block(first, block, pos, decoded)
             first += block.count(b"\n")
     if any(p.kind == "truncated_zstd" for p in problems):
         last_nl = buf.rfind(b"\n")
@@ -113,7 +115,7 @@ def iter_blocks(path: str, batch_bytes: int, problems: List[Problem],
     if buf:
         if not buf.endswith(b"\n"):
             buf += b"\n"
-        yield Block(first, bytes(buf), os.path.getsize(path))
+        yield Block(first, bytes(buf), os.path.getsize(path), decoded)
 
 
 def _parquet_blocks(path, batch_bytes, problems, text_field):
