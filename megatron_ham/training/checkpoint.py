@@ -204,6 +204,7 @@ def load(path: str, model_chunks, optimizer, scheduler) -> dict:
     from megatron.core import dist_checkpointing
 
     train_state = read_train_state(path)
+    _prime_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, scheduler, train_state, is_loading=True)
     saved_world = _saved_world(path)
     if saved_world is not None and saved_world != dist.get_world_size():
@@ -217,7 +218,9 @@ def load(path: str, model_chunks, optimizer, scheduler) -> dict:
     else:
         for i, c in enumerate(model_chunks):
             _unwrap(c).load_state_dict(loaded[f"model{i}"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_step(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if restore_rng:
         _set_rng_state(loaded["rng_state"])
@@ -225,6 +228,45 @@ def load(path: str, model_chunks, optimizer, scheduler) -> dict:
         print(f"[checkpoint] world size changed ({saved_world} -> {dist.get_world_size()}): "
               "RNG states not restored", flush=True)
     return train_state
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam states (exp_avg, exp_avg_sq, step) to load into.
+
+    Megatron's DistributedOptimizer builds its loading state dict from its current state and,
+    without Apex / Transformer Engine, asserts that every param has a 'step'; a just-built
+    torch Adam has none until its first step. The values are overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        init = getattr(opt, "init_state_fn", None)
+        if init is not None:
+            init(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "step" not in st and "exp_avg" in st:
+                    st["step"] = torch.tensor(0.0)
+
+
+def _restore_adam_step(optimizer) -> None:
+    """torch Adam keeps `step` per parameter; Megatron's DistributedOptimizer checkpoints it once
+    per param group (param_group['step']). Without Apex/TE the per-param tensors can come back
+    from a primed (zero) state, so set them from the loaded group value (bias correction)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st and "step" in st and torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype,
+                                              device=st["step"].device)
 
 
 def _saved_world(path: str) -> Optional[int]:

@@ -110,6 +110,7 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = 1  # print/log every N steps
     tensorboard_dir: Optional[str] = None  # default: <checkpoint.dir>/../tensorboard
+    jsonl: Optional[str] = None  # metrics as JSON lines; default: <checkpoint.dir>/../metrics.jsonl
     peak_tflops: Optional[float] = None  # per-device peak for MFU; default by device name
     log_kv_layers: bool = True  # per-layer KV fraction and tau
 
@@ -224,6 +225,9 @@ def apply_overrides(tree: dict, sources: dict, overrides: List[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- typing
+_FLOAT_RE = __import__("re").compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -272,6 +276,8 @@ def _coerce(value, tp, key: str, where: str):
             raise ConfigError(f"{where}: key '{key}': expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: key '{key}': expected float, got {value!r}")
         return float(value)
@@ -282,13 +288,23 @@ def _coerce(value, tp, key: str, where: str):
     raise ConfigError(f"{where}: key '{key}': unsupported schema type {tp!r}")  # pragma: no cover
 
 
+def _source_of(sources: Optional[dict], key: str, default: str) -> str:
+    if sources:
+        if sources.get(key):
+            return sources[key]
+        for k, v in sources.items():
+            if k.startswith(key + ".") and v:
+                return v
+    return default
+
+
 def _build(cls, data: dict, prefix: str, sources: Optional[dict], default_where: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        where = (sources or {}).get(key, default_where) or default_where
+        where = _source_of(sources, key, default_where)
         if k not in known:
             raise ConfigError(
                 f"{where}: unknown key '{key}' (valid keys here: {', '.join(sorted(known))})"

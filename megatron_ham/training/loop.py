@@ -157,7 +157,7 @@ def setup(cfg: RunConfig) -> Trainer:
     info = initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed)
     device = info.device
     is_log_rank = dist.get_rank() == 0
-    log = MetricsWriter(is_log_rank, _tb_dir(cfg))
+    log = MetricsWriter(is_log_rank, _tb_dir(cfg), _jsonl_path(cfg))
     _prepare_model_config(cfg, log.info)
     check_batch_plan(cfg, info.dp)
     plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.dp,
@@ -194,6 +194,11 @@ def _tb_dir(cfg: RunConfig) -> Optional[str]:
     if cfg.logging.tensorboard_dir:
         return cfg.logging.tensorboard_dir
     return os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint.dir)), "tensorboard")
+
+
+def _jsonl_path(cfg: RunConfig) -> str:
+    return cfg.logging.jsonl or os.path.join(
+        os.path.dirname(os.path.abspath(cfg.checkpoint.dir)), "metrics.jsonl")
 
 
 def _unwrap(m):
@@ -365,7 +370,8 @@ def train(tr: Trainer) -> int:
                 tr.log.info(f"[train] stopped by signal {signum} at step {tr.step}; exit {EXIT_REQUEUE} (requeue)")
                 code = EXIT_REQUEUE
                 break
-            if cfg.checkpoint.interval and tr.step % cfg.checkpoint.interval == 0 and tr.step < last:
+            at_end = tr.step == last and cfg.checkpoint.save_at_end
+            if cfg.checkpoint.interval and tr.step % cfg.checkpoint.interval == 0 and not at_end:
                 save_checkpoint(tr)
         else:
             if cfg.checkpoint.save_at_end and tr.history:

@@ -1,8 +1,11 @@
 """One place that prints and records metrics (rank 0 only): stdout lines a person reads, plus
-TensorBoard scalars under the same names (train/loss, train/lr, ..., kv/layer_03_fraction)."""
+TensorBoard scalars under the same names (train/loss, train/lr, ..., kv/layer_03_fraction),
+plus a JSON-lines file (one object per logged step / validation, exact floats) for tools and tests."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from typing import Dict, Optional
 
@@ -17,9 +20,14 @@ def _fmt(v: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, enabled: bool, tensorboard_dir: Optional[str] = None):
+    def __init__(self, enabled: bool, tensorboard_dir: Optional[str] = None,
+                 jsonl_path: Optional[str] = None):
         self.enabled = enabled
         self.tb = None
+        self.jsonl = None
+        if enabled and jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self.jsonl = open(jsonl_path, "a", encoding="utf-8")
         if enabled and tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -54,6 +62,8 @@ class MetricsWriter:
                 f"L{l}:{v['fraction']:.2f}/tau={v['tau']:.3g}" for l, v in sorted(kv.items())
             )
         print(line, flush=True)
+        self._record({"kind": "train", "step": step, **m,
+                      "kv": {str(l): v for l, v in sorted(kv.items())}})
         if self.tb is not None:
             for k, v in m.items():
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
@@ -68,10 +78,19 @@ class MetricsWriter:
             return
         print(f"step {step:>6d} | validation loss {_fmt(loss)} | ppl {_fmt(math.exp(min(loss, 50)))}",
               flush=True)
+        self._record({"kind": "valid", "step": step, "loss": loss})
         if self.tb is not None:
             self.tb.add_scalar("valid/loss", loss, step)
             self.tb.flush()
 
+    def _record(self, obj: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(obj) + "\n")
+            self.jsonl.flush()
+
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
         if self.tb is not None:
             self.tb.close()
