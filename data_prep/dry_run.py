@@ -87,7 +87,7 @@ def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: 
         if budget:
             need = budget * c["weight"]
             c["budget_tokens"] = int(need)
-            c["epochs"] = need / est_tokens if est_tokens else float("inf")
+            c["epochs"] = need / c["estimated_tokens"] if c["estimated_tokens"] else float("inf")
         comps[comp.name] = c
     res = {"tokenizer": tok.name, "dtype": tok.dtype, "sample_bytes_per_file": sample_bytes,
            "budget_tokens": budget, "components": comps,
