@@ -98,6 +98,32 @@ def _make_checkpoints(root: str) -> None:
             f.write("step_00000003\n")
         torch.save({"x": x, "ref": ref.float(), "routed": routed,
                     "taus": {k: v["tau"] for k, v in taus.items()}}, os.path.join(root, f"{name}_ref.pt"))
+    # the in-process API (the "hybrid" case goes through the CLI in the test process)
+    import contextlib
+    import io
+
+    from megatron_ham.hf.convert import ConversionError, convert
+
+    results = {}
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        convert(os.path.join(root, "ham"), os.path.join(root, "ham_hf"), verify_tokens=24)
+    results["ham_log"] = buf.getvalue()
+    # a run config that does not describe the checkpoint
+    step = os.path.join(root, "hybrid", "step_00000003")
+    doc = yaml.safe_load(open(os.path.join(step, "config.yaml")))
+    doc["model"]["hidden_size"] = 48
+    bad = os.path.join(root, "bad_config.yaml")
+    with open(bad, "w") as f:
+        yaml.safe_dump(doc, f)
+    try:
+        convert(step, os.path.join(root, "bad_out"), config_path=bad)
+        results["mismatch"] = None
+    except ConversionError as e:
+        results["mismatch"] = str(e)
+    results["bad_out_exists"] = os.path.exists(os.path.join(root, "bad_out"))
+    with open(os.path.join(root, "make.json"), "w") as f:
+        json.dump(results, f)
 
 
 # ------------------------------------------------------------------ HF side (fresh process)
@@ -145,14 +171,13 @@ def _check_exports(root: str) -> None:
 def exported(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hf_export"))
     _run([os.path.abspath(__file__), "make", root])
-    logs = {}
-    for name in CASES:
-        args = ["tools/convert_to_hf.py", "--checkpoint", os.path.join(root, name),
-                "--output", os.path.join(root, f"{name}_hf"), "--verify", "24"]
-        if name == "hybrid":
-            args += ["--tokenizer", os.path.join(REPO, "data_prep", "sample", "tokenizer")]
-        p = _run(args)
-        logs[name] = p.stdout + p.stderr
+    with open(os.path.join(root, "make.json")) as f:
+        made = json.load(f)
+    logs = {"ham": made["ham_log"], "_mismatch": made["mismatch"], "_bad_out": made["bad_out_exists"]}
+    p = _run(["tools/convert_to_hf.py", "--checkpoint", os.path.join(root, "hybrid"),
+              "--output", os.path.join(root, "hybrid_hf"), "--verify", "24",
+              "--tokenizer", os.path.join(REPO, "data_prep", "sample", "tokenizer")])
+    logs["hybrid"] = p.stdout + p.stderr
     # the fresh process must not see megatron_ham: run from the export root with a clean path
     env_cmd = [os.path.abspath(__file__), "check", root]
     p = subprocess.run([sys.executable, "-c",
@@ -255,6 +280,15 @@ def test_registered_loading_without_remote_code(exported):
                                        torch.ones(2, 39, dtype=torch.long)], 1))
     with pytest.raises(ValueError, match="one per layer"):
         m.set_tau([0.1])
+
+
+def test_config_not_matching_checkpoint(exported):
+    """A run config that does not describe the checkpoint is refused, naming the tensor."""
+    _, _, logs = exported
+    msg = logs["_mismatch"]
+    assert msg and "does not match the model built from the run config" in msg, msg
+    assert "embedding.word_embeddings.weight: checkpoint shape [128, 32], model shape [128, 48]" in msg
+    assert not logs["_bad_out"]
 
 
 def test_bad_inputs(tmp_path):

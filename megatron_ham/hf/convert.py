@@ -104,6 +104,14 @@ def read_run_config(step_dir: str, config_path: Optional[str] = None) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: missing (the run config saved with the checkpoint; pass "
                               "--config RECIPE_OR_CONFIG_YAML when it is elsewhere)")
+    if config_path:  # a recipe (may have `base:` files): resolve it as ham-train does
+        try:
+            from megatron_ham.training.config import load_config
+
+            return load_config(path).to_dict()
+        except Exception as e:
+            log(f"warning: {path} did not load as a recipe ({type(e).__name__}: {e}); "
+                "reading its model/data sections as they are")
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
@@ -115,10 +123,17 @@ def read_run_config(step_dir: str, config_path: Optional[str] = None) -> dict:
 
 
 def model_config_from(doc: dict, where: str):
+    from dataclasses import fields
+
     from megatron_ham.models import ModelConfig
 
+    known = {f.name for f in fields(ModelConfig)}
+    extra = sorted(set(doc["model"]) - known)
+    if extra:  # a config written by another version of megatron-ham
+        log(f"warning: {where}: ignoring model settings this version does not know: {extra}")
     try:
-        cfg = ModelConfig.from_dict(doc["model"], where=f"{where}: model")
+        cfg = ModelConfig.from_dict({k: v for k, v in doc["model"].items() if k in known},
+                                    where=f"{where}: model")
         cfg.validate()
     except ValueError as e:
         raise ConversionError(str(e)) from e
@@ -177,6 +192,7 @@ def load_megatron_model(step_dir: str, cfg):
     cfg.use_cpu_initialization = True
     cfg.sequence_parallel = False
     model = build_model(cfg)
+    check_checkpoint_shapes(model, step_dir)
     sharded = model.sharded_state_dict()
     try:
         loaded = dist_checkpointing.load({"model": sharded}, step_dir)
@@ -186,6 +202,45 @@ def load_megatron_model(step_dir: str, cfg):
     model.load_state_dict(loaded["model"], strict=True)
     model.eval()
     return model
+
+
+def check_checkpoint_shapes(model, step_dir: str) -> None:
+    """Every model tensor must be in the checkpoint with the same global shape (a run config
+    that does not match the checkpoint would otherwise load partially). Raises ConversionError
+    naming the key and both shapes."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(step_dir)
+    except Exception as e:
+        raise ConversionError(f"--checkpoint {step_dir}: cannot read the tensor metadata "
+                              f"({type(e).__name__}: {e})") from e
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    tensors, _ = extract_sharded_tensors(sd)
+    problems = []
+
+    def visit(x):
+        if isinstance(x, ShardedTensor):
+            if x.key not in meta:
+                problems.append(f"{x.key}: not in the checkpoint")
+            elif tuple(meta[x.key].global_shape) != tuple(x.global_shape):
+                problems.append(f"{x.key}: checkpoint shape {list(meta[x.key].global_shape)}, "
+                                f"model shape {list(x.global_shape)}")
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit(tensors)
+    if problems:
+        raise ConversionError(
+            f"--checkpoint {step_dir}: does not match the model built from the run config "
+            f"({len(problems)} tensor(s)): " + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
 
 
 # ============================================================================ name mapping
