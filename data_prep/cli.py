@@ -52,6 +52,22 @@ def _parse_budget(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a token count like 50B, 200M or 1e9, got {s!r}") from None
 
 
+def _parse_bytes(s: str) -> int:
+    units = {"KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9,
+             "GB": 1e9, "B": 1}
+    t = s.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u) and t[: -len(u)]:
+            try:
+                return int(float(t[: -len(u)]) * units[u])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 16MiB, 1048576 or 2G, got {s!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ham-prep-data", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -77,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("processing")
     run.add_argument("--workers", type=int, default=1,
                      help="tokenizer processes (one core each; output is identical for any value)")
-    run.add_argument("--batch-bytes", type=int, default=1 << 20,
+    run.add_argument("--batch-bytes", type=_parse_bytes, default=1 << 20,
                      help="decompressed bytes of whole lines per work item (default 1 MiB; part of "
                           "the resumable state, keep it fixed across re-runs)")
     run.add_argument("--on-error", choices=["fail", "skip"], default="fail",
@@ -90,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="estimate tokens/documents/disk per component from a sample of each file; write nothing "
                           "but the estimate JSON")
     dry.add_argument("--budget", type=_parse_budget, help="token budget to plan for, e.g. 50B")
-    dry.add_argument("--sample-bytes", type=int, default=16 << 20,
+    dry.add_argument("--sample-bytes", type=_parse_bytes, default=16 << 20,
                      help="compressed bytes read from the start of each file for --dry-run (default 16 MiB)")
     dry.add_argument("--dry-run-out", help="where to write the estimate JSON (default: <out>/dry_run.json if "
                      "--out is given)")
