@@ -189,6 +189,8 @@ def process_block(block: Block):
             ln = block.first_line + i
             if t is None:
                 problems.append(Problem("missing_field", ln, f"field {field!r} is null"))
+            elif not isinstance(t, str):
+                problems.append(Problem("bad_field_type", ln, f"column {field!r} is {type(t).__name__}, expected a string"))
             elif not t.strip():
                 problems.append(Problem(EMPTY, ln, "empty document"))
             else:

@@ -205,6 +205,13 @@ def test_one_and_two_workers_write_identical_bytes(tmp_path):
     ds = IndexedDataset(str(tmp_path / "w2" / "d"))
     assert len(ds) == len(texts) and ds.index.dtype == np.uint16
     assert all(int(ds[i][-1]) == 0 for i in range(len(ds)))  # EOD (id 0) ends every document
+    # the block-wise writer produces what IndexedDatasetBuilder.add_document per document does
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    b = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for i in range(len(ds)):
+        b.add_document(ds[i], [len(ds[i])])
+    b.finalize(str(tmp_path / "ref.idx"))
+    assert outs[1] == {"d.bin": (tmp_path / "ref.bin").read_bytes(), "d.idx": (tmp_path / "ref.idx").read_bytes()}
 
 
 # ------------------------------------------------------------------------------------------ webdataset
