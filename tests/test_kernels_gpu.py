@@ -75,13 +75,12 @@ def test_gdn_with_error_matches_reference(T, packed, metric):
                                         impl="chunk")
     torch.autograd.backward([o_r, ht_r], [do.float(), dht])
 
-    assert rel(o, o_r) < 2e-2
-    assert rel(ht, ht_r) < 2e-2
-    assert rel(err, err_r) < 2e-2
+    errs = {"o": rel(o, o_r), "final_state": rel(ht, ht_r), "err": rel(err, err_r)}
+    grads = {name: rel(a.grad, b.grad)
+             for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), leaves, refs)}
+    assert max(errs.values()) < 2e-2 and max(grads.values()) < 3e-2, (errs, grads)
     # per-token check too: no token's error is far off (e.g. where beta == 0)
     assert (err - err_r).abs().max().item() < 0.1 * err_r.abs().max().item()
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), leaves, refs):
-        assert rel(a.grad, b.grad) < 3e-2, name
 
 
 def test_gdn_without_error_equals_fla():
@@ -133,11 +132,12 @@ def test_scratchpad_flex_matches_reference(T, packed, frac):
         for x in leaves:
             assert x.grad.abs().max().item() == 0.0
         return
-    assert rel(o, o_r) < 2e-2
-    for name, a, b in zip(("dq", "dk", "dv"), leaves, refs):
-        assert rel(a.grad, b.grad) < 3e-2, name
+    errs = {"o": rel(o, o_r)}
+    errs.update({name: rel(a.grad, b.grad) for name, a, b in zip(("dq", "dk", "dv"), leaves, refs)})
+    assert errs["o"] < 2e-2 and max(errs.values()) < 3e-2, errs
     # unrouted keys get no gradient
-    assert leaves[1].grad[0, ~routed[0]].abs().max().item() == 0.0 if (~routed).any() else True
+    if (~routed).any():
+        assert leaves[1].grad[0, ~routed[0]].abs().max().item() == 0.0
 
 
 def test_scratchpad_flex_does_not_recompile_per_routing():
@@ -160,6 +160,26 @@ def test_scratchpad_flex_does_not_recompile_per_routing():
         step(frac)
     torch.cuda.synchronize()
     assert du.counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_staircase_plan_compiled_equals_eager(packed):
+    """The torch.compile'd plan (Triton sort/scatter on the GPU) gives the eager plan's lists."""
+    from megatron_ham.kernels import scratchpad as sp
+
+    T = 1024
+    cu = _cu(T, packed)
+    doc = (None, None) if cu is None else tuple(x.contiguous() for x in sp._doc_info(cu, T, DEV))
+    for frac in (0.0, 0.3, 1.0):
+        routed = torch.rand(1, T, device=DEV) < frac
+        eager = sp.staircase_plan(routed, *doc)
+        comp = sp._compiled_plan()(routed, *doc)
+        assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
+        for (n1, i1), (n2, i2) in zip(eager[2:], comp[2:]):
+            assert torch.equal(n1, n2)
+            for r in range(n1.shape[-1]):
+                m = int(n1[0, 0, r])
+                assert torch.equal(i1[0, 0, r, :m], i2[0, 0, r, :m])
 
 
 def test_staircase_plan_block_lists():

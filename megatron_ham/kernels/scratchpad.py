@@ -114,8 +114,10 @@ def _doc_info(cu_seqlens: torch.Tensor, T: int, device):
 
 def _block_mask(T, kv, full, qb, fq, mask_mod) -> BlockMask:
     """BlockMask from both block-list sides (no vmap-based transposition at run time)."""
-    return BlockMask((T, T), kv[0], kv[1], full[0], full[1], qb[0], qb[1], fq[0], fq[1],
-                     (BLOCK, BLOCK), mask_mod)
+    return BlockMask(seq_lengths=(T, T), kv_num_blocks=kv[0], kv_indices=kv[1],
+                     full_kv_num_blocks=full[0], full_kv_indices=full[1], q_num_blocks=qb[0],
+                     q_indices=qb[1], full_q_num_blocks=fq[0], full_q_indices=fq[1],
+                     BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
 
 
 def _compiled_plan():
