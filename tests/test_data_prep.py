@@ -296,3 +296,36 @@ def test_part_merge_equals_megatron_add_index(tmp_path):
     b.finalize(str(tmp_path / "ref.idx"))
     assert _read_bytes(out, ["m"]) == {"m.bin": (tmp_path / "ref.bin").read_bytes(),
                                        "m.idx": (tmp_path / "ref.idx").read_bytes()}
+
+
+def test_long_data_collections_manifest_on_a_miniature_copy(tmp_path, caplog):
+    """The shipped manifest's file names/fields on a tiny local copy without book.jsonl.zst."""
+    import yaml
+
+    from data_prep.manifest import BUILTIN, load_manifest
+
+    with pytest.raises(ValueError, match="rp_sub.jsonl.zst"):  # names every missing file
+        load_manifest("long-data-collections", str(tmp_path))
+    with open(BUILTIN["long-data-collections"]) as f:
+        comps = yaml.safe_load(f)["components"]
+    texts = _sample_texts(n=2, max_chars=1500)
+    root = tmp_path / "ldc"
+    for c in comps:
+        if c["name"] == "book":
+            continue
+        for pat in c["files"]:
+            (root / os.path.dirname(pat)).mkdir(parents=True, exist_ok=True)
+            if c["kind"] == "fine-tune":
+                recs = [{"prompt": t, "completion": "x", "text": t + "x"} for t in texts]
+            else:
+                recs = [{"text": t, "meta": {"source": "test"}} for t in texts]
+            _write_zst(root / pat, recs)
+    caplog.set_level(logging.WARNING, logger="data_prep")
+    out = tmp_path / "out"
+    assert _run(["--manifest", "long-data-collections", "--data-root", str(root), "--out", str(out),
+                 "--revision", "test-rev"]) == 0
+    assert any("book" in r.getMessage() for r in caplog.records)
+    blend = json.loads((out / "blend.json").read_text())
+    names = [b["name"] for b in blend["blend"]]
+    assert "book" not in names and len(names) == 8 and blend["revision"] == "test-rev"
+    assert sum(b["weight"] for b in blend["blend"]) == pytest.approx(1.0)
