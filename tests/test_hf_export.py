@@ -135,12 +135,18 @@ def _check_exports(root: str) -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        import megatron_ham  # noqa: F401
+        raise AssertionError("megatron_ham must not be importable in the check process")
+    except ImportError:
+        pass
     report = {}
     for name in CASES:
         out = os.path.join(root, f"{name}_hf")
         ref = torch.load(os.path.join(root, f"{name}_ref.pt"))
         m = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-        assert "megatron_ham" not in sys.modules, "the export must load without megatron_ham"
+        assert not [k for k in sys.modules if k.startswith("megatron_ham") and sys.modules[k] is not None], \
+            "the export must load without megatron_ham"
         x = ref["x"]
         with torch.no_grad():
             logits = m(x, use_cache=False).logits
@@ -178,10 +184,11 @@ def exported(tmp_path_factory):
               "--output", os.path.join(root, "hybrid_hf"), "--verify", "24",
               "--tokenizer", os.path.join(REPO, "data_prep", "sample", "tokenizer")])
     logs["hybrid"] = p.stdout + p.stderr
-    # the fresh process must not see megatron_ham: run from the export root with a clean path
+    # the fresh process must not see megatron_ham: clean path, and the import blocked
     env_cmd = [os.path.abspath(__file__), "check", root]
     p = subprocess.run([sys.executable, "-c",
                         "import sys; sys.path = [p for p in sys.path if p not in ('', %r)]; "
+                        "sys.modules['megatron_ham'] = None; "  # blocks it even when pip-installed
                         "sys.argv = %r; f = %r; exec(compile(open(f).read(), f, 'exec'), "
                         "{'__name__': '__main__', '__file__': f})" % (REPO, env_cmd, env_cmd[0])],
                        cwd=root, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
