@@ -7,7 +7,7 @@ bool ``[B,T]`` shared by all heads, H = this tensor-parallel rank's heads)::
 
 How:
 1. Compaction, on the GPU without a host sync: the routed positions go first, in position order,
-   into slots ``0 .. n_b-1`` of a length-T buffer (a cumsum and a scatter, no sort); the other
+   into slots ``0 .. n_b-1`` of a length-T buffer (a cumsum and a searchsorted, no sort); the other
    slots hold the unrouted tokens with ``pos_c = T`` (never visible). ``kc, vc`` are gathers of
    ``k, v`` (their backward scatters the gradients back; unrouted tokens get 0).
    The compacted length is always T (static shapes: one compilation per (T, H, D, dtype,
@@ -68,10 +68,14 @@ def staircase_plan(routed: torch.Tensor, doc_q: Optional[torch.Tensor], dstart: 
     r = routed.to(torch.int32)
     cum = torch.cumsum(r, dim=1)                                   # routed count in [0, t]
     cnt = cum[:, -1:]                                              # [B,1]
-    pos = torch.arange(T, device=dev, dtype=torch.int32).expand(B, T)
-    slot = torch.where(routed, cum - 1, cnt + pos - cum)           # routed first, in order
-    order = torch.empty(B, T, device=dev, dtype=torch.long)
-    order.scatter_(1, slot.long(), pos.long())
+    pos = torch.arange(T, device=dev, dtype=torch.int32).expand(B, T).contiguous()
+    # slot s < cnt holds the s-th routed position (first t with cum[t] >= s+1), slot s >= cnt the
+    # (s-cnt)-th unrouted one (first t with ucum[t] >= s-cnt+1). searchsorted, not a scatter: a
+    # scatter into a fresh buffer read by the same compiled graph is what we avoid here.
+    ucum = pos + 1 - cum                                           # unrouted count in [0, t]
+    first = torch.searchsorted(cum, pos + 1)
+    rest = torch.searchsorted(ucum, pos - cnt + 1)
+    order = torch.where(pos < cnt, first, rest).clamp_(max=T - 1)  # [B,T] long
     pos_c = torch.where(pos < cnt, order.to(torch.int32), torch.full_like(pos, T))
 
     nb = (T + block - 1) // block
