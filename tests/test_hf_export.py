@@ -282,6 +282,14 @@ def test_registered_loading_without_remote_code(exported):
         m(x, use_cache=False)
         assert m.routed_fractions()[0] == pytest.approx(0.25, abs=0.02)
         assert m.config.tau_override[0] == taus[0] and taus[1] is None
+    # re-saving keeps the directory self-contained (code + auto_map) and the override
+    resaved = os.path.join(root, "resaved")
+    m.save_pretrained(resaved)
+    for f in ("modeling_ham.py", "ham_ops.py", "scratchpad.py", "model.safetensors"):
+        assert os.path.isfile(os.path.join(resaved, f)), f
+    cfg = json.load(open(os.path.join(resaved, "config.json")))
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_ham.HAMForCausalLM"
+    assert cfg["tau_override"][0] == pytest.approx(taus[0])
     with pytest.raises(ValueError, match="padding"):
         m(x, attention_mask=torch.cat([torch.zeros(2, 1, dtype=torch.long),
                                        torch.ones(2, 39, dtype=torch.long)], 1))

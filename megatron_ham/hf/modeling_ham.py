@@ -612,6 +612,24 @@ class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
                 out[i] = float(m.last_routed.float().mean())
         return out
 
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As PreTrainedModel.save_pretrained, and the directory stays loadable with
+        trust_remote_code=True: auto_map is written, and when this class comes from the
+        megatron_ham package (not from remote code, which transformers copies itself) the
+        modeling code and the ops files are copied next to the weights."""
+        self.config.auto_map = {"AutoConfig": "configuration_ham.HAMConfig",
+                                "AutoModel": "modeling_ham.HAMModel",
+                                "AutoModelForCausalLM": "modeling_ham.HAMForCausalLM"}
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "_auto_class", None) is None:
+            try:
+                from megatron_ham.hf.convert import write_code
+            except ImportError:  # remote code without the package: nothing to add
+                return out
+            write_code(str(save_directory))
+        return out
+
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
