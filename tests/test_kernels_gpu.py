@@ -205,3 +205,24 @@ def test_staircase_plan_block_lists():
         assert not (part & full)
         assert part | full == set(torch.nonzero(anyv[i]).flatten().tolist())
         assert full <= set(torch.nonzero(allv[i]).flatten().tolist())
+
+
+def test_ops_auto_dispatch_uses_gpu_kernels():
+    """impl="auto" on CUDA bf16 tensors runs megatron_ham.kernels (err detached); fp32 stays chunk."""
+    from megatron_ham.ops import gated_delta_rule, scratchpad_attention
+    from megatron_ham.ops.gated_delta_rule import _resolve_impl
+    from megatron_ham.ops.scratchpad import _select_impl
+
+    q, k, v, g, beta, _ = _gdn_inputs(1024, 16, 128, 128, 1, seed=3)
+    assert _resolve_impl("auto", q) == "fla" and _resolve_impl("auto", q.float()) == "chunk"
+    assert _select_impl("auto", q) == "flex"
+    x = q.clone().requires_grad_(True)
+    o_a, _, e_a = gated_delta_rule(x, k, v, g, beta, return_error=True)
+    o_f, _, e_f = gated_delta_rule(q, k, v, g, beta, return_error=True, impl="fla")
+    assert o_a.dtype == torch.bfloat16 and not e_a.requires_grad and o_a.requires_grad
+    assert rel(o_a, o_f) < 1e-6 and rel(e_a, e_f) < 1e-6
+    routed = torch.rand(1, 1024, device=DEV) < 0.4
+    s_a = scratchpad_attention(q, k, v, routed)
+    s_f = scratchpad_attention(q, k, v, routed, impl="flex")
+    s_r = scratchpad_attention(q.float(), k.float(), v.float(), routed, impl="reference")
+    assert rel(s_a, s_f) < 1e-6 and rel(s_a, s_r) < 2e-2

@@ -153,6 +153,8 @@ def scratchpad_attention_flex(
     """
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
+    if T == 0:
+        return q.new_zeros(B, 0, H, v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
     if cu_seqlens is not None:
         doc_q, dstart = _doc_info(cu_seqlens, T, q.device)
         doc_q, dstart = doc_q.expand(B, T).contiguous(), dstart.expand(B, T).contiguous()
