@@ -377,13 +377,20 @@ def hf_config_from(cfg, model, taus, eod: Optional[int], documents: bool):
 # ============================================================================ writing
 def _check_portable(path: str) -> None:
     """The copied code may import only torch / transformers / the stdlib / its siblings."""
-    from transformers.dynamic_module_utils import get_imports
+    from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
     bad = [m for m in get_imports(path) if m.split(".")[0] in ("megatron_ham", "megatron", "fla", "triton",
                                                              "transformer_engine", "apex")]
     if bad:
         raise ConversionError(f"{path}: imports {bad} outside a try block; the export must load "
                               "without megatron_ham (wrap optional GPU imports in try/except)")
+    here = os.path.dirname(path)
+    # transformers copies `from .x import` siblings (even inside try blocks): each must be a file here
+    missing = [r for r in get_relative_imports(path)
+               if r.startswith(".") or not os.path.isfile(os.path.join(here, r.replace(".", "/") + ".py"))]
+    if missing:
+        raise ConversionError(f"{path}: relative imports {missing} do not resolve to files of the "
+                              "export (use absolute megatron_ham imports inside try/except for GPU paths)")
 
 
 def write_code(out_dir: str) -> None:
