@@ -36,5 +36,6 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton"],
     },
     entry_points={"console_scripts": ["ham-prep-data = data_prep.cli:main",
-                                     "ham-convert-hf = megatron_ham.hf.convert:main"]},
+                                     "ham-convert-hf = megatron_ham.hf.convert:main",
+                                     "ham-train = megatron_ham.train:main"]},
 )
