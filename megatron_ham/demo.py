@@ -7,7 +7,8 @@
 2. train    a tiny HAM (recipes/tiny_cpu.yaml) on 2 CPU ranks with torch.distributed.run,
             stopped half-way (train.exit_after_steps) with a checkpoint
 3. resume   the same command again: auto-resumes from `latest` and finishes
-4. export   Hugging Face conversion + generation            (TODO(lead): fill in, see below)
+4. export   ham-convert-hf -> a Hugging Face model directory, then greedy generation with
+            transformers (the exporter is megatron_ham/hf; see docs/export.md)
 Prints where everything went.
 """
 from __future__ import annotations
@@ -38,10 +39,28 @@ def _run(cmd, log_path: str, env=None) -> int:
                              text=True)
         for line in p.stdout:
             log.write(line)
-            if line.startswith(("step ", "[setup]", "[checkpoint]", "[train]", "ham-train")) or \
+            if line.startswith(("step ", "[setup]", "[checkpoint]", "[train]", "ham-train",
+                                "[ham-convert-hf] verify", "[ham-convert-hf] wrote")) or \
                     "Error" in line:
                 print("    " + line.rstrip(), flush=True)
         return p.wait()
+
+
+def _generate(hf_dir: str, prompt: str = "The Python", n: int = 16):
+    """Greedy continuation of `prompt` by the exported model (transformers, CPU)."""
+    try:
+        import megatron_ham.hf  # noqa: F401  (registers the architecture)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir)
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        text = tok.decode(model.generate(ids, max_new_tokens=n, do_sample=False)[0])
+        print(f"  generate({prompt!r}) -> {text!r}", flush=True)
+        return text
+    except Exception as e:  # the demo still reports everything else
+        print(f"  generation failed: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def main(argv=None) -> int:
@@ -94,12 +113,18 @@ def main(argv=None) -> int:
         print(f"resumed training failed ({rc}); see {log_path}")
         return rc
 
-    print("[4/4] export + generate: TODO(lead) - Hugging Face conversion is not part of this "
-          "demo yet", flush=True)
-    # TODO(lead): convert f"{run_dir}/checkpoints/<latest>" with the HF exporter
-    # (megatron_ham/hf, tools/) into f"{out}/hf", then load it with
-    # transformers.AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) and
-    # generate a few tokens from a prompt tokenized with data_prep/sample/tokenizer.
+    # Step 4 uses the HF exporter (megatron_ham/hf, docs/export.md), owned by the export work;
+    # the lead may refine it (prompt, sampling, what is printed).
+    hf_dir = os.path.join(out, "hf")
+    print(f"[4/4] export + generate: ham-convert-hf -> {hf_dir}", flush=True)
+    rc = _run([sys.executable, "-m", "megatron_ham.hf.convert", "--checkpoint",
+               os.path.join(run_dir, "checkpoints"), "--output", hf_dir, "--overwrite", "--verify", "16"],
+              log_path, env)
+    sample = None
+    if rc == 0:
+        sample = _generate(hf_dir)
+    else:
+        print(f"  export failed ({rc}); see {log_path}", flush=True)
 
     ck = os.path.join(run_dir, "checkpoints")
     latest = open(os.path.join(ck, "latest")).read().strip()
@@ -116,6 +141,9 @@ def main(argv=None) -> int:
     print(f"  checkpoints:                        {ck}  (latest -> {latest})")
     print(f"  metrics (JSON lines):               {mpath}")
     print(f"  TensorBoard:                        tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    if sample is not None:
+        print(f"  Hugging Face export:                {hf_dir}")
+        print(f"  greedy sample: {sample!r}")
     print(f"  full log:                           {log_path}")
     return 0
 
