@@ -60,9 +60,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    # "none" | "selective" (core attention only) | "full" (whole layers, `recompute_num_layers`
+    # "none" | "full" (whole layers, `recompute_num_layers`
     # per uniform chunk): Megatron's activation recomputation.
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Literal["none", "full"] = "none"
     recompute_num_layers: int = 1
     overlap_grad_reduce: bool = True
     use_distributed_optimizer: bool = True

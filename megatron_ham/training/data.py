@@ -108,8 +108,9 @@ class SyntheticTokens:
 class WebDatasetTokens:
     """Packed token sequences from ham-prep-data's webdataset shards, as a map-style dataset.
 
-    Each sample of the shards holds one packed sequence of seq_length+1 token ids (".tokens.npy"
-    or ".npy"/".tokens" numpy arrays). The shards are read in sorted URL order once, indexed, and
+    Each sample of the shards holds one packed sequence of seq_length+1 token ids ("tokens.npy",
+    as data_prep/webdataset_io.py writes them); `data.urls` are shard paths, brace patterns or
+    the --wds-out directory. The shards are read in sorted URL order once, indexed, and
     sample i is the i-th sequence (wrapping around), so resumption by consumed_samples is exact.
     Held in memory: meant for moderate shard sets; use the megatron backend for 50B tokens.
     """
@@ -119,11 +120,19 @@ class WebDatasetTokens:
 
         expanded: List[str] = []
         for u in urls:
-            expanded.extend(sorted(wds.shardlists.expand_urls(u)))
+            if os.path.isdir(u):  # a ham-prep-data --wds-out directory
+                import glob
+
+                expanded.extend(sorted(glob.glob(os.path.join(u, "*.tar"))))
+            else:
+                expanded.extend(sorted(wds.shardlists.expand_urls(u)))
         if not expanded:
             raise ConfigError(f"data.urls: no shards match {list(urls)}")
         seqs = []
-        for sample in wds.WebDataset(expanded, shardshuffle=False, empty_check=False):
+        # every rank indexes every shard (identity splitters): the sample order is global
+        ds = wds.WebDataset(expanded, shardshuffle=False, empty_check=False,
+                            nodesplitter=lambda s: s, workersplitter=lambda s: s)
+        for sample in ds:
             arr = None
             for key, value in sorted(sample.items()):
                 if key.endswith("npy") or key.endswith("tokens"):
