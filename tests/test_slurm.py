@@ -98,3 +98,33 @@ def test_preempt_save_requeue_resume(slurm_cluster, tmp_path):
     assert open(f"{ck}/latest").read().strip() == f"step_{steps:08d}"
     rows = read_metrics(f"{d}/run/metrics.jsonl")
     assert [r["step"] for r in rows][-(steps - k):] == list(range(k + 1, steps + 1))
+
+
+def test_sweep_job_array(slurm_cluster, tmp_path):
+    """submit.sh --sweep: one array task per run, each with its own overrides and run dir."""
+    env = dict(slurm_cluster, HAM_PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+    d = str(tmp_path)
+    blend = write_learnable_dataset(f"{d}/data", n_docs=100)
+    sweep = f"{d}/sweep.yaml"
+    with open(sweep, "w") as f:
+        f.write(f"recipe: {REPO}/recipes/tiny_cpu.yaml\noutput_root: {d}/runs\nruns:\n"
+                "  - {name: kv25, overrides: [model.kv_fraction=0.25]}\n"
+                "  - {name: kv75, overrides: [model.kv_fraction=0.75]}\n")
+    common = [f"data.blend={blend}", f"data.cache_dir={d}/data/cache", "model.vocab_size=128",
+              "data.eod_id=0", "train.train_steps=3", "train.warmup_steps=1", "train.eval_interval=0",
+              "logging.interval=1"]
+    r = _sh(["bash", "slurm/submit.sh", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1",
+             "--gpus-per-node=0", "--time=10", f"--output={d}/slurm-%A_%a.out",
+             "--sweep", sweep, *common], env, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip().splitlines()[-1]
+    deadline = time.time() + 150
+    while _sh(["squeue", "-h", "-j", job], env).stdout.strip():
+        assert time.time() < deadline, _sh(["squeue", "-j", job], env).stdout
+        time.sleep(2)
+    for i, name in enumerate(["kv25", "kv75"]):
+        out = open(f"{d}/slurm-{job}_{i}.out").read()
+        assert "ham-train exited with 0" in out, out[-3000:]
+        assert f"name={name}" in out and open(f"{d}/runs/{name}/checkpoints/latest").read().strip() == "step_00000003"
+        cfg = open(f"{d}/runs/{name}/checkpoints/step_00000003/config.yaml").read()
+        assert f"kv_fraction: {0.25 if name == 'kv25' else 0.75}" in cfg

@@ -1,13 +1,14 @@
 """Sweep files: one recipe, several named runs with their own overrides (Slurm job arrays).
 
     recipe: ../ham_800m.yaml          # relative to the sweep file
+    output_root: runs                 # optional; run i writes <output_root>/<name>/checkpoints
     runs:
       - name: ham-800m-kv10
         overrides: [model.kv_fraction=0.10]
 
 `python -m megatron_ham.training.sweep FILE --count` prints the number of runs;
 `python -m megatron_ham.training.sweep FILE INDEX` prints run INDEX's ham-train arguments, one
-per line: the recipe path, then `name=...`, `checkpoint.dir=runs/<name>/checkpoints`, then the
+per line: the recipe path, then `name=...`, `checkpoint.dir=<output_root>/<name>/checkpoints`, then the
 run's overrides (slurm/ham.sbatch reads them with mapfile). Every run is validated.
 """
 from __future__ import annotations
@@ -26,9 +27,12 @@ def load_sweep(path: str) -> List[List[str]]:
         doc = yaml.safe_load(f) or {}
     if not isinstance(doc, dict) or "recipe" not in doc or not isinstance(doc.get("runs"), list):
         raise ConfigError(f"{path}: a sweep needs 'recipe' and a list 'runs'")
-    unknown = sorted(set(doc) - {"recipe", "runs"})
+    unknown = sorted(set(doc) - {"recipe", "runs", "output_root"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown} (valid: recipe, runs)")
+        raise ConfigError(f"{path}: unknown key(s) {unknown} (valid: recipe, runs, output_root)")
+    root = doc.get("output_root", "runs")
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"{path}: output_root must be a directory name, got {root!r}")
     recipe = doc["recipe"]
     if not os.path.isabs(recipe):
         recipe = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), recipe))
@@ -42,7 +46,7 @@ def load_sweep(path: str) -> List[List[str]]:
         ov = run.get("overrides", []) or []
         if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
             raise ConfigError(f"{path}: runs[{i}].overrides must be a list of 'key=value' strings")
-        args = [recipe, f"name={run['name']}", f"checkpoint.dir=runs/{run['name']}/checkpoints", *ov]
+        args = [recipe, f"name={run['name']}", f"checkpoint.dir={root}/{run['name']}/checkpoints", *ov]
         load_config(args[0], args[1:])  # validate now, not at 3am on the cluster
         out.append(args)
     return out
