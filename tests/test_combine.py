@@ -7,15 +7,6 @@ import torch
 from megatron_ham.ops.combine import gated_combine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(B=2, T=3, H=2, V=4, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)

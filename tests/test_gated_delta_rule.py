@@ -11,15 +11,6 @@ from megatron_ham.ops import gated_delta_rule
 gdr_module = importlib.import_module("megatron_ham.ops.gated_delta_rule")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation stalls on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_inputs(B, T, H, K, V, *, dtype=torch.float32, seed=0, h0=False, N=None, beta_zero=False):
     gen = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)

@@ -13,15 +13,6 @@ from megatron_ham.ops.routing import LearnedRouter, min_over_heads, route, route
 from megatron_ham.ops.scratchpad import scratchpad_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- routing --------------------------------------------------------------------------------
 def test_min_over_heads_and_route():
     s = torch.tensor([[[0.3, 0.1, 0.5], [0.9, 0.7, 0.8]]])  # [1,2,3]

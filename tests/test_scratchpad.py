@@ -6,15 +6,6 @@ import torch.nn.functional as F
 from megatron_ham.ops.scratchpad import _compact, _doc_ids, scratchpad_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(B=2, T=37, H=3, K=8, V=5, frac=0.4, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, K, generator=g, dtype=torch.float64).to(dtype)
