@@ -321,10 +321,6 @@ def _build(cls, data: dict, prefix: str, sources: Optional[dict], default_where:
         raise ConfigError(f"{default_where}: section '{prefix or '<top>'}': {e}") from None
 
 
-def _schema_sources(sources: dict, tree: dict) -> dict:
-    return sources
-
-
 def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) -> RunConfig:
     """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides."""
     overrides = list(overrides or [])

@@ -14,7 +14,6 @@ global batch (see data.py).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig, dump_config
+from .config import RunConfig, dump_config
 from .data import BatchPlan, build_datasets, check_batch_plan, global_batch
 from .logging import MetricsWriter, model_flops_per_token, peak_flops
 from .logging.metrics import matmul_params, memory_gib
