@@ -113,3 +113,20 @@ def test_signal_saves_and_exits_with_requeue_code(blend, tmp_path):
     assert state["step"] == last_logged and 2 <= state["step"] < 500
     assert state["consumed_samples"] == state["step"] * 8
     assert not [n for n in os.listdir(ck) if n.startswith(".tmp_")]
+
+
+def test_pipeline_parallel_resume_and_keep_last(blend, tmp_path):
+    """pp=2 (1F1B over gloo p2p): interrupted + resumed == uninterrupted; keep_last prunes."""
+    ov = lambda d: base_overrides(blend, d) + [  # noqa: E731
+        "parallel.pp=2", "train.global_batch_size=4", "train.train_steps=4", "train.warmup_steps=1",
+        "train.eval_interval=0"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(2, ov(a), f"{a}.log") == [0, 0], logs(f"{a}.log", 2)
+    assert run(2, ov(b) + ["train.exit_after_steps=2", "checkpoint.interval=1", "checkpoint.keep_last=1"],
+               f"{b}.log1") == [0, 0], logs(f"{b}.log1", 2)
+    assert sorted(n for n in os.listdir(f"{b}/checkpoints") if n.startswith("step_")) == ["step_00000002"]
+    assert run(2, ov(b), f"{b}.log2") == [0, 0], logs(f"{b}.log2", 2)
+    la = [(r["step"], r["loss"], r["grad_norm"], r["kv"]) for r in read_metrics(f"{a}/metrics.jsonl")]
+    lb = [(r["step"], r["loss"], r["grad_norm"], r["kv"]) for r in read_metrics(f"{b}/metrics.jsonl")]
+    assert la == lb and [x[0] for x in la] == [1, 2, 3, 4]
+    assert sorted(la[0][3]) == ["1", "2"]  # KV stats of both stages' layers reach rank 0

@@ -76,9 +76,21 @@ def test_base_inheritance_merges_sections(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))))
 def test_every_shipped_recipe_validates(path):
-    if os.path.basename(path).startswith("_"):
-        pytest.skip("base file")
-    load_config(path)
+    cfg = load_config(path)  # base files (_*.yaml) validate too
+    if "800m" in path and not os.path.basename(path).startswith("_"):
+        assert cfg.model.seq_length == 16384 and cfg.train.global_batch_size == 32
+        assert cfg.train.lr == 1e-4 and cfg.model.dtype == "bf16"
+        assert 94_000 <= cfg.train.train_steps <= 96_000
+
+
+def test_sweep_file_expands_to_valid_runs():
+    from megatron_ham.training.sweep import load_sweep
+
+    runs = load_sweep(os.path.join(REPO, "recipes", "sweeps", "ham_800m_kv.yaml"))
+    assert len(runs) >= 3
+    fracs = [load_config(r[0], r[1:]).model.kv_fraction for r in runs]
+    assert len(set(fracs)) == len(fracs)
+    assert len({r[2] for r in runs}) == len(runs)  # distinct checkpoint dirs
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
