@@ -28,7 +28,7 @@ __all__ = ["gated_delta_rule", "CHUNK_SIZE", "IMPLS", "ERROR_METRICS"]
 #: Tokens per chunk of ``impl="chunk"`` (read at call time, so tests may change it).
 CHUNK_SIZE = 64
 #: Accepted values of ``impl``.
-IMPLS = ("auto", "naive", "chunk")
+IMPLS = ("auto", "naive", "chunk", "fla")
 #: Accepted values of ``error_metric``.
 ERROR_METRICS = ("l2", "cosine")
 
@@ -83,8 +83,9 @@ def gated_delta_rule(
     what ``torch.autograd.gradcheck`` needs); ``o`` is cast back to ``v.dtype``; ``final_state``
     and ``err`` stay in the internal dtype (float32 for fp32/bf16/fp16 inputs).
 
-    ``impl``: ``"naive"`` (sequential recurrence), ``"chunk"`` (chunked form), or ``"auto"``
-    (see :func:`_resolve_impl`; currently always ``"chunk"``).
+    ``impl``: ``"naive"`` (sequential recurrence), ``"chunk"`` (chunked form), ``"fla"`` (GPU
+    kernels, err detached), or ``"auto"`` (see :func:`_resolve_impl`: ``"fla"`` for CUDA
+    bf16/fp16 inputs, else ``"chunk"``).
 
     Raises ValueError naming the argument for wrong ranks/shapes, non-floating dtypes,
     mismatched B/T/H/K/V, ``g > 0``, bad ``cu_seqlens``, unknown ``impl`` or ``error_metric``.
@@ -93,6 +94,12 @@ def gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric
     )
     resolved = _resolve_impl(impl, q)
+    if resolved == "fla":  # GPU path (megatron_ham.kernels.gdn); err is returned detached
+        from megatron_ham.kernels.gdn import gdn_with_error
+
+        return gdn_with_error(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, return_error=return_error,
+                              error_metric=error_metric, cu_seqlens=cu_seqlens)
     if scale is None:
         scale = K ** -0.5
     scale = float(scale)
@@ -125,13 +132,25 @@ def gated_delta_rule(
 def _resolve_impl(impl: str, q: torch.Tensor) -> str:
     """Map ``impl`` to the implementation that runs. THE single dispatch point.
 
-    GPU hook: a fused kernel path (e.g. ``"fla"`` from ``megatron_ham.kernels``, for CUDA tensors)
-    is to be added HERE, i.e. ``if impl == "auto" and q.is_cuda: return "fla"`` plus a branch in
-    :func:`gated_delta_rule` that calls it. Until then "auto" always means the CPU-friendly
-    chunked PyTorch form.
+    ``"auto"``: ``"fla"`` (megatron_ham.kernels.gdn: fla 0.6.0 chunked kernels + our Triton
+    routing-error kernel) for CUDA bf16/fp16 tensors with head dims <= 256 when it imports;
+    otherwise ``"chunk"`` (the CPU path, unchanged). On the ``"fla"`` path ``err`` is returned
+    DETACHED (no gradient; the HAM mixer uses it only for a hard routing decision) and
+    ``o`` keeps ``v``'s dtype. ``"fla"`` asked for explicitly raises ValueError when it cannot run.
     """
     if impl == "auto":
+        if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256):
+            from megatron_ham.kernels import gdn_available
+
+            if gdn_available():
+                return "fla"
         return "chunk"
+    if impl == "fla":
+        from megatron_ham.kernels import gdn_available, import_error
+
+        if not q.is_cuda or not gdn_available():
+            raise ValueError(f"impl='fla' needs CUDA tensors and fla 0.6.0 (q on {q.device}; "
+                             f"import: {import_error('gdn')})")
     return impl
 
 

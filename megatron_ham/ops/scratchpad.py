@@ -17,7 +17,8 @@ Implementations (`impl=`):
               routed count), masks "pos[j] <= t" (a staircase) plus same document, and walks the
               queries in blocks, each block only over the compacted keys it can see. Memory is
               O(T x n_routed), cost follows the routed fraction. Differentiable (gather).
-  "auto"      see `_select_impl`: "compact" on every device today.
+  "flex"      GPU: compaction + FlexAttention with a staircase BlockMask (megatron_ham.kernels).
+  "auto"      see `_select_impl`: "flex" for CUDA tensors, "compact" otherwise.
 Softmax is computed in fp32 in both (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -28,19 +29,31 @@ import torch
 
 from ._checks import check_tensor
 
-_IMPLS = ("auto", "reference", "compact")
+_IMPLS = ("auto", "reference", "compact", "flex")
 _DEFAULT_BLOCK = 256  # query block of the compact path
 
 
 def _select_impl(impl: str, q: torch.Tensor) -> str:
-    """Resolve impl="auto".
+    """Resolve impl="auto". The one dispatch point.
 
-    GPU ENGINEER: this is the one dispatch point. Add the FlexAttention path for CUDA tensors
-    here (e.g. `if q.is_cuda: return "flex"` and a branch in `scratchpad_attention` calling
-    megatron_ham.kernels, imported lazily), keeping "compact" as the CPU path.
+    ``"auto"``: ``"flex"`` (megatron_ham.kernels.scratchpad: compaction + staircase BlockMask +
+    compiled FlexAttention) for CUDA tensors when it imports, else ``"compact"`` (the CPU path,
+    unchanged). ``"flex"`` asked for explicitly raises ValueError when it cannot run.
     """
+    if impl == "flex":
+        from megatron_ham.kernels import flex_available, import_error
+
+        if not q.is_cuda or not flex_available():
+            raise ValueError(f"impl='flex' needs CUDA tensors and FlexAttention (q on {q.device}; "
+                             f"import: {import_error('scratchpad')})")
+        return impl
     if impl != "auto":
         return impl
+    if q.is_cuda:
+        from megatron_ham.kernels import flex_available
+
+        if flex_available():
+            return "flex"
     return "compact"
 
 
@@ -177,7 +190,7 @@ def scratchpad_attention(
         routed: bool `[B,T]`, the tokens stored in the scratchpad (same for all heads).
         scale: softmax scale, default K**-0.5.
         cu_seqlens: int `[N+1]` document boundaries of a packed batch (B must be 1).
-        impl: "auto" | "reference" | "compact".
+        impl: "auto" | "reference" | "compact" | "flex".
     Returns:
         o `[B,T,H,V]` in v's dtype; 0 for queries that see no routed key.
     """
@@ -186,7 +199,12 @@ def scratchpad_attention(
     scale = K ** -0.5 if scale is None else float(scale)
     doc = _doc_ids(cu_seqlens, B, T, q.device)
     impl = _select_impl(impl, q)
-    if impl == "reference":
+    if impl == "flex":  # GPU path (megatron_ham.kernels.scratchpad)
+        from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
+
+        o = scratchpad_attention_flex(q, k.to(q.dtype), v.to(q.dtype), routed, scale=scale,
+                                      cu_seqlens=cu_seqlens)
+    elif impl == "reference":
         o = _reference(q, k, v, routed, scale, doc)
     else:
         o = _compact(q, k, v, routed, scale, doc)
