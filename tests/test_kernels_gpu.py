@@ -188,7 +188,7 @@ def test_staircase_plan_block_lists():
 
     T = 1000
     routed = torch.rand(1, T, device=DEV) < 0.4
-    order, pos_c, (kv_num, kv_idx), (full_num, full_idx), _, _ = staircase_plan(routed, None, None)
+    order, pos_c, (kv_num, kv_idx), (full_num, full_idx) = staircase_plan(routed, None, None)
     n = int(routed.sum())
     assert torch.equal(pos_c[0, :n].long(), torch.nonzero(routed[0]).flatten())
     assert (pos_c[0, n:] == T).all()
@@ -208,14 +208,15 @@ def test_staircase_plan_block_lists():
 
 
 def test_ops_auto_dispatch_uses_gpu_kernels():
-    """impl="auto" on CUDA bf16 tensors runs megatron_ham.kernels (err detached); fp32 stays chunk."""
+    """impl="auto" on CUDA bf16 tensors runs fla's GDN (err detached); fp32 stays chunk; the
+    scratchpad uses flex (head dim >= 16, FlexAttention's minimum)."""
     from megatron_ham.ops import gated_delta_rule, scratchpad_attention
     from megatron_ham.ops.gated_delta_rule import _resolve_impl
     from megatron_ham.ops.scratchpad import _select_impl
 
     q, k, v, g, beta, _ = _gdn_inputs(1024, 16, 128, 128, 1, seed=3)
     assert _resolve_impl("auto", q) == "fla" and _resolve_impl("auto", q.float()) == "chunk"
-    assert _select_impl("auto", q) == "flex"
+    assert _select_impl("auto", q, v) == "flex" and _select_impl("auto", q[..., :8], v) == "compact"
     x = q.clone().requires_grad_(True)
     o_a, _, e_a = gated_delta_rule(x, k, v, g, beta, return_error=True)
     o_f, _, e_f = gated_delta_rule(q, k, v, g, beta, return_error=True, impl="fla")

@@ -18,7 +18,7 @@ Implementations (`impl=`):
               queries in blocks, each block only over the compacted keys it can see. Memory is
               O(T x n_routed), cost follows the routed fraction. Differentiable (gather).
   "flex"      GPU: compaction + FlexAttention with a staircase BlockMask (megatron_ham.kernels).
-  "auto"      see `_select_impl`: "flex" for CUDA tensors, "compact" otherwise.
+  "auto"      see `_select_impl`: "flex" for CUDA tensors (head dims >= 16), "compact" otherwise.
 Softmax is computed in fp32 in both (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -33,12 +33,13 @@ _IMPLS = ("auto", "reference", "compact", "flex")
 _DEFAULT_BLOCK = 256  # query block of the compact path
 
 
-def _select_impl(impl: str, q: torch.Tensor) -> str:
+def _select_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
     """Resolve impl="auto". The one dispatch point.
 
     ``"auto"``: ``"flex"`` (megatron_ham.kernels.scratchpad: compaction + staircase BlockMask +
-    compiled FlexAttention) for CUDA tensors when it imports, else ``"compact"`` (the CPU path,
-    unchanged). ``"flex"`` asked for explicitly raises ValueError when it cannot run.
+    compiled FlexAttention) for CUDA tensors with head dims >= 16 (FlexAttention's minimum) when
+    it imports, else ``"compact"`` (the CPU path). ``"flex"`` asked for explicitly raises
+    ValueError when it cannot run.
     """
     if impl == "flex":
         from megatron_ham.kernels import flex_available, import_error
@@ -49,7 +50,7 @@ def _select_impl(impl: str, q: torch.Tensor) -> str:
         return impl
     if impl != "auto":
         return impl
-    if q.is_cuda:
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) >= 16:
         from megatron_ham.kernels import flex_available
 
         if flex_available():
@@ -198,7 +199,7 @@ def scratchpad_attention(
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
     doc = _doc_ids(cu_seqlens, B, T, q.device)
-    impl = _select_impl(impl, q)
+    impl = _select_impl(impl, q, v)
     if impl == "flex":  # GPU path (megatron_ham.kernels.scratchpad)
         from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
 
