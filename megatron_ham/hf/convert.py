@@ -32,7 +32,8 @@ import torch
 PROG = "ham-convert-hf"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "train_state.json"
-OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "_checks.py")
+OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "_checks.py",
+             "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import check_tensor
+from ._kernels import kernel_import_error, load_kernels
 
 __all__ = ["gated_delta_rule", "CHUNK_SIZE", "IMPLS", "ERROR_METRICS"]
 
@@ -95,11 +96,10 @@ def gated_delta_rule(
     )
     resolved = _resolve_impl(impl, q)
     if resolved == "fla":  # GPU path (megatron_ham.kernels.gdn); err is returned detached
-        from megatron_ham.kernels.gdn import gdn_with_error
-
-        return gdn_with_error(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                              output_final_state=output_final_state, return_error=return_error,
-                              error_metric=error_metric, cu_seqlens=cu_seqlens)
+        fla = load_kernels("gdn").gdn_with_error
+        return fla(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                   output_final_state=output_final_state, return_error=return_error,
+                   error_metric=error_metric, cu_seqlens=cu_seqlens)
     if scale is None:
         scale = K ** -0.5
     scale = float(scale)
@@ -140,17 +140,15 @@ def _resolve_impl(impl: str, q: torch.Tensor) -> str:
     """
     if impl == "auto":
         if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256):
-            from megatron_ham.kernels import gdn_available
-
-            if gdn_available():
+            kernels = load_kernels()
+            if kernels is not None and kernels.gdn_available():
                 return "fla"
         return "chunk"
     if impl == "fla":
-        from megatron_ham.kernels import gdn_available, import_error
-
-        if not q.is_cuda or not gdn_available():
+        kernels = load_kernels()
+        if not q.is_cuda or kernels is None or not kernels.gdn_available():
             raise ValueError(f"impl='fla' needs CUDA tensors and fla 0.6.0 (q on {q.device}; "
-                             f"import: {import_error('gdn')})")
+                             f"import: {kernel_import_error('gdn')})")
     return impl
 
 

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_tensor
+from ._kernels import kernel_import_error, load_kernels
 
 _IMPLS = ("auto", "reference", "compact", "flex")
 _DEFAULT_BLOCK = 256  # query block of the compact path
@@ -42,18 +43,16 @@ def _select_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
     ValueError when it cannot run.
     """
     if impl == "flex":
-        from megatron_ham.kernels import flex_available, import_error
-
-        if not q.is_cuda or not flex_available():
+        kernels = load_kernels()
+        if not q.is_cuda or kernels is None or not kernels.flex_available():
             raise ValueError(f"impl='flex' needs CUDA tensors and FlexAttention (q on {q.device}; "
-                             f"import: {import_error('scratchpad')})")
+                             f"import: {kernel_import_error('scratchpad')})")
         return impl
     if impl != "auto":
         return impl
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) >= 16:
-        from megatron_ham.kernels import flex_available
-
-        if flex_available():
+        kernels = load_kernels()
+        if kernels is not None and kernels.flex_available():
             return "flex"
     return "compact"
 
@@ -201,10 +200,8 @@ def scratchpad_attention(
     doc = _doc_ids(cu_seqlens, B, T, q.device)
     impl = _select_impl(impl, q, v)
     if impl == "flex":  # GPU path (megatron_ham.kernels.scratchpad)
-        from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
-
-        o = scratchpad_attention_flex(q, k.to(q.dtype), v.to(q.dtype), routed, scale=scale,
-                                      cu_seqlens=cu_seqlens)
+        flex = load_kernels("scratchpad").scratchpad_attention_flex
+        o = flex(q, k.to(q.dtype), v.to(q.dtype), routed, scale=scale, cu_seqlens=cu_seqlens)
     elif impl == "reference":
         o = _reference(q, k, v, routed, scale, doc)
     else:
