@@ -1,6 +1,6 @@
 """Throughput and MFU of the four 800M recipes, side by side, on one GPU in one session.
 
-    python tools/bench_recipes.py                      # H100/H200: ~1-2 min per recipe
+    python tools/bench_recipes.py                      # H100/H200: ~1-2 min per recipe (HAM: +~2 min compile)
     python tools/bench_recipes.py --steps 30 --warmup 5 --out bench.json
     python tools/bench_recipes.py --recipes recipes/tiny_cpu.yaml --set model.seq_length=128 \
         --steps 3 --warmup 1                           # CPU smoke test of the tool itself
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="measured steps per recipe (>= 30 for the report)")
     ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
-    ap.add_argument("--timeout", type=float, default=140, help="seconds per recipe")
+    ap.add_argument("--timeout", type=float, default=300,
+                    help="seconds per recipe (the first HAM step compiles TileLang + Inductor kernels: ~100 s)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     results = []
