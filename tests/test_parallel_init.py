@@ -25,7 +25,8 @@ for bad, name in [(dict(tp=0), "tp"), (dict(tp=1, pp=-1), "pp"), (dict(tp=2), "t
         assert re.search(name, str(e)), (bad, e)
     else:
         raise AssertionError(f"initialize({bad}) did not raise")
-assert D.apply_cpu_shims() is True
+from megatron_ham.cpu_shims import install_model_parallel_shims
+assert install_model_parallel_shims() is True
 from megatron.core import tensor_parallel
 with tensor_parallel.get_cuda_rng_tracker().fork():
     a = torch.rand(3)

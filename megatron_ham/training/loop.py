@@ -150,9 +150,9 @@ def setup(cfg: RunConfig) -> Trainer:
 
     from megatron_ham.distributed import initialize
 
-    from . import cpu_shims
+    from megatron_ham.cpu_shims import install_training_shims
 
-    cpu_shims.install()
+    install_training_shims()
     info = initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed)
     device = info.device
     is_log_rank = dist.get_rank() == 0
