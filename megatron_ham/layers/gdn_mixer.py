@@ -32,8 +32,8 @@ batch is flattened to one row [1, b*s] for the kernels. See docs/parallelism.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .sdpa_attention import cached_document_ids, document_ids_from_cu_seqlens
+from .sdpa_attention import cached_document_ids
 from .tp_utils import all_reduce_backward, section_factory
 
 

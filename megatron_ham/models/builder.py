@@ -1,8 +1,7 @@
 """build_model, step_kv_controllers and document_forward_kwargs (the training loop's API)."""
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,6 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from megatron_ham.layers.gdn_mixer import MixerOptions
     from megatron_ham.layers.specs import get_backend, layer_spec, parse_pattern
 
     if not isinstance(cfg, ModelConfig):
@@ -182,7 +180,6 @@ def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
                          f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     b, s = tokens.shape
     ends = tokens[:, :-1] == eod_id  # boundary after position i (i < s-1)
-    idx = torch.nonzero(ends.reshape(-1) if s > 1 else ends.reshape(-1), as_tuple=False)
     rows = torch.arange(b, device=tokens.device)
     # positions in flattened coordinates
     if s > 1:

@@ -7,7 +7,6 @@ time and raises ValueError naming the setting.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
 
 ARCHITECTURES = ("transformer", "gdn", "gdn_gsa", "ham", "hybrid")
 ROUTERS = ("error_l2", "error_cosine", "learned")
