@@ -29,13 +29,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_ham.models.config import DTYPES
+
 PROG = "ham-convert-hf"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "train_state.json"
 OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "_checks.py",
              "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ConversionError(RuntimeError):
@@ -337,7 +338,7 @@ def hf_config_from(cfg, model, taus, eod: Optional[int], documents: bool):
     K = cfg.mixer_key_head_dim
     scale = float(cfg.scratchpad_scale) if cfg.scratchpad_scale > 0 else K ** 0.5
     router_hidden = cfg.router_hidden_size or max(1, cfg.hidden_size // 4)
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype]
+    dtype = str(DTYPES[cfg.dtype]).removeprefix("torch.")
     return HAMConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,

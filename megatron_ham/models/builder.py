@@ -6,7 +6,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import DTYPES, ModelConfig
 
 
 def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
@@ -91,7 +91,7 @@ def transformer_config(cfg: ModelConfig):
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,

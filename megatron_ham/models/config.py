@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
 ARCHITECTURES = ("transformer", "gdn", "gdn_gsa", "ham", "hybrid")
 ROUTERS = ("error_l2", "error_cosine", "learned")
-DTYPES = ("fp32", "bf16", "fp16")
+#: recipe dtype name -> torch dtype (params and compute)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from megatron_ham.models.config import DTYPES
+
 from .config import RunConfig, dump_config
 from .data import BatchPlan, build_datasets, check_batch_plan, global_batch
 from .logging import MetricsWriter, model_flops_per_token, peak_flops
@@ -112,7 +114,7 @@ def build_optimizer(cfg: RunConfig, model_chunks):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = cfg.train
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
+    dtype = DTYPES[cfg.model.dtype]
     want = dict(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
