@@ -484,7 +484,7 @@ class HAMModel(HAMPreTrainedModel):
         return starts.cumsum(1), True
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+                use_cache=None, output_hidden_states=None, return_dict=None, cache=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HAMModel.forward: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, hidden]")
         if input_ids is not None and input_ids.dim() != 2:
@@ -496,7 +496,8 @@ class HAMModel(HAMPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
+        # transformers >= 5.2x passes the cache as `cache`, older versions as `past_key_values`
+        cache = past_key_values if past_key_values is not None else cache
         if cache is not None and not isinstance(cache, HAMCache):
             raise ValueError(f"past_key_values must be a HAMCache (from a previous forward), got "
                              f"{type(cache).__name__}")
@@ -633,12 +634,12 @@ class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep: int = 0, **kwargs):
+                logits_to_keep: int = 0, cache=None, **kwargs):
         """input_ids int [B, T] -> CausalLMOutputWithPast(logits [B, T, vocab], past_key_values =
         HAMCache when use_cache). labels [B, T]: next-token loss (shifted inside, -100 ignored)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states, cache=cache)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -647,7 +648,9 @@ class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        # the output field is `cache` in transformers >= 5.2x, `past_key_values` before
+        cache_out = out.get("cache", out.get("past_key_values"))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache_out,
                                       hidden_states=out.hidden_states)
 
 
