@@ -188,7 +188,7 @@ def test_staircase_plan_block_lists():
 
     T = 1000
     routed = torch.rand(1, T, device=DEV) < 0.4
-    order, pos_c, (kv_num, kv_idx), (full_num, full_idx) = staircase_plan(routed, None, None)
+    order, pos_c, (kv_num, kv_idx), (full_num, full_idx), _, _ = staircase_plan(routed, None, None)
     n = int(routed.sum())
     assert torch.equal(pos_c[0, :n].long(), torch.nonzero(routed[0]).flatten())
     assert (pos_c[0, n:] == T).all()

@@ -176,3 +176,31 @@ def test_bad_input():
         scratchpad_attention(q[:1], k[:1], v[:1], routed[:1], cu_seqlens=torch.tensor([0.0, 5.0]))
     with pytest.raises(ValueError, match=r"impl must be one of"):
         scratchpad_attention(q, k, v, routed, impl="flash")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_plan_and_eager_flex_match_reference_on_cpu(packed):
+    """The GPU path's staircase plan and BlockMask, run by FlexAttention's eager (CPU) path,
+    equal the reference forward; the key-side lists the backward reads are the transposes
+    FlexAttention itself derives, and contiguous."""
+    from torch.nn.attention.flex_attention import _transpose_ordered
+
+    from megatron_ham.kernels import scratchpad as sp
+
+    T = 3 * sp.BLOCK + 50
+    q, k, v, routed = _inputs(B=1, T=T, H=2, K=16, V=16, frac=0.3, seed=4)
+    cu = torch.tensor([0, 100, 290, T]) if packed else None
+    doc = (None, None) if cu is None else sp._doc_info(cu, T, "cpu")
+    order, pos_c, kv, full, qb, fq = sp.staircase_plan(routed, *doc)
+    for side, mine in ((kv, qb), (full, fq)):
+        theirs = _transpose_ordered(*side)
+        assert torch.equal(mine[0], theirs[0])
+        for r in range(mine[0].shape[-1]):
+            n = int(mine[0][0, 0, r])
+            assert torch.equal(mine[1][0, 0, r, :n], theirs[1][0, 0, r, :n])
+        assert mine[0].is_contiguous() and mine[1].is_contiguous()
+
+    with torch.no_grad():  # FlexAttention has no CPU backward; the GPU test covers gradients
+        ref = scratchpad_attention(q, k, v, routed, impl="reference", cu_seqlens=cu)
+        got = sp.scratchpad_attention_flex(q, k, v, routed, cu_seqlens=cu, compiled=False)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)

@@ -153,7 +153,7 @@ def main(argv=None):
 
             def fn():
                 plan = sp._compiled_plan()(r, None, None)
-                sp._block_mask(*plan[2:], lambda b, h, qi, ki: qi >= ki)
+                sp._block_mask(r.shape[1], *plan[2:], lambda b, h, qi, ki: qi >= ki)
             return fn
 
         def ham(f, comb):

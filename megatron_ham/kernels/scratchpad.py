@@ -13,15 +13,17 @@ How:
    The compacted length is always T (static shapes: one compilation per (T, H, D, dtype,
    documents or not), never one per step); slots past the routed count cost nothing because the
    BlockMask never visits their blocks.
-2. Staircase BlockMask, built from block lists with ``BlockMask.from_kv_blocks`` (no
-   ``create_block_mask``, no [T,T] mask evaluation): since compacted positions are sorted, the keys visible to a query
-   block ``[t0, t1]`` are the slots ``[lo(t0), cum(t1))``, and slots ``[lo(t1), cum(t0))`` are
-   visible to every query of the block (``cum(t)`` = routed count in ``[0, t]``; ``lo(t)`` =
-   routed count before t's document start, 0 without documents). Blocks inside the second range
-   are "full" (no mask_mod call), the rest of the first range "partial". The key-side lists that
-   the backward uses (query blocks per key block) are left to FlexAttention's own transposition:
-   passing our own transposed lists gave wrong dk/dv under the compiled backward (measured on an
-   H200, torch 2.11: dk rel. err 149 vs 0.0025 with from_kv_blocks; forward and dq were right).
+2. Staircase BlockMask, built directly from block lists (no ``create_block_mask``, no [T,T]
+   mask evaluation, and no ``BlockMask.from_kv_blocks``, whose vmap-based transposition cost
+   ~2 ms of host time per call on an H100): since compacted positions are sorted, the keys
+   visible to a query block ``[t0, t1]`` are the slots ``[lo(t0), cum(t1))``, and slots
+   ``[lo(t1), cum(t0))`` are visible to every query of the block (``cum(t)`` = routed count in
+   ``[0, t]``; ``lo(t)`` = routed count before t's document start, 0 without documents). Blocks
+   inside the second range are "full" (no mask_mod call), the rest of the first range
+   "partial". The key-side lists that the backward uses (query blocks per key block) come from
+   the transposes of the same [NB, NB] block matrices. Every list is made contiguous: the
+   compiled backward reads them assuming a contiguous layout, and an argsort over a transposed
+   matrix is not (that gave wrong dk/dv on an H200 with torch 2.11, forward and dq right).
 3. ``mask_mod(b, h, q, kv) = pos_c[b, kv] <= q`` (``& doc_c[b, kv] == doc_q[b, q]`` under
    ``cu_seqlens``), and ``torch.compile``'d ``flex_attention``. The integer work of steps 1-2 is
    a separate compiled function, so its ~30 small ops fuse into a few kernels.
@@ -59,10 +61,11 @@ def staircase_plan(routed: torch.Tensor, doc_q: Optional[torch.Tensor], dstart: 
 
     routed bool ``[B,T]``; doc_q int ``[B,T]`` document id of each position and dstart long
     ``[B,T]`` first position of that document (both None without documents).
-    Returns ``(order [B,T] long, pos_c [B,T] int32, kv, full)`` where each of the last two is a
-    ``(num [B,1,NB] int32, idx [B,1,NB,NB] int32)`` pair in BlockMask's layout (partial KV blocks
-    per query block, full KV blocks per query block), NB = ceil(T / block); ``order[b, s]`` is the position held by slot s,
-    ``pos_c[b, s]`` that position for routed slots and T for the others.
+    Returns ``(order [B,T] long, pos_c [B,T] int32, kv, full, q, full_q)`` where each of the
+    last four is a contiguous ``(num [B,1,NB] int32, idx [B,1,NB,NB] int32)`` pair in
+    BlockMask's layout (partial and full KV blocks per query block, then the transposes: partial
+    and full query blocks per KV block), NB = ceil(T / block); ``order[b, s]`` is the position
+    held by slot s, ``pos_c[b, s]`` that position for routed slots and T for the others.
     """
     B, T = routed.shape
     dev = routed.device
@@ -98,14 +101,17 @@ def staircase_plan(routed: torch.Tensor, doc_q: Optional[torch.Tensor], dstart: 
     j = torch.arange(nb, device=dev, dtype=torch.long).view(1, 1, nb)
     full = (j >= f0[..., None]) & (j < f1[..., None])              # [B,nb,nb]
     part = (j >= p0[..., None]) & (j < p1[..., None]) & ~full
-    return order, pos_c, _ordered(part, j, nb), _ordered(full, j, nb)
+    return (order, pos_c, _ordered(part, j, nb), _ordered(full, j, nb),
+            _ordered(part.transpose(1, 2), j, nb), _ordered(full.transpose(1, 2), j, nb))
 
 
 def _ordered(dense: torch.Tensor, j: torch.Tensor, nb: int):
-    """bool [B, rows, cols] -> (num [B,1,rows] int32, idx [B,1,rows,cols] int32), listed first."""
-    num = dense.sum(-1, dtype=torch.int32)[:, None]
+    """bool [B, rows, cols] -> (num [B,1,rows] int32, idx [B,1,rows,cols] int32), listed first,
+    both contiguous whatever dense's strides."""
+    dense = dense.contiguous()
+    num = dense.sum(-1, dtype=torch.int32)[:, None].contiguous()
     idx = torch.argsort(torch.where(dense, j, j + nb), dim=-1).to(torch.int32)[:, None]
-    return num, idx
+    return num, idx.contiguous()
 
 
 def _doc_info(cu_seqlens: torch.Tensor, T: int, device):
@@ -116,10 +122,12 @@ def _doc_info(cu_seqlens: torch.Tensor, T: int, device):
     return doc.to(torch.int32)[None], dstart[None]
 
 
-def _block_mask(kv, full, mask_mod) -> BlockMask:
-    """BlockMask from the query-side block lists; FlexAttention derives the key-side ones."""
-    return BlockMask.from_kv_blocks(kv[0], kv[1], full[0], full[1], BLOCK_SIZE=(BLOCK, BLOCK),
-                                    mask_mod=mask_mod)
+def _block_mask(T, kv, full, qb, fq, mask_mod) -> BlockMask:
+    """BlockMask from both sides' block lists (nothing recomputed at run time)."""
+    return BlockMask(seq_lengths=(T, T), kv_num_blocks=kv[0], kv_indices=kv[1],
+                     full_kv_num_blocks=full[0], full_kv_indices=full[1], q_num_blocks=qb[0],
+                     q_indices=qb[1], full_q_num_blocks=fq[0], full_q_indices=fq[1],
+                     BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod)
 
 
 def _compiled_plan():
@@ -160,7 +168,7 @@ def scratchpad_attention_flex(
         doc_q = dstart = None
     plan = _compiled_plan() if compiled else staircase_plan
     with torch.no_grad():
-        order, pos_c, kv, full = plan(routed, doc_q, dstart)
+        order, pos_c, kv, full, qb, fq = plan(routed, doc_q, dstart)
     idx = order[:, :, None, None]
     kc = k.gather(1, idx.expand(B, T, H, K))
     vc = v.gather(1, idx.expand(B, T, H, v.shape[-1]))
@@ -172,7 +180,7 @@ def scratchpad_attention_flex(
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (pos_c[b, kv_idx] <= q_idx) & (doc_c[b, kv_idx] == doc_q[b, q_idx])
-    bm = _block_mask(kv, full, mask_mod)
+    bm = _block_mask(T, kv, full, qb, fq, mask_mod)
     fn = _flex() if compiled else flex_attention
     opts = kernel_options if kernel_options is not None else KERNEL_OPTIONS
     o = fn(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), block_mask=bm, scale=scale,
