@@ -22,6 +22,7 @@ from _dist import run_world
     (dict(architecture="transformer", num_query_groups=1), 2, "num_query_groups"),
     (dict(backend="flash"), 1, "backend"),
     (dict(dtype="fp8"), 1, "dtype"),
+    (dict(fusions="yes"), 1, "fusions"),
     (dict(num_layers=3), 1, "num_layers"),  # pp=2 below
     (dict(vocab_size=200, make_vocab_size_divisible_by=100, mixer_num_heads=3), 3,
      "make_vocab_size_divisible_by"),
@@ -144,9 +145,27 @@ def _single_worker(rank, world):
         assert not torch.allclose(leaky[:, 10:], alone, atol=1e-4)  # the boundary matters
         assert torch.allclose(packed[:, :10], leaky[:, :10], atol=1e-5)  # causal: A unaffected
 
+    # Megatron's compiled SwiGLU (fusions on, the default on CUDA) changes no math (the fused
+    # cross entropy is bf16-only)
+    toks = torch.randint(1, 100, (2, 24), generator=g)
+    pos = torch.arange(24)[None].expand(2, 24)
+    results = []
+    for fusions in ("off", "on"):
+        cfg = ModelConfig(architecture="transformer", fusions=fusions, **small)
+        assert transformer_config(cfg).bias_activation_fusion == (fusions == "on")
+        torch.manual_seed(2)
+        m = build_model(cfg)
+        loss = m(toks, pos, None, labels=toks.roll(-1, 1)).mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-5), (l0, l1)
+    bad = [n for (n, _), a, b in zip(m.named_parameters(), g0, g1) if not torch.allclose(a, b, atol=1e-5)]
+    assert not bad, bad
+
 
 def test_models_in_one_process():
     """Analytic parameter counts == built models (4 archs, learned router, hybrid); SDPA core
     attention == Megatron's DotProductAttention; packed documents do not leak (state, conv,
-    scratchpad and attention all restart at the boundary)."""
+    scratchpad and attention all restart at the boundary); compiled fusions on == off."""
     run_world(_single_worker, 1)

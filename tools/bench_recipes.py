@@ -42,6 +42,7 @@ def run_one(recipe: str, steps: int, warmup: int, extra, workdir: str, timeout: 
     ]
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(29500 + (os.getpid() % 1000)), PYTHONWARNINGS="ignore")
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slurm/ham.sbatch
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), REPO) if p)
     t0 = time.time()
     try:

@@ -92,6 +92,7 @@ def transformer_config(cfg: ModelConfig):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     dtype = DTYPES[cfg.dtype]
+    fuse = cfg.resolved_fusions()
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -116,7 +117,10 @@ def transformer_config(cfg: ModelConfig):
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
         use_cpu_initialization=cfg.use_cpu_initialization,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fuse,
+        # Megatron's fused cross entropy returns bf16 logit gradients: bf16 models only
+        cross_entropy_loss_fusion=fuse and cfg.dtype == "bf16",
+        cross_entropy_fusion_impl="native",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

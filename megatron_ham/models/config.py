@@ -34,6 +34,11 @@ class ModelConfig:
     backend: "local" | "te"; dtype: "fp32" | "bf16" | "fp16" (params and compute).
     sequence_parallel: Megatron sequence parallelism (needs TP > 1 to matter).
     impl: op implementation for tests ("auto" on GPU/CPU picks the right one).
+    fusions: Megatron-Core's torch.compile'd elementwise fusions ("auto" = on when CUDA is
+        available, "on", "off"): SwiGLU (bias_activation_fusion, which also saves only its
+        input for backward) and, for bf16 models, the vocab-parallel cross entropy
+        (cross_entropy_loss_fusion, "native"; it returns bf16 logit gradients). Same math;
+        off on CPU so tests need no compiler.
     Activation recomputation is a training setting (train.recompute), set on the built model's
     TransformerConfig; HAM layers record their routing scores once per micro-batch either way.
     """
@@ -75,6 +80,7 @@ class ModelConfig:
     sequence_parallel: bool = False
     use_cpu_initialization: bool = False
     impl: str = "auto"
+    fusions: str = "auto"
 
     # ------------------------------------------------------------------ derived
     def resolved_pattern(self) -> str:
@@ -106,6 +112,10 @@ class ModelConfig:
 
     def resolved_num_query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    def resolved_fusions(self) -> bool:
+        """Whether Megatron's compiled elementwise fusions are used (see `fusions`)."""
+        return torch.cuda.is_available() if self.fusions == "auto" else self.fusions == "on"
 
     def padded_vocab_size(self) -> int:
         """vocab_size rounded up to a multiple of make_vocab_size_divisible_by. Independent of
@@ -175,6 +185,8 @@ class ModelConfig:
             bad("router", f"must be one of {list(ROUTERS)}, got {self.router!r}")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.fusions not in ("auto", "on", "off"):
+            bad("fusions", f"must be 'auto', 'on' or 'off', got {self.fusions!r}")
         if self.backend not in ("local", "te"):
             bad("backend", f"must be 'local' or 'te', got {self.backend!r}")
         if self.normalization not in ("RMSNorm", "LayerNorm"):

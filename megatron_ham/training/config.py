@@ -60,9 +60,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    # "none" | "full" (whole layers, `recompute_num_layers`
-    # per uniform chunk): Megatron's activation recomputation.
-    recompute: Literal["none", "full"] = "none"
+    # Megatron's activation recomputation of whole layers: "none"; "full" (every layer, in
+    # uniform chunks of `recompute_num_layers`); "block" (only the first `recompute_num_layers`
+    # layers of each pipeline stage: trade a little compute for just enough memory).
+    recompute: Literal["none", "full", "block"] = "none"
     recompute_num_layers: int = 1
     overlap_grad_reduce: bool = True
     use_distributed_optimizer: bool = True

@@ -81,10 +81,10 @@ def build_model_chunks(cfg: RunConfig):
             m.cuda(torch.cuda.current_device())
         chunks.append(m)
     tc = chunks[0].config
-    if cfg.train.recompute == "full":
+    if cfg.train.recompute != "none":
         # TransformerBlock checks these at forward time: safe to set after construction.
         tc.recompute_granularity = "full"
-        tc.recompute_method = "uniform"
+        tc.recompute_method = "uniform" if cfg.train.recompute == "full" else "block"
         tc.recompute_num_layers = cfg.train.recompute_num_layers
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.train.grad_reduce_in_fp32,
