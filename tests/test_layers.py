@@ -26,11 +26,13 @@ def _layers_worker(rank, world):
                      pp_layer_offset=0, name="decoder.layers.0.self_attention",
                      cp_comm_type=None)  # 0.19-style kwargs are accepted
 
-    # the manual causal conv == torch's Conv1d with left padding (no documents)
+    # the mixer's causal conv op == torch's Conv1d with left padding (no documents)
+    from megatron_ham.ops import causal_conv_silu
+
     x = torch.randn(2, 10, m.conv1d.weight.shape[0])
     ref = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), m.conv1d.weight,
                           groups=x.shape[-1])).transpose(1, 2)
-    assert torch.allclose(m._causal_conv(x, None), ref, atol=1e-6)
+    assert torch.allclose(causal_conv_silu(x, m.conv1d.weight[:, 0, :]), ref, atol=1e-6)
 
     # checkpoint: fused tensors are saved as named, TP-sharded sections
     from megatron.core.dist_checkpointing.mapping import apply_factories

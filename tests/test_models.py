@@ -145,16 +145,20 @@ def _single_worker(rank, world):
         assert not torch.allclose(leaky[:, 10:], alone, atol=1e-4)  # the boundary matters
         assert torch.allclose(packed[:, :10], leaky[:, :10], atol=1e-5)  # causal: A unaffected
 
-    # Megatron's compiled SwiGLU (fusions on, the default on CUDA) changes no math (the fused
-    # cross entropy is bf16-only)
+    # compiled fusions (the default on CUDA: Megatron's SwiGLU, and the mixers' conv,
+    # activations, gated norm and combination) change no math (fused cross entropy: bf16 only)
     toks = torch.randint(1, 100, (2, 24), generator=g)
     pos = torch.arange(24)[None].expand(2, 24)
     results = []
     for fusions in ("off", "on"):
-        cfg = ModelConfig(architecture="transformer", fusions=fusions, **small)
+        cfg = ModelConfig(architecture="hybrid", pattern="H*G", fusions=fusions, **small)
         assert transformer_config(cfg).bias_activation_fusion == (fusions == "on")
         torch.manual_seed(2)
         m = build_model(cfg)
+        for mx in m.modules():
+            if hasattr(mx, "kv_controller"):
+                assert mx.opts.fuse_elementwise == (fusions == "on")
+                mx.kv_controller.set_tau(0.3)
         loss = m(toks, pos, None, labels=toks.roll(-1, 1)).mean()
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))

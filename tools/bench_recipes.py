@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="measured steps per recipe (>= 30 for the report)")
     ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
-    ap.add_argument("--timeout", type=float, default=300,
+    ap.add_argument("--timeout", type=float, default=420,
                     help="seconds per recipe (the first HAM step compiles TileLang + Inductor kernels: ~100 s)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)

@@ -43,6 +43,10 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_ham.ops.combine import gated_rms_norm
+from megatron_ham.ops.short_conv import causal_conv_silu
+
+from .fusion import maybe_compiled
 from .sdpa_attention import cached_document_ids
 from .tp_utils import all_reduce_backward, section_factory
 
@@ -57,6 +61,7 @@ class MixerOptions:
     A_init_min / A_init_max: A ~ U[min, max], A_log = log A (decay rate init, as fla / Megatron).
     norm_eps: eps of the gated per-head RMSNorm.
     impl: kernel choice for the ops ("auto" | "naive" | "chunk"), for tests.
+    fuse_elementwise: run the elementwise ops through torch.compile (layers/fusion.py).
     HAM only (ignored by GDNMixer):
     kv_fraction: controller target in [0, 1].
     router: "error_l2" | "error_cosine" | "learned".
@@ -75,6 +80,7 @@ class MixerOptions:
     A_init_max: float = 16.0
     norm_eps: float = 1e-6
     impl: str = "auto"
+    fuse_elementwise: bool = False
     kv_fraction: float = 0.5
     router: str = "error_l2"
     router_hidden_size: int = 0
@@ -104,6 +110,21 @@ def _device(config):
     if getattr(config, "use_cpu_initialization", False) or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def gdn_activations(qkv, a, beta_logit, A_log, dt_bias, H: int, K: int, V: int):
+    """Post-conv activations of a GDN / HAM mixer, [B, T, ...] layout, H = this rank's heads.
+
+    qkv [B,T,H*(2K+V)] (conv output) -> q, k L2-normalised [B,T,H,K] (fp32 inside), v
+    [B,T,H,V]; a, beta_logit [B,T,H] -> g = -exp(A_log) * softplus(a + dt_bias) and
+    beta = sigmoid(beta_logit), both fp32 [B,T,H].
+    """
+    B, T = qkv.shape[:2]
+    q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
+    q = F.normalize(q.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(qkv.dtype)
+    k = F.normalize(k.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(qkv.dtype)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return q, k, v.reshape(B, T, H, V), g, torch.sigmoid(beta_logit.float())
 
 
 def document_cu_seqlens(packed_seq_params, b: int, s: int) -> Optional[torch.Tensor]:
@@ -241,22 +262,9 @@ class GDNMixer(MegatronModule):
         self.norm_weight.data.fill_(1.0)
 
     # ------------------------------------------------------------------ pieces
-    def _causal_conv(self, x: torch.Tensor, doc: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [b, s, C] -> SiLU(depthwise causal conv) [b, s, C]; taps never cross documents
-        (doc [b, s] document ids or None)."""
-        b, s, c = x.shape
-        w = self.conv1d.weight[:, 0, :]  # [C, kernel]; tap kernel-1 is the current token
-        kernel = w.shape[1]
-        y = x * w[:, kernel - 1]
-        for j in range(1, kernel):
-            if j >= s:
-                break
-            shifted = F.pad(x[:, : s - j], (0, 0, j, 0))
-            if doc is not None:
-                same = F.pad(doc[:, j:] == doc[:, : s - j], (j, 0), value=False)
-                shifted = shifted * same[..., None].to(x.dtype)
-            y = y + shifted * w[:, kernel - 1 - j]
-        return F.silu(y)
+    def _fused(self, fn):
+        """`fn`, compiled when the model's fusions are on (megatron_ham.layers.fusion)."""
+        return maybe_compiled(fn, self.opts.fuse_elementwise)
 
     def _project(self, hidden_states, packed_seq_params):
         """in_proj + conv + activations. Returns dict of [B, T, H_l, *] tensors (B, T after
@@ -271,13 +279,10 @@ class GDNMixer(MegatronModule):
         widths = [w * self.H_l for _, w in self.sections]
         parts = dict(zip([n for n, _ in self.sections], torch.split(proj, widths, dim=-1)))
         qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
-        qkv = self._causal_conv(qkv, doc)
-        q, k, v = torch.split(qkv, [self.H_l * self.K, self.H_l * self.K, self.H_l * self.V], -1)
-        q = F.normalize(q.reshape(b, s, self.H_l, self.K).float(), dim=-1, eps=1e-6).to(q.dtype)
-        k = F.normalize(k.reshape(b, s, self.H_l, self.K).float(), dim=-1, eps=1e-6).to(k.dtype)
-        v = v.reshape(b, s, self.H_l, self.V)
-        g = -self.A_log.float().exp() * F.softplus(parts["a"].float() + self.dt_bias.float())
-        beta = torch.sigmoid(parts["beta"].float())
+        w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
+        qkv = self._fused(causal_conv_silu)(qkv, w, doc)
+        q, k, v, g, beta = self._fused(gdn_activations)(
+            qkv, parts["a"], parts["beta"], self.A_log, self.dt_bias, self.H_l, self.K, self.V)
         out = dict(q=q, k=k, v=v, g=g, beta=beta, z=parts["z"].reshape(b, s, self.H_l, self.V))
         for name, w in self.sections:
             if name not in ("q", "k", "v", "z", "beta", "a"):
@@ -324,9 +329,7 @@ class GDNMixer(MegatronModule):
             raise NotImplementedError("GDN/HAM mixers: Megatron inference contexts are not supported")
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
         o, _ = self._recurrent(t, cu)
-        of = o.float()
-        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.opts.norm_eps)
-        y = y * self._norm_weight().float() * F.silu(t["z"].float())
+        y = self._fused(gated_rms_norm)(o, t["z"], self._norm_weight(), eps=self.opts.norm_eps)
         return self._output(y.to(hidden_states.dtype), s, b)
 
     # ------------------------------------------------------------------ checkpoint

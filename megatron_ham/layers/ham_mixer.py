@@ -127,6 +127,6 @@ class HAMMixer(GDNMixer):
         scale = o.scratchpad_scale if o.scratchpad_scale > 0 else self.K ** 0.5
         o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=scale, cu_seqlens=cu,
                                     impl=o.scratchpad_impl)
-        y = gated_combine(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t["z"],
-                          self._norm_weight(), eps=o.norm_eps)
+        y = self._fused(gated_combine)(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t["z"],
+                                       self._norm_weight(), eps=o.norm_eps)
         return self._output(y.to(hidden_states.dtype), s, b)

@@ -75,6 +75,7 @@ def mixer_options(cfg: ModelConfig):
         value_head_dim=cfg.mixer_value_head_dim,
         conv_kernel=cfg.conv_kernel,
         impl=cfg.impl,
+        fuse_elementwise=cfg.resolved_fusions(),
         kv_fraction=float(cfg.kv_fraction),
         router=cfg.router,
         router_hidden_size=cfg.router_hidden_size,

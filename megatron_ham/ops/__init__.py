@@ -7,7 +7,8 @@ from .gated_delta_rule import gated_delta_rule
 from .scratchpad import scratchpad_attention
 from .routing import LearnedRouter, min_over_heads, route, router_weighted_values
 from .controller import KVFractionController
-from .combine import gated_combine
+from .combine import gated_combine, gated_rms_norm
+from .short_conv import causal_conv_silu
 
 __all__ = [
     "gated_delta_rule",
@@ -18,4 +19,6 @@ __all__ = [
     "router_weighted_values",
     "KVFractionController",
     "gated_combine",
+    "gated_rms_norm",
+    "causal_conv_silu",
 ]

@@ -1,7 +1,9 @@
-"""Output combination of the two memories (recurrent state and scratchpad).
+"""Output combination of the two memories (recurrent state and scratchpad), and the gated norm.
 
     mixed = sigmoid(gate_rnn)[..., None] * o_rnn + sigmoid(gate_kv)[..., None] * o_kv
-    out   = RMSNorm_V(mixed) * weight * silu(out_gate)
+    out   = gated_rms_norm(mixed, out_gate, weight) = RMSNorm_V(mixed) * weight * silu(out_gate)
+
+GDN layers apply `gated_rms_norm` to their single memory; HAM layers `gated_combine`.
 
 Independent sigmoid gates per head and token (not a softmax pair: both memories may be used
 fully, or neither). The norm is per head over the head dim V in fp32, the gated output norm of
@@ -35,11 +37,31 @@ def gated_combine(
     check_tensor("gate_kv", gate_kv, [B, T, H], "[B,T,H]")
     check_tensor("out_gate", out_gate, [B, T, H, V], "[B,T,H,V]")
     check_tensor("weight", weight, [V], "[V]")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    _check_eps(eps)
     ct = torch.promote_types(o_rnn.dtype, torch.float32)  # fp32 (float64 for float64 inputs)
     mixed = (torch.sigmoid(gate_rnn.to(ct))[..., None] * o_rnn.to(ct)
              + torch.sigmoid(gate_kv.to(ct))[..., None] * o_kv.to(ct))
-    normed = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + eps)
-    out = normed * weight.to(ct) * F.silu(out_gate.to(ct))
-    return out.to(o_rnn.dtype)
+    return _gated_rms_norm(mixed, out_gate, weight, eps).to(o_rnn.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, out_gate: torch.Tensor, weight: torch.Tensor, *,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the head dim (fp32 inside) * weight * silu(out_gate): x, out_gate
+    `[B,T,H,V]`, weight `[V]`. Returns `[B,T,H,V]` in x's dtype (Gated DeltaNet's output norm)."""
+    check_tensor("x", x, [None, None, None, None], "[B,T,H,V]")
+    check_tensor("out_gate", out_gate, list(x.shape), "[B,T,H,V] (same as x)")
+    check_tensor("weight", weight, [x.shape[-1]], "[V]")
+    _check_eps(eps)
+    return _gated_rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), out_gate, weight,
+                           eps).to(x.dtype)
+
+
+def _gated_rms_norm(x, out_gate, weight, eps):
+    """The math of gated_rms_norm on x already in the compute dtype (no checks)."""
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normed * weight.to(x.dtype) * F.silu(out_gate.to(x.dtype))
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")

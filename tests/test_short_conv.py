@@ -1,0 +1,36 @@
+"""causal_conv_silu: Conv1d equivalence, document restarts, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_ham.ops import causal_conv_silu
+
+
+def _conv1d(x, w):
+    """torch's depthwise Conv1d with W-1 zeros of left padding, then SiLU; x [B,T,C], w [C,W]."""
+    W = w.shape[1]
+    y = F.conv1d(F.pad(x.transpose(1, 2), (W - 1, 0)), w[:, None, :], groups=x.shape[-1])
+    return F.silu(y).transpose(1, 2)
+
+
+def test_documents_restart_the_taps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 13, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(causal_conv_silu(x, w), _conv1d(x, w))
+    cuts = [0, 5, 6, 13]  # documents of 5, 1 and 7 tokens in each row
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 1, 7]))[None].expand(2, 13)
+    got = causal_conv_silu(x, w, doc)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        torch.testing.assert_close(got[:, a:b], _conv1d(x[:, a:b], w))
+    assert not torch.allclose(got, causal_conv_silu(x, w))  # the boundaries matter
+
+
+def test_short_sequences_and_bad_input():
+    x = torch.randn(1, 2, 3)
+    w = torch.randn(3, 4)
+    torch.testing.assert_close(causal_conv_silu(x, w), _conv1d(x, w))  # T < W
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv_silu(x, torch.randn(5, 4))
+    with pytest.raises(ValueError, match="doc"):
+        causal_conv_silu(x, w, torch.zeros(1, 3, dtype=torch.long))
