@@ -39,6 +39,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+# the outputs' cache field: `cache` in transformers >= 5.2x (which warns on the old name),
+# `past_key_values` before
+_CACHE_FIELD = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+                else "past_key_values")
+
 from .configuration_ham import HAMConfig
 from .ham_ops import (
     LearnedRouter,
@@ -520,7 +525,7 @@ class HAMModel(HAMPreTrainedModel):
             eod = self.config.eod_token_id
             if self.config.reset_at_eod and eod is not None and input_ids is not None:
                 cache.reset_rows(input_ids[:, -1] == eod)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None},
                                        hidden_states=tuple(hidden) if hidden is not None else None)
 
 
@@ -648,9 +653,7 @@ class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        # the output field is `cache` in transformers >= 5.2x, `past_key_values` before
-        cache_out = out.get("cache", out.get("past_key_values"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache_out,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: out.get(_CACHE_FIELD)},
                                       hidden_states=out.hidden_states)
 
 
