@@ -73,15 +73,19 @@ def test_preempt_save_requeue_resume(slurm_cluster, tmp_path):
     # the preemption warning, as Slurm's --signal=B:USR1@N delivers it: to the batch shell
     assert _sh(["scancel", "--signal=USR1", "--batch", job], env).returncode == 0
 
-    released = False
+    released, requeued_at = False, None
     deadline = time.time() + 200
     while True:
         st = _state(job, env)
         if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
-        if st == "PENDING" and not released and "requeueing" in log():
-            # Slurm holds a requeued job for a while (BeginTime); release it now (an operator's
-            # `scontrol update`, not part of the production path)
+        if st == "PENDING" and requeued_at is None and "requeueing" in log():
+            requeued_at = time.time()
+        if not released and requeued_at is not None and time.time() > requeued_at + 3:
+            # Slurm holds a requeued job for a while (BeginTime); release it early (an
+            # operator's `scontrol update`, not part of the production path), but not within
+            # the second of the requeue: slurmd still holds the revoked credential of the first
+            # run and refuses the launch ("Job credential revoked" -> FAILED), seen 2026-11-26
             released = _sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env).returncode == 0
         assert time.time() < deadline, f"job {job} stuck in {st}\n{log()}"
         time.sleep(2)
