@@ -58,7 +58,8 @@ def _layers_worker(rank, world):
     assert rec is not None and rec.numel() == 6 * 2 + 4 * 2, None if rec is None else rec.shape
     assert m.pop_recorded_scores() is None
 
-    # full activation recomputation: same loss and grads, scores recorded once per micro-batch
+    # full activation recomputation: same loss and grads, scores recorded once per micro-batch;
+    # also with the compiled fusions (their no-grad forward, then the recomputation with grads)
     small = dict(architecture="ham", num_layers=2, hidden_size=32, mixer_num_heads=2,
                  mixer_key_head_dim=8, mixer_value_head_dim=8, ffn_hidden_size=64,
                  vocab_size=64, make_vocab_size_divisible_by=64, seq_length=12, dtype="fp32",
@@ -66,9 +67,9 @@ def _layers_worker(rank, world):
     toks = torch.randint(0, 64, (2, 12))
     pos = torch.arange(12)[None].expand(2, -1)
     res = []
-    for rc in ("", "full"):
+    for rc, fusions in (("", "off"), ("full", "off"), ("full", "on")):
         torch.manual_seed(4)
-        model = build_model(ModelConfig(**small))
+        model = build_model(ModelConfig(**small, fusions=fusions))
         if rc:  # as the training loop does (train.recompute): set on the built config
             model.config.recompute_granularity = "full"
             model.config.recompute_method = "uniform"
@@ -86,12 +87,14 @@ def _layers_worker(rank, world):
         stats = step_kv_controllers([model])
         assert sorted(stats) == [1, 2] and all(0 <= s["fraction"] <= 1 for s in stats.values())
         res.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
-    for n, g in res[0][1].items():
-        assert torch.allclose(g, res[1][1][n], atol=1e-5), n
+    for other in res[1:]:
+        assert torch.allclose(res[0][0], other[0], atol=1e-5)
+        for n, g in res[0][1].items():
+            assert torch.allclose(g, other[1][n], atol=1e-5), n
 
 
 def test_layers_in_one_process():
     """Mixer accepts 0.19 kwargs; manual conv == Conv1d; sectioned checkpoint keys; controller
-    recording protocol (train records per micro-batch, eval nothing, full recompute once)."""
+    recording protocol (train records per micro-batch, eval nothing, full recompute once, also
+    with the compiled fusions)."""
     run_world(_layers_worker, 1)
