@@ -34,8 +34,8 @@ from megatron_ham.models.config import DTYPES
 PROG = "ham-convert-hf"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "train_state.json"
-OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "_checks.py",
-             "_kernels.py")
+OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "short_conv.py",
+             "_checks.py", "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
 
 

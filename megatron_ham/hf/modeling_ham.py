@@ -39,19 +39,21 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .configuration_ham import HAMConfig
+from .ham_ops import (
+    LearnedRouter,
+    causal_conv_silu,
+    gated_combine,
+    gated_delta_rule,
+    gated_rms_norm,
+    router_weighted_values,
+    scratchpad_attention,
+)
+
 # the outputs' cache field: `cache` in transformers >= 5.2x (which warns on the old name),
 # `past_key_values` before
 _CACHE_FIELD = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
                 else "past_key_values")
-
-from .configuration_ham import HAMConfig
-from .ham_ops import (
-    LearnedRouter,
-    gated_combine,
-    gated_delta_rule,
-    router_weighted_values,
-    scratchpad_attention,
-)
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as _init
@@ -292,16 +294,11 @@ class HAMMixer(nn.Module):
             prev = x.new_zeros(B, kern - 1, C)
         ext = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, kern-1+T, C]
         ext_doc = torch.cat([doc.new_zeros(B, kern - 1), doc], dim=1)
-        y = x * w[:, kern - 1]
-        for j in range(1, kern):
-            sh = ext[:, kern - 1 - j: kern - 1 - j + T]
-            same = (ext_doc[:, kern - 1 - j: kern - 1 - j + T] == doc)
-            y = y + (sh * same[..., None].to(x.dtype)) * w[:, kern - 1 - j]
         if cache is not None:
             tail = ext[:, ext.shape[1] - (kern - 1):]
             keep = ext_doc[:, ext.shape[1] - (kern - 1):] == doc[:, -1:]
             cache.conv[i] = tail * keep[..., None].to(tail.dtype)
-        return F.silu(y)
+        return causal_conv_silu(ext, w, ext_doc)[:, kern - 1:]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
@@ -356,9 +353,7 @@ class HAMMixer(nn.Module):
             err = err.reshape(B, T, H) if err is not None else None
 
         if not self.ham:
-            of = o_rnn.float()
-            y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + cfg.mixer_norm_eps)
-            y = y * self.o_norm.weight.float() * F.silu(z.float())
+            y = gated_rms_norm(o_rnn, z, self.o_norm.weight, eps=cfg.mixer_norm_eps)
             return self.o_proj(y.to(x.dtype).reshape(B, T, H * V))
 
         # ---- HAM: routing and the scratchpad

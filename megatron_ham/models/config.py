@@ -34,11 +34,11 @@ class ModelConfig:
     backend: "local" | "te"; dtype: "fp32" | "bf16" | "fp16" (params and compute).
     sequence_parallel: Megatron sequence parallelism (needs TP > 1 to matter).
     impl: op implementation for tests ("auto" on GPU/CPU picks the right one).
-    fusions: Megatron-Core's torch.compile'd elementwise fusions ("auto" = on when CUDA is
-        available, "on", "off"): SwiGLU (bias_activation_fusion, which also saves only its
-        input for backward) and, for bf16 models, the vocab-parallel cross entropy
-        (cross_entropy_loss_fusion, "native"; it returns bf16 logit gradients). Same math;
-        off on CPU so tests need no compiler.
+    fusions: torch.compile'd elementwise fusions ("auto" = on when CUDA is available, "on",
+        "off"): Megatron-Core's SwiGLU (bias_activation_fusion, which also saves only its input
+        for backward), for bf16 models its vocab-parallel cross entropy
+        (cross_entropy_loss_fusion, "native"; it returns bf16 logit gradients), and the GDN/HAM
+        mixers' elementwise ops (layers/fusion.py). Same math (docs/training.md "Fusions").
     Activation recomputation is a training setting (train.recompute), set on the built model's
     TransformerConfig; HAM layers record their routing scores once per micro-batch either way.
     """
