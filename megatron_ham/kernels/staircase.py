@@ -532,4 +532,6 @@ def scratchpad_attention_triton(
         raise ValueError(f"scale must be finite, got {scale}")
     if T == 0 or B * H == 0:
         return q.new_zeros(B, T, H, v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
-    return _StaircaseAttention.apply(q, k, v, routed, scale, cu_seqlens, tiles)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device)
+    return _StaircaseAttention.apply(q, k, v, routed.to(device=q.device), scale, cu_seqlens, tiles)
