@@ -275,7 +275,8 @@ def test_staircase_plan_block_lists():
 
 def test_ops_auto_dispatch_uses_gpu_kernels():
     """impl="auto" on CUDA bf16 tensors runs fla's GDN (err detached); fp32 stays chunk; the
-    scratchpad uses the Triton staircase kernel (head dims 16..256), else compact."""
+    scratchpad uses the Triton staircase kernel (bf16/fp16, head dims 16..256), else flex or
+    compact."""
     from megatron_ham.ops import gated_delta_rule, scratchpad_attention
     from megatron_ham.ops.gated_delta_rule import _resolve_impl
     from megatron_ham.ops.scratchpad import _select_impl
@@ -294,9 +295,8 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
     s_f = scratchpad_attention(q, k, v, routed, impl="flex")
     s_r = scratchpad_attention(q.float(), k.float(), v.float(), routed, impl="reference")
     assert rel(s_a, s_t) < 1e-6 and rel(s_a, s_r) < 2e-2 and rel(s_f, s_r) < 2e-2
-    # fp32 through the kernel (ieee dots) is close to the reference at fp32 precision
-    s_32 = scratchpad_attention(q.float(), k.float(), v.float(), routed, impl="triton")
-    assert rel(s_32, s_r) < 1e-4
+    # fp32 CUDA tensors go to flex (the kernel's fp32 build takes minutes to compile)
+    assert _select_impl("auto", q.float(), v.float()) == "flex"
 
 
 def test_compiled_elementwise_ops_match_eager():

@@ -16,8 +16,8 @@ forward, 3.5x that forward+backward: FlashAttention's convention, whatever the k
   scratch@f        the scratchpad alone at KV fraction f: megatron_ham.kernels.staircase (what
                    impl="auto" runs on CUDA; plan + forward + dq + dk/dv kernels, all timed)
   scratch_fwd@f    the same, forward only
-  ham@f            HAM mixer core: GDN + error + min over heads + threshold routing + scratchpad +
-                   gated_combine (torch.compile'd; the eager op is timed too as combine_eager)
+  ham@f            HAM mixer core: GDN + error + min over heads + threshold routing + scratchpad
+                   (ops.scratchpad_attention, impl="auto") + gated_combine (torch.compile'd; the eager op is timed too as combine_eager)
   ham_graph@f      ham@f captured once in a CUDA graph and replayed (launch/host cost removed;
                    at --graph-T only, default 4096, where the host is the bound)
   --flex adds      flex@f / ham_flex@f (the FlexAttention path, impl="flex") and mask_build
@@ -137,6 +137,7 @@ def main(argv=None):
     from megatron_ham.kernels.staircase import compaction_plan, scratchpad_attention_triton
     from megatron_ham.ops.combine import gated_combine
     from megatron_ham.ops.routing import min_over_heads, route
+    from megatron_ham.ops.scratchpad import _select_impl, scratchpad_attention
 
     opts = json.loads(args.flex_options) if args.flex_options else None
     combine_c = torch.compile(gated_combine, dynamic=False)
@@ -150,9 +151,15 @@ def main(argv=None):
     def flex(q, k, v, r):
         return sp.scratchpad_attention_flex(q, k, v, r, kernel_options=opts)
 
+    def auto(q, k, v, r):  # what the HAM mixer calls
+        return scratchpad_attention(q, k, v, r)
+
+    x = torch.zeros(1, 1, 1, D, device=dev, dtype=torch.bfloat16)
+    print(f"# scratchpad_attention(impl='auto') on CUDA bf16 resolves to {_select_impl('auto', x, x)!r}")
     scratch_impls = {"scratch": scratchpad_attention_triton}
+    ham_impls = {"": auto}
     if args.flex:
-        scratch_impls["flex"] = flex
+        scratch_impls["flex"] = ham_impls["_flex"] = flex
     for T in args.T:
         torch.manual_seed(T)
         q = F.normalize(torch.randn(B, T, H, D, device=dev), dim=-1).bfloat16().requires_grad_()
@@ -254,10 +261,9 @@ def main(argv=None):
                 cases.append((f"{label}@{f}", scratch(fn, f), [q, k, v]))
             for f in args.fracs:
                 cases.append((f"{label}_fwd@{f}", scratch(fn, f, fwd_only=True), []))
-        for label, fn in scratch_impls.items():
+        for label, fn in ham_impls.items():
             for f in args.fracs:
-                cases.append((f"ham{'' if label == 'scratch' else '_' + label}@{f}",
-                              ham(fn, f, combine_c), all_leaves))
+                cases.append((f"ham{label}@{f}", ham(fn, f, combine_c), all_leaves))
         if args.flex:
             cases.append((f"mask_build@{max(args.fracs)}", mask_build(max(args.fracs)), []))
         ce, ce_leaves = combine_only(gated_combine)
@@ -267,8 +273,7 @@ def main(argv=None):
             cases = [c for c in cases if c[0].split("@")[0] in ATTENTION_ROWS]
         elif T in args.graph_T:  # last: a failed capture must not spoil the other rows
             for f in args.fracs:
-                cases.append((f"ham_graph@{f}", ("graph", ham(scratchpad_attention_triton, f, combine_c)),
-                              all_leaves))
+                cases.append((f"ham_graph@{f}", ("graph", ham(auto, f, combine_c)), all_leaves))
 
         res = {}
         for label, fn, leaves in cases:

@@ -49,7 +49,9 @@ import triton.language as tl
 
 __all__ = ["scratchpad_attention_triton", "compaction_plan", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: what ``impl="auto"`` sends here. float32 inputs also run (ieee fp32 dots, for tests), but their
+#: kernels take minutes to compile on an H200 host (measured: > 120 s each), so auto keeps them off.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 #: head dims above this exceed the register budget of the dk/dv accumulators
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634

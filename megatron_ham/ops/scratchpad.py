@@ -39,7 +39,7 @@ _DEFAULT_BLOCK = 256  # query block of the compact path
 
 
 def _triton_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """The staircase kernel's domain: CUDA, bf16/fp16/fp32, head dims in [16, 256]."""
+    """The staircase kernel's domain: CUDA, bf16/fp16, head dims in [16, 256]."""
     kernels = load_kernels()
     if not q.is_cuda or kernels is None or not kernels.staircase_available():
         return False
@@ -52,7 +52,7 @@ def _select_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
     """Resolve impl="auto". The one dispatch point.
 
     ``"auto"``: ``"triton"`` (megatron_ham.kernels.staircase, our staircase kernel) for CUDA
-    tensors of bf16/fp16/fp32 with head dims in [16, 256]; else ``"flex"``
+    tensors of bf16/fp16 with head dims in [16, 256]; else ``"flex"``
     (megatron_ham.kernels.scratchpad: compaction + staircase BlockMask + compiled
     FlexAttention) for CUDA tensors with head dims >= 16 when it imports; else ``"compact"``
     (the CPU path). ``"triton"`` / ``"flex"`` asked for explicitly raise ValueError when they
@@ -60,7 +60,7 @@ def _select_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
     """
     if impl == "triton":
         if not _triton_ok(q, v):
-            raise ValueError(f"impl='triton' needs CUDA tensors, q in bf16/fp16/fp32, head dims in "
+            raise ValueError(f"impl='triton' needs CUDA tensors, q in bf16/fp16, head dims in "
                              f"[16, 256] (q {q.dtype} on {q.device}, K={q.shape[-1]}, "
                              f"V={v.shape[-1]}; import: {kernel_import_error('staircase')})")
         return impl
