@@ -17,7 +17,8 @@ forward, 3.5x that forward+backward: FlashAttention's convention, whatever the k
                    impl="auto" runs on CUDA; plan + forward + dq + dk/dv kernels, all timed)
   scratch_fwd@f    the same, forward only
   ham@f            HAM mixer core: GDN + error + min over heads + threshold routing + scratchpad
-                   (ops.scratchpad_attention, impl="auto") + gated_combine (torch.compile'd; the eager op is timed too as combine_eager)
+                   (ops.scratchpad_attention, impl="auto") + gated_combine (torch.compile'd; the
+                   eager op is timed too as combine_eager)
   ham_graph@f      ham@f captured once in a CUDA graph and replayed (launch/host cost removed;
                    at --graph-T only, default 4096, where the host is the bound)
   --flex adds      flex@f / ham_flex@f (the FlexAttention path, impl="flex") and mask_build
@@ -314,8 +315,8 @@ def main(argv=None):
 
 def print_targets(T, res, fracs):
     """Verdicts of the rows in res against the issue's targets (#14): HAM core <= 0.6 / 0.75 /
-    1.0 x SDPA at f = 0.1 / 0.25 / 0.5 and <= 1.5x at T=4096 f=0.5; scratchpad <= 1.15 x (f x SDPA) for f >= 0.25, <= 1.5 at f=0.1; peak
-    memory of the HAM core at 0.5 <= SDPA + GDN."""
+    1.0 x SDPA at f = 0.1 / 0.25 / 0.5 and <= 1.5x at T=4096 f=0.5; scratchpad <= 1.15 x
+    (f x SDPA) for f >= 0.25, <= 1.5 at f=0.1; peak memory of the HAM core at 0.5 <= SDPA + GDN."""
     s = res["sdpa"][0]
     verdict = lambda ok: "MET" if ok else "MISSED"  # noqa: E731
     print("targets:")
