@@ -163,9 +163,21 @@ def _store_rows(base, rows, stride, x, row_mask, D: tl.constexpr, BD: tl.constex
 
 
 @triton.jit
-def _query_block_window(cum, DSTART, t0, T, BLOCK_M: tl.constexpr, HAS_DOC: tl.constexpr):
-    """Slot window of queries [t0, t0 + BLOCK_M): visible slots [lo, hi), slots visible to every
-    query of the block [f_lo, f_hi); and each row's document start (0 without documents)."""
+def _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_DOC: tl.constexpr):
+    """Prologue of a query-block program (grid: query blocks, last first; batch x head).
+
+    Queries [t0, t0 + BLOCK_M) see the slots [lo, hi) and all of them see [f_lo, f_hi); returns
+    the walk over [lo, hi) in tiles of BLOCK_N as :func:`_phases` splits it, with each row's
+    document start (0 without documents) for the mask."""
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)               # most work first
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    cum = CUM + i_b * T
+    order = ORDER + i_b * T
+    cnt = tl.load(cum + T - 1)
+    t0 = i_m * BLOCK_M
     offs_m = t0 + tl.arange(0, BLOCK_M)
     t_last = tl.minimum(t0 + BLOCK_M, T) - 1
     hi = tl.load(cum + t_last)
@@ -180,7 +192,23 @@ def _query_block_window(cum, DSTART, t0, T, BLOCK_M: tl.constexpr, HAS_DOC: tl.c
         ds_rows = tl.zeros([BLOCK_M], dtype=tl.int32)
         lo = tl.zeros([], dtype=tl.int32)
         f_lo = tl.zeros([], dtype=tl.int32)
-    return offs_m, lo, hi, f_lo, f_hi, ds_rows
+    n_a, start_b, n_b, start_c, n_c = _phases(lo, hi, f_lo, f_hi, BLOCK_N)
+    return i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c
+
+
+@triton.jit
+def _phase(PH: tl.constexpr, lo, n_a, start_b, n_b, start_c, n_c):
+    """(start, number of tiles) of phase PH of :func:`_phases` (0, 2 masked; 1 unmasked)."""
+    if PH == 0:
+        start = lo
+        n = n_a
+    elif PH == 1:
+        start = start_b
+        n = n_b
+    else:
+        start = start_c
+        n = n_c
+    return start, n
 
 
 @triton.jit
@@ -237,15 +265,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)               # most work first
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    cum = CUM + i_b * T
-    order = ORDER + i_b * T
-    cnt = tl.load(cum + T - 1)
-    t0 = i_m * BLOCK_M
-    offs_m, lo, hi, f_lo, f_hi, ds_rows = _query_block_window(cum, DSTART, t0, T, BLOCK_M, HAS_DOC)
+    i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
+        _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
     rows = offs_m
     q = _load_rows(Q + i_b * s_qb + i_h * s_qh, rows, s_qt, m_row, DK, BK, True)   # [BM, BK]
@@ -255,15 +276,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BV], dtype=tl.float32)
-    n_a, start_b, n_b, start_c, n_c = _phases(lo, hi, f_lo, f_hi, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, lo, n_a, offs_m, ds_rows, cnt, T,
-                               s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, True, HAS_DOC, PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start_b, n_b, offs_m, ds_rows, cnt,
-                               T, s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, False, HAS_DOC,
-                               PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start_c, n_c, offs_m, ds_rows, cnt,
-                               T, s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, True, HAS_DOC,
-                               PREC)
+    for ph in tl.static_range(3):
+        start, n = _phase(ph, lo, n_a, start_b, n_b, start_c, n_c)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n, offs_m, ds_rows,
+                                   cnt, T, s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, ph != 1,
+                                   HAS_DOC, PREC)
     empty = l_i == 0.0                                             # sees no routed key: o = 0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -304,15 +321,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    cum = CUM + i_b * T
-    order = ORDER + i_b * T
-    cnt = tl.load(cum + T - 1)
-    t0 = i_m * BLOCK_M
-    offs_m, lo, hi, f_lo, f_hi, ds_rows = _query_block_window(cum, DSTART, t0, T, BLOCK_M, HAS_DOC)
+    i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
+        _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
     rows = offs_m
     q = _load_rows(Q + i_b * s_qb + i_h * s_qh, rows, s_qt, m_row, DK, BK, True)
@@ -325,13 +335,10 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
     vb = V + i_b * s_vb + i_h * s_vh
 
     dq = tl.zeros([BLOCK_M, BK], dtype=tl.float32)
-    n_a, start_b, n_b, start_c, n_c = _phases(lo, hi, f_lo, f_hi, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, kb, vb, order, lo, n_a, offs_m, ds_rows, cnt, T,
-                   s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, True, HAS_DOC, PREC)
-    dq = _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start_b, n_b, offs_m, ds_rows, cnt, T,
-                   s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, False, HAS_DOC, PREC)
-    dq = _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start_c, n_c, offs_m, ds_rows, cnt, T,
-                   s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, True, HAS_DOC, PREC)
+    for ph in tl.static_range(3):
+        start, n = _phase(ph, lo, n_a, start_b, n_b, start_c, n_c)
+        dq = _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n, offs_m, ds_rows, cnt, T,
+                       s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, ph != 1, HAS_DOC, PREC)
     _store_rows(DQ + i_b * s_gb + i_h * s_gh, rows, s_gt, dq * sm_scale, m_row, DK, BK)
 
 
@@ -416,12 +423,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND
     DELTAb = DELTA + i_bh.to(tl.int64) * T
     dk = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, p_first, n_a, T,
-                         s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, True, HAS_DOC, PREC)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start_b, n_b, T,
-                         s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, False, HAS_DOC, PREC)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start_c, n_c, T,
-                         s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, True, HAS_DOC, PREC)
+    for ph in tl.static_range(3):
+        start, n = _phase(ph, p_first, n_a, start_b, n_b, start_c, n_c)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n, T,
+                             s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1, HAS_DOC, PREC)
     dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
     dv = tl.where(valid[:, None], dv, 0.0)
     _store_rows(DK_ + i_b * s_gkb + i_h * s_gkh, rows, s_gkt, dk, in_t, DK, BK)
