@@ -163,6 +163,15 @@ def _store_rows(base, rows, stride, x, row_mask, D: tl.constexpr, BD: tl.constex
 
 
 @triton.jit
+def _batch_head(CUM, ORDER, T, H):
+    """Program axis 1 = batch x head: (i_bh, i_b, i_h, this row's cum and order, routed count)."""
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    cum = CUM + i_b * T
+    return i_bh, i_b, (i_bh % H).to(tl.int64), cum, ORDER + i_b * T, tl.load(cum + T - 1)
+
+
+@triton.jit
 def _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_DOC: tl.constexpr):
     """Prologue of a query-block program (grid: query blocks, last first; batch x head).
@@ -171,12 +180,7 @@ def _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.
     the walk over [lo, hi) in tiles of BLOCK_N as :func:`_phases` splits it, with each row's
     document start (0 without documents) for the mask."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)               # most work first
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    cum = CUM + i_b * T
-    order = ORDER + i_b * T
-    cnt = tl.load(cum + T - 1)
+    i_bh, i_b, i_h, cum, order, cnt = _batch_head(CUM, ORDER, T, H)
     t0 = i_m * BLOCK_M
     offs_m = t0 + tl.arange(0, BLOCK_M)
     t_last = tl.minimum(t0 + BLOCK_M, T) - 1
@@ -220,6 +224,16 @@ def _slot_tile(order, start, i, cnt, T, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt, DK: tl.constexpr, DV: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile i of slots from start: positions, validity, and K, V gathered at those positions."""
+    offs_s, pos, valid = _slot_tile(order, start, i, cnt, T, BLOCK_N)
+    k = _load_rows(kb, pos, s_kt, valid, DK, BK, False)
+    v = _load_rows(vb, pos, s_vt, valid, DV, BV, False)
+    return pos, valid, k, v
+
+
+@triton.jit
 def _visible(pos, valid, offs_m, ds_rows, HAS_DOC: tl.constexpr):
     """[BLOCK_M, BLOCK_N] mask: slot valid, pos <= t and (documents) pos >= dstart(t)."""
     vis = valid[None, :] & (pos[None, :] <= offs_m[:, None])
@@ -238,10 +252,8 @@ def _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n_tiles, offs_m, ds_rows,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
                PREC: tl.constexpr):
     for i in range(n_tiles):
-        offs_s, pos, valid = _slot_tile(order, start, i, cnt, T, BLOCK_N)
-        rows = pos
-        k = _load_rows(kb, rows, s_kt, valid, DK, BK, False)             # [BN, BK]
-        v = _load_rows(vb, rows, s_vt, valid, DV, BV, False)             # [BN, BV]
+        pos, valid, k, v = _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt,
+                                    DK, DV, BK, BV, BLOCK_N)             # k [BN, BK], v [BN, BV]
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale       # [BM, BN] log2 units
         if MASKED:
             s = tl.where(_visible(pos, valid, offs_m, ds_rows, HAS_DOC), s, float("-inf"))
@@ -299,10 +311,8 @@ def _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n_tiles, offs_m, ds_r
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
               PREC: tl.constexpr):
     for i in range(n_tiles):
-        offs_s, pos, valid = _slot_tile(order, start, i, cnt, T, BLOCK_N)
-        rows = pos
-        k = _load_rows(kb, rows, s_kt, valid, DK, BK, False)
-        v = _load_rows(vb, rows, s_vt, valid, DV, BV, False)
+        pos, valid, k, v = _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt,
+                                    DK, DV, BK, BV, BLOCK_N)             # k [BN, BK], v [BN, BV]
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -387,12 +397,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND
                      HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n = tl.program_id(0)                                         # slot block, most work first
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    cum = CUM + i_b * T
-    order = ORDER + i_b * T
-    cnt = tl.load(cum + T - 1)
+    i_bh, i_b, i_h, cum, order, cnt = _batch_head(CUM, ORDER, T, H)
     s0 = i_n * BLOCK_N
     offs_s, pos, valid = _slot_tile(order, s0, 0, cnt, T, BLOCK_N)
     in_t = offs_s < T
