@@ -534,9 +534,10 @@ def scratchpad_attention_triton(
 
     q, k ``[B,T,H,K]``, v ``[B,T,H,V]`` (one dtype: bf16 or fp16, or fp32 with ieee dots, slow
     to compile; any strides with a unit last one), routed bool ``[B,T]``, cu_seqlens int
-    ``[N+1]`` (B == 1). Returns o ``[B,T,H,V]`` contiguous in v's dtype; differentiable in q, k, v. Arguments are assumed
-    validated by the op (``megatron_ham.ops.scratchpad_attention``). ``tiles=(BLOCK_M, BLOCK_N)``
-    fixes the tile sizes instead of autotuning them (each >= 16, powers of two).
+    ``[N+1]`` (B == 1). Returns o ``[B,T,H,V]`` contiguous in v's dtype; differentiable in q,
+    k, v. Arguments are assumed validated by the op (``megatron_ham.ops.scratchpad_attention``).
+    ``tiles=(BLOCK_M, BLOCK_N)`` fixes the tile sizes instead of autotuning them (each >= 16,
+    powers of two).
     """
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
