@@ -1,7 +1,8 @@
 """GPU paths of the HAM ops (fla, FlexAttention, Triton), imported lazily.
 
 Nothing here is imported by ``megatron_ham.ops`` at module load: the ops' dispatch functions call
-:func:`gdn_available` / :func:`flex_available` / :func:`staircase_available` and import the submodule only for CUDA tensors.
+:func:`gdn_available` / :func:`flex_available` / :func:`staircase_available` and import the
+submodule only for CUDA tensors.
 
 * :mod:`megatron_ham.kernels.gdn` -- ``gdn_with_error``: fla 0.6.0 chunked gated delta rule
   (forward, final state, gradients) plus the per-token routing error read from fla's chunk
