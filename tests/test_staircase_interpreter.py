@@ -25,3 +25,17 @@ def test_staircase_kernel_under_triton_interpreter():
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "_staircase_interp_worker.py")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
+
+
+def test_triton_impl_on_cpu_tensors_is_a_clear_error():
+    import torch
+
+    from megatron_ham.ops import scratchpad_attention
+
+    q = torch.randn(1, 8, 2, 16)
+    routed = torch.ones(1, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        scratchpad_attention(q, q, q, routed, impl="triton")
+    # auto on CPU is the compact path, unchanged
+    ref = scratchpad_attention(q, q, q, routed, impl="reference")
+    assert torch.allclose(scratchpad_attention(q, q, q, routed), ref, atol=1e-6)
