@@ -17,8 +17,12 @@ Implementations (`impl=`):
               routed count), masks "pos[j] <= t" (a staircase) plus same document, and walks the
               queries in blocks, each block only over the compacted keys it can see. Memory is
               O(T x n_routed), cost follows the routed fraction. Differentiable (gather).
-  "flex"      GPU: compaction + FlexAttention with a staircase BlockMask (megatron_ham.kernels).
-  "auto"      see `_select_impl`: "flex" for CUDA tensors (head dims >= 16), "compact" otherwise.
+  "triton"    GPU: our Triton staircase kernel (megatron_ham.kernels.staircase): reads K/V through
+              the routing order, visits only the tiles under the staircase, fwd + bwd.
+  "flex"      GPU: compaction + FlexAttention with a staircase BlockMask (megatron_ham.kernels),
+              the fallback and a second reference on the GPU.
+  "auto"      see `_select_impl`: "triton" for CUDA tensors it supports, else "flex", else
+              "compact" (every CPU tensor).
 Softmax is computed in fp32 in both (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -30,18 +34,36 @@ import torch
 from ._checks import check_tensor
 from ._kernels import kernel_import_error, load_kernels
 
-_IMPLS = ("auto", "reference", "compact", "flex")
+_IMPLS = ("auto", "reference", "compact", "flex", "triton")
 _DEFAULT_BLOCK = 256  # query block of the compact path
+
+
+def _triton_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """The staircase kernel's domain: CUDA, bf16/fp16, head dims in [16, 256]."""
+    kernels = load_kernels()
+    if not q.is_cuda or kernels is None or not kernels.staircase_available():
+        return False
+    st = load_kernels("staircase")
+    return (q.dtype in st.SUPPORTED_DTYPES  # k, v are cast to q's dtype
+            and 16 <= min(q.shape[-1], v.shape[-1]) and max(q.shape[-1], v.shape[-1]) <= st.MAX_HEAD_DIM)
 
 
 def _select_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
     """Resolve impl="auto". The one dispatch point.
 
-    ``"auto"``: ``"flex"`` (megatron_ham.kernels.scratchpad: compaction + staircase BlockMask +
-    compiled FlexAttention) for CUDA tensors with head dims >= 16 (FlexAttention's minimum) when
-    it imports, else ``"compact"`` (the CPU path). ``"flex"`` asked for explicitly raises
-    ValueError when it cannot run.
+    ``"auto"``: ``"triton"`` (megatron_ham.kernels.staircase, our staircase kernel) for CUDA
+    tensors of bf16/fp16 with head dims in [16, 256]; else ``"flex"``
+    (megatron_ham.kernels.scratchpad: compaction + staircase BlockMask + compiled
+    FlexAttention) for CUDA tensors with head dims >= 16 when it imports; else ``"compact"``
+    (the CPU path). ``"triton"`` / ``"flex"`` asked for explicitly raise ValueError when they
+    cannot run.
     """
+    if impl == "triton":
+        if not _triton_ok(q, v):
+            raise ValueError(f"impl='triton' needs CUDA tensors, q in bf16/fp16, head dims in "
+                             f"[16, 256] (q {q.dtype} on {q.device}, K={q.shape[-1]}, "
+                             f"V={v.shape[-1]}; import: {kernel_import_error('staircase')})")
+        return impl
     if impl == "flex":
         kernels = load_kernels()
         if not q.is_cuda or kernels is None or not kernels.flex_available():
@@ -51,6 +73,8 @@ def _select_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
     if impl != "auto":
         return impl
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) >= 16:
+        if _triton_ok(q, v):
+            return "triton"
         kernels = load_kernels()
         if kernels is not None and kernels.flex_available():
             return "flex"
@@ -190,7 +214,7 @@ def scratchpad_attention(
         routed: bool `[B,T]`, the tokens stored in the scratchpad (same for all heads).
         scale: softmax scale, default K**-0.5.
         cu_seqlens: int `[N+1]` document boundaries of a packed batch (B must be 1).
-        impl: "auto" | "reference" | "compact" | "flex".
+        impl: "auto" | "reference" | "compact" | "flex" | "triton".
     Returns:
         o `[B,T,H,V]` in v's dtype; 0 for queries that see no routed key.
     """
@@ -199,7 +223,10 @@ def scratchpad_attention(
     scale = K ** -0.5 if scale is None else float(scale)
     doc = _doc_ids(cu_seqlens, B, T, q.device)
     impl = _select_impl(impl, q, v)
-    if impl == "flex":  # GPU path (megatron_ham.kernels.scratchpad)
+    if impl == "triton":  # GPU path (megatron_ham.kernels.staircase)
+        tri = load_kernels("staircase").scratchpad_attention_triton
+        o = tri(q, k.to(q.dtype), v.to(q.dtype), routed, scale=scale, cu_seqlens=cu_seqlens)
+    elif impl == "flex":  # GPU path (megatron_ham.kernels.scratchpad)
         flex = load_kernels("scratchpad").scratchpad_attention_flex
         o = flex(q, k.to(q.dtype), v.to(q.dtype), routed, scale=scale, cu_seqlens=cu_seqlens)
     elif impl == "reference":
