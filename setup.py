@@ -37,7 +37,7 @@ setup(
         # CPU test environment: fla's pure-torch references need an importable triton;
         # lm-evaluation-harness runs on an exported tiny model (tests/test_eval_lm_eval.py).
         "test": ["pytest>=8", "pytest-timeout", "fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton",
-                 "matplotlib==3.11.2", "lm-eval==0.4.13"],
+                 "matplotlib==3.11.2", "lm-eval[hf]==0.4.13"],
     },
     entry_points={"console_scripts": ["ham-prep-data = data_prep.cli:main",
                                      "ham-convert-hf = megatron_ham.hf.convert:main",

@@ -404,6 +404,7 @@ def run_eval(args) -> dict:
             run.heldout.close()
     report["elapsed_s"] = round(time.time() - t0, 2)
     rep = jsonable(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if not args.no_plots:
         rep["plots"] = write_plots(rep, args.out, rep["warnings"])
     write_json(args.out, rep)
