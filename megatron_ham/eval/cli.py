@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     kg = k.add_mutually_exclusive_group()
     kg.add_argument("--kv-fraction", type=float, metavar="F",
                     help="calibrate tau per layer so a fraction F of the evaluated tokens is routed")
-    kg.add_argument("--tau", type=float, metavar="X", help="tau = X in every HAM layer (inf: nothing "
-                    "routed, -inf: everything)")
+    kg.add_argument("--tau", type=float, metavar="X", help="tau = X in every HAM layer (--tau=inf: nothing "
+                    "routed, --tau=-inf: everything)")
     k.add_argument("--calib-samples", type=int, default=8, metavar="N",
                    help="sequences --kv-fraction calibrates on: the first N held-out sequences, else "
                         "recall examples at the shortest length (8)")
