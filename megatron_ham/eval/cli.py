@@ -271,6 +271,9 @@ def _prepare(run: _Run) -> None:
             run.haystack = TextHaystack(args.haystack)
         except ValueError as e:
             raise EvalError(f"--haystack {e}") from e
+    if not recall and "ppl" not in tasks:
+        raise EvalError(f"--tasks {args.tasks}: nothing to evaluate (routing is observed on the ppl "
+                        "data and the recall examples: add ppl with --data, or a recall task)")
     run.tasks, run.recall, run.params = tasks, recall, params
 
 
@@ -295,8 +298,8 @@ def _space(info):
     return TokenSpace(info.vocab_size, exclude=(info.eod_id,) if info.eod_id is not None else ())
 
 
-def _calibration_batches(run: _Run, plan) -> (list, dict):
-    import numpy as np
+def _calibration_batches(run: _Run, plan):
+    """([int [b, s] batches], description) of the sequences --kv-fraction calibrates on."""
     import torch
 
     args = run.args
