@@ -216,6 +216,7 @@ def test_bad_input_exits_2_naming_the_problem(trained, tmp_path, capsys):
     ck, hf = ["--checkpoint", trained["checkpoint"]], ["--hf", trained["hf"]]
     out = ["--out", str(tmp_path / "r.json"), "--no-progress"]
     other = write_blend(str(tmp_path / "other_vocab.json"), trained["prefix"], vocab_size=4000)
+    larger = write_blend(str(tmp_path / "larger_vocab.json"), trained["prefix"], vocab_size=16000)
     os.symlink(trained["prefix"] + ".bin", str(tmp_path / "licenses.bin"))
     os.symlink(trained["prefix"] + ".idx", str(tmp_path / "licenses.idx"))
     gone = tmp_path / "gone.json"
@@ -228,7 +229,8 @@ def test_bad_input_exits_2_naming_the_problem(trained, tmp_path, capsys):
     wide = str(tmp_path / "wide")
     write_indexed(wide, [list(range(7990, 8010)) * 10 + [EOD]] * 4)
     cases = [
-        (ck + ["--data", other, "--tasks", "ppl"], "tokenizer has vocab_size 4000 but the model's vocabulary is 8000"),
+        (ck + ["--data", other, "--tasks", "ppl"], "tokenizer has vocab_size 4000 but the model was trained on data with vocab_size 8000"),
+        (hf + ["--data", larger, "--tasks", "ppl"], "vocab_size 16000, larger than the model's vocabulary 8000"),
         (hf + ["--data", str(tmp_path / "nope"), "--tasks", "ppl"],
          "nope: no blend file and no IndexedDataset prefix there"),
         (ck + ["--data", str(gone), "--tasks", "ppl"], "no IndexedDataset at"),
@@ -238,6 +240,8 @@ def test_bad_input_exits_2_naming_the_problem(trained, tmp_path, capsys):
         (["--checkpoint", str(tmp_path / "absent")], "absent: no such file or directory"),
         (ck + ["--tasks", "mqar", "--lengths", "40"], "--lengths 40: too short for mqar"),
         (ck + ["--tasks", "ppl", "--data", wide, "--ppl-samples", "1"], "token id 8009 is outside the model's vocabulary"),
+        (ck + ["--tasks", "niah_single", "--lengths", "80", "--samples", "1", "--haystack", wide],
+         "token id 8009 is outside the vocabulary [0, 8000): the text was tokenized for another model"),
         (ck + ["--tasks", "recall,bogus"], "--tasks: unknown task 'bogus'"),
         (ck + ["--kv-fraction", "1.5"], "--kv-fraction must be in [0, 1]"),
         (ck + ["--tasks", "ppl", "--data", trained["blend"], "--split", "valid", "--run-config",

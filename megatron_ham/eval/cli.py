@@ -279,6 +279,7 @@ def _prepare(run: _Run) -> None:
 
 def _heldout(run: _Run):
     from .heldout import data_kind, heldout
+    from .model_io import training_blend
 
     args, info = run.args, run.info
     rc = info.run_config
@@ -288,8 +289,11 @@ def _heldout(run: _Run):
         validated = rc.train.eval_interval > 0 and info.run_config_path is not None
         n = rc.train.eval_iters * rc.train.global_batch_size if split == "valid" and validated else 64
     s = args.ppl_length_v or info.seq_length
-    return heldout(run.data, rc, split=split, num_samples=n, seq_length=s, model_vocab=info.vocab_size,
-                   eod_id=info.eod_id, cache_dir=args.cache_dir)
+    ho = heldout(run.data, rc, split=split, num_samples=n, seq_length=s, model_vocab=info.vocab_size,
+                 eod_id=info.eod_id, cache_dir=args.cache_dir, train_blend=training_blend(rc))
+    for w in ho.warnings:
+        run.warn(w)
+    return ho
 
 
 def _space(info):
@@ -352,7 +356,12 @@ def _evaluate(run: _Run) -> dict:
                          recorder=recorder, progress=progress)
         out["perplexity"] = dict(run.heldout.describe(), **res)
     if plan is not None:
-        rows = run_recall(model, plan, batch_size=args.batch_size, recorder=recorder, progress=progress)
+        try:
+            rows = run_recall(model, plan, batch_size=args.batch_size, recorder=recorder, progress=progress)
+        except ValueError as e:  # an example that cannot be built from this haystack / vocabulary
+            from .errors import EvalError
+
+            raise EvalError(f"recall: {e}") from e
         out["recall"] = {"seed": args.seed, "samples": args.samples,
                          "haystack": "random" if run.haystack is None else run.haystack.prefix,
                          "markers": space.markers, "excluded_ids": list(space.exclude),

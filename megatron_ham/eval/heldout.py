@@ -23,8 +23,8 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from .errors import EvalError
 
@@ -65,6 +65,7 @@ class HeldOut:
     seq_length: int
     info: dict
     _cache: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)
 
     def describe(self) -> dict:
         return dict(self.info)
@@ -75,11 +76,35 @@ class HeldOut:
             self._cache = None
 
 
+def _check_vocab(data: str, vocab, model_vocab: int, train_blend: dict) -> List[str]:
+    """EvalError when the data's tokenizer cannot be the model's: its vocabulary is larger than
+    the model's, or differs from the run's own training data's (`train_blend`, the run's blend
+    info when known). A smaller vocabulary with the training data unknown is only a warning (a
+    model's vocab_size may be rounded up past its tokenizer's)."""
+    if vocab is None:
+        return []
+    vocab = int(vocab)
+    if vocab > model_vocab:
+        raise EvalError(f"--data {data}: the data's tokenizer has vocab_size {vocab}, larger than the "
+                        f"model's vocabulary {model_vocab}: the data was tokenized for another model")
+    trained = train_blend.get("vocab_size")
+    if trained is not None and vocab != int(trained):
+        raise EvalError(f"--data {data}: the data's tokenizer has vocab_size {vocab} but the model was "
+                        f"trained on data with vocab_size {trained} ({train_blend.get('path')}): the data "
+                        "was tokenized for another model")
+    if trained is None and vocab != model_vocab:
+        return [f"--data {data}: the data's tokenizer has vocab_size {vocab}, the model {model_vocab}; "
+                "the run's training data is unknown here, so this is taken as vocabulary padding"]
+    return []
+
+
 def heldout(data: str, run_cfg, *, split: Optional[str], num_samples: int, seq_length: int,
-            model_vocab: int, eod_id: Optional[int], cache_dir: Optional[str] = None) -> HeldOut:
-    """The held-out samples of `data` (see the module docstring). Raises EvalError naming the
-    file / argument for a missing prefix, a blend whose vocabulary differs from the model's, or a
-    split the run does not have."""
+            model_vocab: int, eod_id: Optional[int], cache_dir: Optional[str] = None,
+            train_blend: Optional[dict] = None) -> HeldOut:
+    """The held-out samples of `data` (see the module docstring). `train_blend`: the run's own
+    blend info (model_io.training_blend), for the vocabulary check. Raises EvalError naming the
+    file / argument for a missing prefix, a tokenizer that is not the model's, or a split the run
+    does not have."""
     from megatron_ham.training.config import ConfigError
     from megatron_ham.training.data import build_datasets, read_blend
 
@@ -102,9 +127,7 @@ def heldout(data: str, run_cfg, *, split: Optional[str], num_samples: int, seq_l
         d.blend, d.prefixes = os.path.abspath(data), []
     else:
         d.blend, d.prefixes = None, [os.path.abspath(data)]
-    if info.get("vocab_size") is not None and int(info["vocab_size"]) != int(model_vocab):
-        raise EvalError(f"--data {data}: the data's tokenizer has vocab_size {info['vocab_size']} but the "
-                        f"model's vocabulary is {model_vocab}: the data was tokenized for another model")
+    warnings = _check_vocab(data, info.get("vocab_size"), model_vocab, train_blend or {})
     d.split = _split_spec(d.split, split)
     d.eod_id = eod_id if eod_id is not None else info.get("eod_id", 0)
     d.tokenizer = None
@@ -132,7 +155,7 @@ def heldout(data: str, run_cfg, *, split: Optional[str], num_samples: int, seq_l
     desc = {"data": os.path.abspath(data), "kind": kind, "split": split, "split_spec": d.split,
             "seed": cfg.train.seed, "samples": int(num_samples), "seq_length": int(seq_length),
             "tokenizer_vocab": info.get("vocab_size")}
-    return HeldOut(valid, int(num_samples), int(seq_length), desc, made)
+    return HeldOut(valid, int(num_samples), int(seq_length), desc, made, warnings)
 
 
 __all__ = ["HeldOut", "heldout", "data_kind", "SPLITS"]

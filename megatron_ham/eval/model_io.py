@@ -84,17 +84,19 @@ def _run_config(path: Optional[str], model_cfg, notes: List[str]):
     return cfg, None
 
 
-def _blend_eod(run_cfg) -> Optional[int]:
-    """The EOD id training fell back to: the run's blend file's eod_id (when it exists here)."""
+def training_blend(run_cfg) -> dict:
+    """The run's own blend file's info (eod_id, vocab_size, ...) when that file exists here."""
     blend = getattr(run_cfg.data, "blend", None) if run_cfg is not None else None
     if not blend or not os.path.isfile(blend):
-        return None
+        return {}
     try:
         with open(blend, encoding="utf-8") as f:
             raw = json.load(f) if blend.endswith(".json") else __import__("yaml").safe_load(f)
-        return int(raw["eod_id"]) if isinstance(raw, dict) and raw.get("eod_id") is not None else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return dict({k: v for k, v in raw.items() if k != "blend"}, path=blend)
 
 
 def describe(checkpoint: Optional[str] = None, hf: Optional[str] = None,
@@ -125,8 +127,8 @@ def _describe_megatron(checkpoint: str, run_config: Optional[str]) -> ModelInfo:
     data = doc.get("data") or {}
     tok = data.get("tokenizer")
     eod = resolve_eod(doc, tok if tok and os.path.exists(tok) else None)
-    if eod is None:
-        eod = _blend_eod(rc)
+    if eod is None and training_blend(rc).get("eod_id") is not None:
+        eod = int(training_blend(rc)["eod_id"])  # training's last fallback (training/data.py)
     documents = bool(data.get("documents", True))
     if documents and eod is None:
         notes.append(f"{step_dir}: the run's EOD id is unknown (no data.eod_id, tokenizer or blend "

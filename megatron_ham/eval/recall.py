@@ -204,7 +204,11 @@ def _haystack(rng, space: TokenSpace, n: int, used: np.ndarray, haystack) -> np.
     if haystack is None:
         pool = space.content[~np.isin(space.content, used)]
         return rng.choice(pool, size=n, replace=True).astype(np.int64)
-    return haystack.take(n, rng, forbidden)
+    hay = haystack.take(n, rng, forbidden)
+    if int(hay.max()) >= space.vocab_size:
+        raise ValueError(f"haystack {haystack.prefix!r}: token id {int(hay.max())} is outside the "
+                         f"vocabulary [0, {space.vocab_size}): the text was tokenized for another model")
+    return hay
 
 
 def _insert(hay: np.ndarray, pieces: List[np.ndarray], at: Sequence[int]) -> Tuple[np.ndarray, List[List[int]]]:
