@@ -322,8 +322,13 @@ def _build(cls, data: dict, prefix: str, sources: Optional[dict], default_where:
         raise ConfigError(f"{default_where}: section '{prefix or '<top>'}': {e}") from None
 
 
-def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) -> RunConfig:
-    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides."""
+def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None,
+                sections: Optional[Tuple[str, ...]] = None) -> RunConfig:
+    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides.
+
+    sections: read only these top-level keys of the merged recipe (the others keep their
+    defaults); None reads everything.
+    """
     overrides = list(overrides or [])
     if recipe is not None:
         tree, sources = load_recipe_tree(recipe)
@@ -331,10 +336,24 @@ def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) ->
     else:
         tree, sources, where = {}, {}, "<defaults>"
     apply_overrides(tree, sources, overrides)
+    if sections is not None:
+        tree = {k: v for k, v in tree.items() if k in sections}
     tree.setdefault("name", os.path.splitext(os.path.basename(recipe))[0] if recipe else "run")
     cfg = _build(RunConfig, tree, "", sources, where)
     validate(cfg, sources, where)
     return cfg
+
+
+#: what a model (and its export) needs of a run config
+MODEL_SECTIONS = ("name", "model", "data")
+
+
+def load_run_config(path: str) -> RunConfig:
+    """The run config a checkpoint was saved with (its `config.yaml`, written by ham-train) or a
+    recipe, loaded as ham-train loads a recipe, reading only the `model` and `data` sections:
+    the other sections do not describe the model, and a saved config may carry keys of another
+    version there. Used by ham-convert-hf and anything else that rebuilds a trained model."""
+    return load_config(path, sections=MODEL_SECTIONS)
 
 
 def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<config>") -> None:
