@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-from megatron_ham.models import ModelConfig
+from megatron_ham.models.config import ModelConfig, SettingError
 
 
 class ConfigError(ValueError):
@@ -398,10 +398,8 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
         bad("logging.interval", f"must be > 0, got {cfg.logging.interval}")
     try:
         cfg.model.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    except ValueError as e:
-        msg = str(e)
-        name = msg.split(":", 1)[0].replace("ModelConfig.", "")
-        raise ConfigError(f"{src('model.' + name)}: key 'model.{name}': {msg.split(':', 1)[-1].strip()}") from None
+    except SettingError as e:
+        bad(f"model.{e.key}", f"expected {e.expected}, got {e.got!r}")
 
 
 def dump_config(cfg: RunConfig) -> str:
