@@ -167,6 +167,7 @@ def setup(cfg: RunConfig) -> Trainer:
     optimizer, scheduler = build_optimizer(cfg, model)
     padded_vocab = cfg.model.padded_vocab_size()
     train_ds, valid_ds, eod = build_datasets(cfg, vocab_size=padded_vocab)
+    cfg.data.eod_id = eod  # what the saved config.yaml records: the exporter reads it back
     tr = Trainer(cfg, info, device, model, optimizer, scheduler, train_ds, valid_ds, eod, plan, log)
     # model FLOPs: matmul weights summed over the model-parallel ranks
     n = torch.tensor([matmul_params([_unwrap(c) for c in model], cfg.model.tie_embeddings,
