@@ -70,7 +70,6 @@ class TrainConfig:
     grad_reduce_in_fp32: bool = True
     eval_interval: int = 0  # validation every N steps (0 = never)
     eval_iters: int = 2  # global batches per validation
-    exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after this step; tests
 
 
 @dataclass

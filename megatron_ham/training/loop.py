@@ -329,10 +329,10 @@ def save_checkpoint(tr: Trainer) -> str:
 
 
 def train(tr: Trainer) -> int:
-    """Run until train_steps (or exit_after_steps, or a preemption signal). Returns the exit code."""
+    """Run until train_steps or a preemption signal. Returns the exit code."""
     cfg = tr.cfg
     stop = StopRequest().install()
-    last = min(cfg.train.train_steps, cfg.train.exit_after_steps or cfg.train.train_steps)
+    last = cfg.train.train_steps
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     world = dist.get_world_size()
     peak = peak_flops(cfg.logging.peak_tflops)
