@@ -119,3 +119,19 @@ def test_old_checkpoint_same_export(old_run, tmp_path):
         if key in EOD_KEYS:
             want = EOD_KEYS[key]
         assert cfg.get(key) == want, (key, cfg.get(key), want)
+    # the export's logits are the old Megatron model's; and a config.json without the fields
+    # this version added (kind_symbols, fused_sections: an older export) loads the same
+    import megatron_ham.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    x = torch.arange(16).remainder(61).add(1)[None]
+    x[0, 6] = 0
+    want = torch.tensor(REF["logits"])
+    for strip in (False, True):
+        if strip:
+            for key in ("kind_symbols", "fused_sections"):
+                cfg.pop(key)
+            json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+        m = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert (m(x).logits[0] - want).abs().max().item() < 1e-6, strip
