@@ -77,7 +77,7 @@ def _toy_kind():
         hf_module = ToyMixerHF
 
         def check(self, cfg, tp):
-            divisible(cfg, "mixer_num_heads", cfg.mixer_num_heads, tp, "tensor_model_parallel_size")
+            divisible("mixer_num_heads", cfg.mixer_num_heads, tp, "tensor_model_parallel_size")
 
         def spec(self, backend, cfg):
             return ModuleSpec(module=ToyMixer, params={"kind": self, "model_config": cfg},

@@ -48,6 +48,17 @@ def test_setting_error_names_key_expected_and_value():
                             "got 'oracle'")
 
 
+def test_registry_refuses_a_clashing_kind():
+    from megatron_ham.layers.kinds import LayerKind, register, symbols
+
+    class Clash(LayerKind):
+        name, symbol = "not_ham", "H"
+
+    with pytest.raises(ValueError, match="clashes with the registered 'ham'"):
+        register(Clash())
+    assert symbols() == {"*": "attention", "G": "gdn", "H": "ham"}
+
+
 def test_te_backend_clear_error_when_absent():
     from megatron_ham.layers import get_backend
 

@@ -23,11 +23,11 @@ class AttentionKind(LayerKind):
         if cfg.hidden_size % nh and not cfg.kv_channels:
             raise SettingError("num_attention_heads", f"a divisor of hidden_size={cfg.hidden_size} "
                                "(or set kv_channels)", nh)
-        divisible(cfg, "num_attention_heads", nh, tp, "tensor_model_parallel_size")
+        divisible("num_attention_heads", nh, tp, "tensor_model_parallel_size")
         g = cfg.resolved_num_query_groups()
         if nh % g:
             raise SettingError("num_query_groups", f"a divisor of num_attention_heads={nh}", g)
-        divisible(cfg, "num_query_groups", g, tp, "tensor_model_parallel_size")
+        divisible("num_query_groups", g, tp, "tensor_model_parallel_size")
 
     def spec(self, backend, cfg):
         from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules

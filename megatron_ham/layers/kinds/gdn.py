@@ -23,7 +23,7 @@ class GDNKind(LayerKind):
 
     def check(self, cfg, tp: int) -> None:
         positive_int(cfg, "mixer_num_heads", "mixer_key_head_dim", "mixer_value_head_dim", "conv_kernel")
-        divisible(cfg, "mixer_num_heads", cfg.mixer_num_heads, tp, "tensor_model_parallel_size")
+        divisible("mixer_num_heads", cfg.mixer_num_heads, tp, "tensor_model_parallel_size")
         if isinstance(cfg.mixer_norm_eps, bool) or not cfg.mixer_norm_eps > 0:
             raise SettingError("mixer_norm_eps", "a float > 0", cfg.mixer_norm_eps)
         if cfg.impl not in IMPLS:

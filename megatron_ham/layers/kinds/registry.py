@@ -49,8 +49,9 @@ def positive_int(cfg, *names: str) -> None:
             raise SettingError(n, "a positive int", v)
 
 
-def divisible(cfg, name: str, value: int, by: int, what: str) -> None:
-    """SettingError unless `value` (the setting `name`, maybe resolved) is divisible by `by`."""
+def divisible(name: str, value: int, by: int, what: str) -> None:
+    """SettingError unless `value` (the setting `name`, maybe resolved) is divisible by `by`
+    (`what`: the name of `by`, for the message)."""
     if value % by:
         raise SettingError(name, f"a multiple of {what}={by}", value)
 
