@@ -10,10 +10,7 @@
 - Megatron checkpoint (`ham-train`'s dist_checkpointing, any TP/PP layout): loaded on ONE
   process at TP=1, PP=1 by `megatron_ham.hf.convert.load_megatron_model` (tensors are stored
   layout-free). Documents as in training: `document_forward_kwargs(tokens, eod)` when the run's
-  data.documents is on. Routing: Megatron's HAMMixer records its per-token scores only in
-  training mode (the controller protocol), so the HAM mixers alone are put in training mode for
-  the forward (no dropout anywhere in a mixer; the controller is never stepped, so tau does not
-  move) and the scores are popped with `pop_recorded_scores()`.
+  data.documents is on. Routing: each HAM mixer's `last_scores` / `last_routed` of the forward.
 - Hugging Face export (`ham-convert-hf`): loaded with this package's own HAMForCausalLM (the
   export's code is never run); routing from each HAM mixer's `last_scores` / `last_routed`.
 Logits cover the real vocabulary only (Megatron's vocab-padding rows are dropped), so both
@@ -113,26 +110,25 @@ def describe(checkpoint: Optional[str] = None, hf: Optional[str] = None,
 
 
 def _describe_megatron(checkpoint: str, run_config: Optional[str]) -> ModelInfo:
-    from megatron_ham.hf.convert import (ConversionError, model_config_from, read_run_config,
-                                         resolve_checkpoint, resolve_eod)
+    from megatron_ham.hf.convert import (ConversionError, export_eod_id, read_run_config,
+                                         resolve_checkpoint)
 
     try:
         step_dir = resolve_checkpoint(checkpoint)
-        doc = read_run_config(step_dir)
-        cfg = model_config_from(doc, os.path.join(step_dir, "config.yaml"))
+        run = read_run_config(step_dir)
     except ConversionError as e:
         raise EvalError(str(e)) from e
+    cfg = run.model
     notes: List[str] = []
     rc, rc_path = _run_config(run_config or os.path.join(step_dir, "config.yaml"), cfg, notes)
-    data = doc.get("data") or {}
-    tok = data.get("tokenizer")
-    eod = resolve_eod(doc, tok if tok and os.path.exists(tok) else None)
-    if eod is None and training_blend(rc).get("eod_id") is not None:
-        eod = int(training_blend(rc)["eod_id"])  # training's last fallback (training/data.py)
-    documents = bool(data.get("documents", True))
+    try:
+        eod = export_eod_id(run)  # the trainer's order (data.eod_id, tokenizer, blend, 0)
+    except ConversionError as e:
+        eod = None
+        notes.append(f"{step_dir}: {e}")
+    documents = bool(run.data.documents)
     if documents and eod is None:
-        notes.append(f"{step_dir}: the run's EOD id is unknown (no data.eod_id, tokenizer or blend "
-                     "file here); documents are not separated")
+        notes.append(f"{step_dir}: the run's EOD id is unknown here; documents are not separated")
     return ModelInfo("megatron", step_dir, cfg.architecture, cfg.resolved_pattern(), cfg.vocab_size,
                      cfg.seq_length, eod, documents and eod is not None, cfg.router if "H" in cfg.resolved_pattern() else None,
                      float(cfg.kv_fraction), cfg.dtype, rc, rc_path, notes)
@@ -163,12 +159,14 @@ def _describe_hf(hf: str, run_config: Optional[str]) -> ModelInfo:
         try:
             with open(mpath, encoding="utf-8") as f:
                 meta = json.load(f)
-            from megatron_ham.models import ModelConfig
             from dataclasses import fields
 
+            from megatron_ham.models import ModelConfig
+            from megatron_ham.training.config import model_config_from
+
             known = {f.name for f in fields(ModelConfig)}
-            model_cfg = ModelConfig.from_dict({k: v for k, v in (meta.get("model_config") or {}).items()
-                                               if k in known}, where=f"{mpath}: model_config")
+            model_cfg = model_config_from({k: v for k, v in (meta.get("model_config") or {}).items()
+                                           if k in known}, where=f"{mpath}: model_config")
         except (OSError, ValueError, TypeError) as e:
             notes.append(f"{mpath}: unreadable ({e}); using config.json only")
             meta, model_cfg = {}, None
@@ -255,13 +253,11 @@ class MegatronEvalModel(EvalModel):
         super().__init__(info, device, dtype)
         import torch.distributed as dist
 
-        from megatron_ham.hf.convert import (ConversionError, load_megatron_model, model_config_from,
-                                             read_run_config)
+        from megatron_ham.hf.convert import ConversionError, load_megatron_model, read_run_config
         from megatron_ham.layers.ham_mixer import HAMMixer
 
         self._owns_group = not dist.is_initialized()
-        doc = read_run_config(info.path)
-        cfg = model_config_from(doc, os.path.join(info.path, "config.yaml"))
+        cfg = read_run_config(info.path).model
         try:
             model = load_megatron_model(info.path, cfg)
         except ConversionError as e:
@@ -275,20 +271,13 @@ class MegatronEvalModel(EvalModel):
         tokens = self._check_tokens(tokens)
         b, s = tokens.shape
         kw = document_forward_kwargs(tokens, self.info.eod_id) if self.info.documents else {}
-        for _, m in self._mixers:  # the mixers record their scores in training mode only
-            m.training = True
-        try:
-            with torch.no_grad():
-                out = self.model(tokens, None, None, **kw)
-        finally:
-            for _, m in self._mixers:
-                m.training = False
+        with torch.no_grad():
+            out = self.model(tokens, None, None, **kw)
         if out.shape[0] != b:
             out = out.transpose(0, 1)  # [s, b, v] on older megatron-core
         routing = {}
         for i, m in self._mixers:
-            scores = m.pop_recorded_scores()
-            routing[i] = (scores.reshape(b, s).float(), m.last_routed.reshape(b, s))
+            routing[i] = (m.last_scores.reshape(b, s).float(), m.last_routed.reshape(b, s))
         return Forward(out[..., : self.info.vocab_size].float(), routing)
 
     def taus(self) -> Dict[int, float]:

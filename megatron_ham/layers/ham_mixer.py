@@ -119,6 +119,7 @@ class HAMMixer(GDNMixer):
         # then again inside backward (skipped here)
         if self.training and not _in_backward():
             self._recorded.append(scores.detach().reshape(b, s))
+        self.last_scores = scores.detach().reshape(b, s)  # fp32 [b, s], for evaluation reports
         self.last_routed = routed.detach().reshape(b, s)
         v_kv = t["v"] if r is None else router_weighted_values(t["v"], r.to(t["v"].dtype), routed)
         o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=self.scratchpad_scale,

@@ -347,6 +347,12 @@ def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None,
 MODEL_SECTIONS = ("name", "model", "data")
 
 
+def model_config_from(mapping: dict, where: str):
+    """A ModelConfig from a mapping (e.g. the model_config an export records), each key checked
+    as a recipe's `model.<key>` (ConfigError naming the key and `where`)."""
+    return _build(ModelConfig, mapping, "model", None, where)
+
+
 def load_run_config(path: str) -> RunConfig:
     """The run config a checkpoint was saved with (its `config.yaml`, written by ham-train) or a
     recipe, loaded as ham-train loads a recipe, reading only the `model` and `data` sections:
