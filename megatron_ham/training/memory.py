@@ -119,4 +119,4 @@ def device_budget(ranks_on_host: int):
 
     ram = psutil.virtual_memory().total
     n = max(1, ranks_on_host)
-    return ram / n, f"this host's RAM / {n} rank(s) ({ram / 2**30:.1f} GiB / {n})"
+    return ram / n, f"this host's RAM / {n} rank(s) on it"
