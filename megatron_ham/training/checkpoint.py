@@ -239,7 +239,7 @@ def describe_load_failure(path: str, e: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
         inner = inner[0] if isinstance(inner, tuple) else inner
-        what = f"{type(inner).__name__}: {inner}"
+        what = f"{type(inner).__name__}: {(str(inner).splitlines() or [''])[0]}"
     else:
         what = f"{type(e).__name__}: {e}"
     where = diagnose_items(path)
@@ -357,7 +357,8 @@ def _describe_save_error(what: str, e: BaseException) -> str:
             for f in failures.values():
                 chain.append(f[0] if isinstance(f, tuple) else f)
         x = x.__cause__ or x.__context__
-    text = " | ".join(f"{type(c).__name__}: {c}" for c in chain if isinstance(c, BaseException))
+    text = " | ".join(f"{type(c).__name__}: {(str(c).splitlines() or [''])[0]}" for c in chain
+                      if isinstance(c, BaseException) and not isinstance(getattr(c, "failures", None), dict))
     full = any(getattr(c, "errno", None) == errno.ENOSPC for c in chain) or "No space left" in text
     path = what.split(" ", 1)[0]
     try:

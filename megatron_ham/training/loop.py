@@ -440,8 +440,9 @@ def train(tr: Trainer, stop: Optional[StopRequest] = None) -> int:
             if not finite:
                 kept = (f"{ckpt.step_dirname(tr.saved_step)} is the last checkpoint"
                         if tr.saved_step >= 0 else "no checkpoint was written")
-                tr.log.info(f"[train] error: non-finite loss {m['loss']} / grad norm {m['grad_norm']} "
-                            f"at step {tr.step}: stopping without saving ({kept}); exit {EXIT_NONFINITE}")
+                tr.log.info(f"[train] error: non-finite loss or gradient norm at step {tr.step} (loss "
+                            f"{m['loss']}, grad norm {m['grad_norm']}): stopping without saving "
+                            f"({kept}); exit {EXIT_NONFINITE}")
                 code = EXIT_NONFINITE
                 break
             if cfg.train.eval_interval and tr.step % cfg.train.eval_interval == 0:
