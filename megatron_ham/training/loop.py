@@ -339,7 +339,7 @@ def train_step(tr: Trainer) -> Dict[str, float]:
     return {
         "loss": _global_loss(tr, losses),
         "lr": tr.optimizer.param_groups[0]["lr"],
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,  # None: clip_grad=0, fp32
         "update_ok": bool(ok),
         "kv": kv,
     }
