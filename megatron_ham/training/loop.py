@@ -246,8 +246,9 @@ def _prepare_checkpoint_dir(cfg: RunConfig, params: int, log) -> None:
     if dist.get_rank() == 0:
         root = os.path.abspath(cfg.checkpoint.dir)
         try:
-            preflight.check_checkpoint_dir(root, 2 * preflight.checkpoint_bytes(root, params, cfg.model.dtype))
-            ckpt.remove_stale_temps(root, log)
+            preflight.check_writable(root)
+            ckpt.remove_stale_temps(root, log)  # first: leftovers must not count as used space
+            preflight.check_free_space(root, 2 * preflight.checkpoint_bytes(root, params, cfg.model.dtype))
         except (ConfigError, OSError) as e:
             err = str(e) if isinstance(e, ConfigError) else f"checkpoint.dir {root}: {e}"
         if cfg.checkpoint.keep_last == 1:

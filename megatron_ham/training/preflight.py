@@ -1,7 +1,7 @@
 """Start-up checks of the checkpoint dir, before any training time is spent (rank 0).
 
-    check_checkpoint_dir(root, need_bytes)   creates it, proves it writable (a probe file), and
-                                             requires `need_bytes` free; ConfigError names the path
+    check_writable(root)                     creates it and proves it writable (a probe file)
+    check_free_space(root, need_bytes)       requires `need_bytes` free; ConfigError names the path
     checkpoint_bytes(root, params, dtype)    what one checkpoint takes: the newest complete one's
                                              size, else weights + fp32 main weights + Adam moments
 
@@ -31,8 +31,8 @@ def checkpoint_bytes(root: str, params: int, dtype: str) -> int:
     return int(params * (weight_bytes + 12) * 1.1) + (1 << 20)
 
 
-def check_checkpoint_dir(root: str, need_bytes: int) -> None:
-    """ConfigError (naming `root`) unless it can be created, written and has `need_bytes` free."""
+def check_writable(root: str) -> None:
+    """ConfigError (naming `root`) unless it can be created and a file written in it."""
     try:
         os.makedirs(root, exist_ok=True)
         probe = os.path.join(root, f"{PROBE}.{os.getpid()}")
@@ -42,6 +42,10 @@ def check_checkpoint_dir(root: str, need_bytes: int) -> None:
     except OSError as e:
         raise ConfigError(f"checkpoint.dir {root}: not writable ({e.strerror or e}); nothing was "
                           "trained. Point checkpoint.dir at a writable directory") from None
+
+
+def check_free_space(root: str, need_bytes: int) -> None:
+    """ConfigError (naming `root`) unless `need_bytes` are free there."""
     free = shutil.disk_usage(root).free
     if free < need_bytes:
         raise ConfigError(
