@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-from megatron_ham.models import ModelConfig
+from megatron_ham.models.config import ModelConfig, SettingError
 
 
 class ConfigError(ValueError):
@@ -71,7 +71,6 @@ class TrainConfig:
     grad_reduce_in_fp32: bool = True
     eval_interval: int = 0  # validation every N steps (0 = never)
     eval_iters: int = 2  # global batches per validation
-    exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after this step; tests
     # the per-rank memory the start-up check compares its lower bound with (training/memory.py):
     # null = the device (GPU memory, or RAM / ranks on the host); a number of GiB; 0 = no check
     memory_budget_gib: Optional[float] = None
@@ -395,8 +394,13 @@ def _build(cls, data: dict, prefix: str, sources: Optional[dict], default_where:
         raise ConfigError(f"{default_where}: section '{prefix or '<top>'}': {e}") from None
 
 
-def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) -> RunConfig:
-    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides."""
+def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None,
+                sections: Optional[Tuple[str, ...]] = None) -> RunConfig:
+    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides.
+
+    sections: read only these top-level keys of the merged recipe (the others keep their
+    defaults); None reads everything.
+    """
     overrides = list(overrides or [])
     if recipe is not None:
         tree, sources = load_recipe_tree(recipe)
@@ -404,10 +408,24 @@ def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) ->
     else:
         tree, sources, where = {}, {}, "<defaults>"
     apply_overrides(tree, sources, overrides)
+    if sections is not None:
+        tree = {k: v for k, v in tree.items() if k in sections}
     tree.setdefault("name", os.path.splitext(os.path.basename(recipe))[0] if recipe else "run")
     cfg = _build(RunConfig, tree, "", sources, where)
     validate(cfg, sources, where)
     return cfg
+
+
+#: what a model (and its export) needs of a run config
+MODEL_SECTIONS = ("name", "model", "data")
+
+
+def load_run_config(path: str) -> RunConfig:
+    """The run config a checkpoint was saved with (its `config.yaml`, written by ham-train) or a
+    recipe, loaded as ham-train loads a recipe, reading only the `model` and `data` sections:
+    the other sections do not describe the model, and a saved config may carry keys of another
+    version there. Used by ham-convert-hf and anything else that rebuilds a trained model."""
+    return load_config(path, sections=MODEL_SECTIONS)
 
 
 def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<config>") -> None:
@@ -439,8 +457,6 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
             bad(f"train.{k}", f"must be {low}, got {v}")
     if t.eval_interval < 0:
         bad("train.eval_interval", f"must be >= 0, got {t.eval_interval}")
-    if t.exit_after_steps is not None and t.exit_after_steps <= 0:
-        bad("train.exit_after_steps", f"must be > 0 (or null), got {t.exit_after_steps}")
     if t.memory_budget_gib is not None and t.memory_budget_gib < 0:
         bad("train.memory_budget_gib", f"must be >= 0 (0 = no check; null = the device), got {t.memory_budget_gib}")
     if cfg.parallel.tp < 1:
@@ -472,10 +488,8 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
     _check_size_bounds(cfg, src)
     try:
         cfg.model.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    except ValueError as e:
-        msg = str(e)
-        name = msg.split(":", 1)[0].replace("ModelConfig.", "")
-        raise ConfigError(f"{src('model.' + name)}: key 'model.{name}': {msg.split(':', 1)[-1].strip()}") from None
+    except SettingError as e:
+        bad(f"model.{e.key}", f"expected {e.expected}, got {e.got!r}")
 
 
 def _check_size_bounds(cfg: RunConfig, src) -> None:

@@ -178,6 +178,7 @@ def setup(cfg: RunConfig, stop: Optional[StopRequest] = None) -> Trainer:
     stop.check(device, "set-up (model)")
     padded_vocab = cfg.model.padded_vocab_size()
     train_ds, valid_ds, eod = build_datasets(cfg, vocab_size=padded_vocab)
+    cfg.data.eod_id = eod  # what the saved config.yaml records: the exporter reads it back
     stop.check(device, "set-up (datasets)")
     tr = Trainer(cfg, info, device, model, optimizer, scheduler, train_ds, valid_ds, eod, plan, log)
     # model FLOPs: matmul weights summed over the model-parallel ranks
@@ -403,11 +404,11 @@ def _finite(m: Dict[str, float]) -> bool:
 
 
 def train(tr: Trainer, stop: Optional[StopRequest] = None) -> int:
-    """Run until train_steps (or exit_after_steps, a preemption signal, or a non-finite loss /
+    """Run until train_steps (a preemption signal or a non-finite loss /
     grad norm). Returns the exit code. `stop` stays installed after return (shutdown is covered)."""
     cfg = tr.cfg
     stop = stop or StopRequest().install()
-    last = min(cfg.train.train_steps, cfg.train.exit_after_steps or cfg.train.train_steps)
+    last = cfg.train.train_steps
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     world = dist.get_world_size()
     peak = peak_flops(cfg.logging.peak_tflops)

@@ -15,7 +15,7 @@ writer forks one process per file bucket) get SIGKILL when its parent dies, so a
 with -9 leaves no writer behind (prctl PR_SET_PDEATHSIG, Linux).
 
 Exit codes of ham-train (documented in docs/training.md):
-    0   EXIT_OK        finished train_steps (or train.exit_after_steps)
+    0   EXIT_OK        finished train_steps
     1   uncaught error (Python traceback), or a checkpoint save that failed (message names the path)
     2   EXIT_CONFIG    bad recipe / override / command line / checkpoint dir (message names it)
     3   EXIT_NONFINITE the loss or the gradient norm became NaN/inf: stopped before saving
