@@ -6,7 +6,8 @@
 
 Overrides are dotted keys of the recipe schema (docs/training.md). Process layout comes from
 RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun).
-Exit codes: 0 done, 1 error, 2 bad recipe/override, 75 preempted (checkpoint saved; requeue).
+Exit codes: 0 done, 1 error (or a failed save), 2 bad recipe/override/checkpoint dir, 3 non-finite
+loss or grad norm (stopped before saving), 75 preempted (anything new saved; requeue).
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # First, before anything slow (imports, process groups, data indices): a preemption signal
+    # from now on is handled (signals.py), and forked helpers die with this process.
+    from megatron_ham.training.signals import StopRequest, die_with_parent
+
+    stop = StopRequest().install()
+    die_with_parent()
     args = build_parser().parse_args(argv)
     import warnings
 
@@ -36,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ".*torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor).*"):
         warnings.filterwarnings("ignore", message=msg)
     from megatron_ham.training.config import ConfigError, dump_config, load_config
-    from megatron_ham.training.signals import EXIT_CONFIG
+    from megatron_ham.training.signals import EXIT_CONFIG, EXIT_OK, EXIT_REQUEUE, Preempted
 
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -46,20 +53,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from megatron_ham.training.checkpoint import CheckpointSaveError
     from megatron_ham.training.loop import setup, train
+    from megatron_ham.training.safe_checkpoint import CheckpointError
 
+    trainer = None
     try:
-        trainer = setup(cfg)
+        trainer = setup(cfg, stop)
+        code = train(trainer, stop)
+    except Preempted as e:
+        print(f"[train] {e}: nothing new to save; exit {EXIT_REQUEUE} (requeue)", flush=True)
+        code = EXIT_REQUEUE
     except ConfigError as e:
         print(f"ham-train: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    code = train(trainer)
+        code = EXIT_CONFIG
+    except CheckpointError as e:
+        print(f"ham-train: checkpoint error: {e}", file=sys.stderr)
+        code = EXIT_CONFIG
+    except CheckpointSaveError as e:
+        print(f"ham-train: checkpoint save failed: {e}", file=sys.stderr)
+        code = 1
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if code == EXIT_OK and trainer is not None:
+            if stop.agreed(trainer.device):  # a signal after the last save: requeue all the same
+                print(f"[train] signal during shutdown; exit {EXIT_REQUEUE} (requeue)", flush=True)
+                code = EXIT_REQUEUE
+            dist.barrier()
         dist.destroy_process_group()
-    return code
+    return EXIT_REQUEUE if code == EXIT_OK and stop.signum else code
 
 
 if __name__ == "__main__":

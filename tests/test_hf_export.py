@@ -321,7 +321,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ConversionError, match="step_00000005: incomplete checkpoint: no train_state.json"):
         resolve_checkpoint(str(run / "step_00000005"))
     (run / "step_00000005" / "train_state.json").write_text("{}")
-    assert resolve_checkpoint(str(run)) == str(run / "step_00000005")
+    with pytest.raises(ConversionError, match="step_00000005/train_state.json: unreadable train state"):
+        resolve_checkpoint(str(run))  # complete-looking, but verified before use
     # a complete-looking step without the run config
     with pytest.raises(ConversionError, match="config.yaml: missing"):
         from megatron_ham.hf.convert import read_run_config

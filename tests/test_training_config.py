@@ -40,6 +40,13 @@ def test_unknown_key_is_named(override, key):
     ("train.lr_decay_style=exp", "train.lr_decay_style"),
     ("train.global_batch_size=7", "train.global_batch_size"),
     ("model.kv_fraction=1.5", "model.kv_fraction"),
+    ("train.lr=-1", "train.lr"),  # not train.min_lr
+    ("train.lr=.inf", "train.lr"),
+    ("train.adam_eps=.nan", "train.adam_eps"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last"),  # not checkpoint.interval
+    ("train.memory_budget_gib=-2", "train.memory_budget_gib"),
+    ("model.num_layers=1000000000", "model.num_layers"),
+    ("model.seq_length=100000000000", "model.seq_length"),  # no device holds its activations
 ])
 def test_wrong_type_or_value_is_named(override, key):
     with pytest.raises(ConfigError) as e:
@@ -114,3 +121,50 @@ def test_latest_ignores_incomplete_checkpoints(tmp_path):
     assert ckpt.find_latest(root) == os.path.join(root, "step_00000010")
     os.remove(os.path.join(root, "latest"))
     assert ckpt.find_latest(root) == os.path.join(root, "step_00000040")
+
+
+def _alias_bomb() -> str:
+    """The classic 'billion laughs' in YAML: ~750 bytes, 9^9 strings once constructed."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    lines.append("train: {lr: 0.001}")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_and_size_are_bounded(tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    assert 300 < bomb.stat().st_size < 800
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: not valid YAML: aliases expand to more than"):
+        load_config(str(bomb))
+    assert time.perf_counter() - t0 < 5.0
+    levels = ["&a [" + ",".join(["1"] * 9) + "]"]
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"&{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    with pytest.raises(ConfigError, match="aliases expand"):  # the same bound for overrides
+        load_config(TINY, ["data.weights=[" + ", ".join(levels) + "]"])
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: \d+ bytes; a recipe is at most"):
+        load_config(str(big))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("a: &a [*a]\n")
+    with pytest.raises(ConfigError, match="recursive alias|aliases expand|undefined alias"):
+        load_config(str(loop))
+
+
+def test_sweep_yaml_error_exits_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("recipe: x.yaml\nruns: [\n")
+    for path in (str(bad), str(tmp_path / "missing.yaml")):
+        p = subprocess.run([sys.executable, "-m", "megatron_ham.training.sweep", path, "--count"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=REPO))
+        assert p.returncode == 2 and path in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,6 @@ import torch
 from megatron_ham.models.config import DTYPES
 
 PROG = "ham-convert-hf"
-STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "train_state.json"
 OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "short_conv.py",
              "gdn_activations.py", "norm.py", "_checks.py", "_kernels.py")
@@ -51,51 +49,24 @@ def log(msg: str) -> None:
 
 
 # ============================================================================ checkpoint paths
-def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, MARKER))
-
-
 def resolve_checkpoint(path: str) -> str:
     """The step directory to convert: `path` itself when it is a checkpoint, else the run dir's
-    `latest`, else its newest complete step_XXXXXXXX. Raises ConversionError naming the path."""
-    if not os.path.exists(path):
-        raise ConversionError(f"--checkpoint {path}: no such file or directory")
-    if not os.path.isdir(path):
-        raise ConversionError(f"--checkpoint {path}: not a directory (expected a run's checkpoint "
-                              "dir or one step_XXXXXXXX dir)")
-    if os.path.isfile(os.path.join(path, "metadata.json")) or STEP_RE.match(os.path.basename(path.rstrip("/"))) \
-            or os.path.basename(path.rstrip("/")).startswith(".tmp_"):
-        _check_step_dir(path)
-        return path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as f:
-            name = f.read().strip()
-        cand = os.path.join(path, name)
-        if STEP_RE.match(name) and _is_complete(cand):
-            return cand
-        log(f"warning: {latest} names {name!r}, which is not a complete checkpoint; "
-            "using the newest complete step dir instead")
-    steps = sorted(n for n in os.listdir(path) if STEP_RE.match(n))
-    complete = [n for n in steps if _is_complete(os.path.join(path, n))]
-    if not complete:
-        found = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
+    `latest`, else its newest complete step_XXXXXXXX -- verified before anything is loaded
+    (training.checkpoint.usable_checkpoints, shared with ham-train's resume: a damaged one is
+    reported and an older one used; foreign code in it is refused). ConversionError names the path."""
+    from megatron_ham.training.checkpoint import usable_checkpoints
+    from megatron_ham.training.safe_checkpoint import CheckpointError
+
+    try:
+        found = next(usable_checkpoints(path, warn=log), None)
+    except CheckpointError as e:
+        raise ConversionError(f"--checkpoint {e}") from None
+    if found is None:
+        found_names = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
         raise ConversionError(
             f"--checkpoint {path}: no complete checkpoint found (a complete step_XXXXXXXX dir has "
-            f"metadata.json and {MARKER}; found: {found})")
-    return os.path.join(path, complete[-1])
-
-
-def _check_step_dir(path: str) -> None:
-    base = os.path.basename(path.rstrip("/"))
-    if base.startswith(".tmp_"):
-        raise ConversionError(f"--checkpoint {path}: a save in progress (temp dir), not a checkpoint")
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise ConversionError(f"--checkpoint {path}: incomplete checkpoint: no metadata.json "
-                              "(dist_checkpointing did not finish writing it)")
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        raise ConversionError(f"--checkpoint {path}: incomplete checkpoint: no {MARKER} (the "
-                              "trainer writes it last, after every shard is saved)")
+            f"metadata.json and {MARKER}; found: {found_names})")
+    return found
 
 
 # ============================================================================ run config
@@ -166,11 +137,14 @@ def load_megatron_model(step_dir: str, cfg):
     model = build_model(cfg)
     check_checkpoint_shapes(model, step_dir)
     sharded = model.sharded_state_dict()
+    from torch.distributed.checkpoint.api import CheckpointException  # not an Exception subclass
+
+    from megatron_ham.training.checkpoint import describe_load_failure
+
     try:
         loaded = dist_checkpointing.load({"model": sharded}, step_dir)
-    except Exception as e:  # missing shards / keys: name the checkpoint
-        raise ConversionError(f"--checkpoint {step_dir}: could not load the model from the "
-                              f"checkpoint ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # name the checkpoint and the bad file
+        raise ConversionError(f"--checkpoint {describe_load_failure(step_dir, e)}") from None
     model.load_state_dict(loaded["model"], strict=True)
     model.eval()
     return model
@@ -184,9 +158,11 @@ def check_checkpoint_shapes(model, step_dir: str) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
     from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         meta = dist_checkpointing.load_tensors_metadata(step_dir)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise ConversionError(f"--checkpoint {step_dir}: cannot read the tensor metadata "
                               f"({type(e).__name__}: {e})") from e
     sd = model.sharded_state_dict()

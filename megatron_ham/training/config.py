@@ -18,6 +18,7 @@ below. Defaults are the tiny CPU settings; the paper recipes override them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class TrainConfig:
     grad_reduce_in_fp32: bool = True
     eval_interval: int = 0  # validation every N steps (0 = never)
     eval_iters: int = 2  # global batches per validation
+    # the per-rank memory the start-up check compares its lower bound with (training/memory.py):
+    # null = the device (GPU memory, or RAM / ranks on the host); a number of GiB; 0 = no check
+    memory_budget_gib: Optional[float] = None
 
 
 @dataclass
@@ -133,14 +137,77 @@ class RunConfig:
 _RESERVED = ("base", "inherit")
 
 
-def _read_yaml(path: str) -> dict:
+MAX_YAML_BYTES = 1 << 20  # recipes and sweeps are a few KB
+MAX_YAML_NODES = 100_000  # after alias expansion; a 755-byte alias bomb expands to ~10^9
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents whose aliases expand beyond MAX_YAML_NODES (or
+    refer to themselves), checked on the node graph before anything is constructed."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+def _children(node):
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root) -> None:
+    """Count the nodes of the document as constructed (shared alias targets once per use)."""
+    size, open_, stack = {}, set(), [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[id(node)] > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"aliases expand to more than {MAX_YAML_NODES} nodes (an alias bomb?)")
+            continue
+        if id(node) in size:
+            continue
+        open_.add(id(node))
+        stack.append((node, True))
+        for c in _children(node):
+            if id(c) in open_:
+                raise yaml.YAMLError(f"a recursive alias at {c.start_mark}")
+            if id(c) not in size:
+                stack.append((c, False))
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load with the size and alias-expansion bounds (raises yaml.YAMLError)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise yaml.YAMLError(f"{len(text)} characters, more than {MAX_YAML_BYTES}")
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml_file(path: str, what: str = "recipe"):
+    """Parse a YAML file with the bounds; ConfigError names the file (missing, too large, bad YAML)."""
     try:
+        size = os.path.getsize(path)
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a {what} is at most {MAX_YAML_BYTES}")
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            return parse_yaml(f.read(MAX_YAML_BYTES + 1))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe file not found") from None
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a {what} file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def _read_yaml(path: str) -> dict:
+    doc = read_yaml_file(path)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -203,7 +270,7 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not key or any(not p for p in parts):
         raise ConfigError(f"override {text!r}: bad key {key!r} (expected dotted.key=value)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = parse_yaml(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
     return parts, value
@@ -277,10 +344,16 @@ def _coerce(value, tp, key: str, where: str):
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: key '{key}': expected float, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: key '{key}': expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: key '{key}': expected str, got {value!r}")
@@ -377,12 +450,25 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
             f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if t.warmup_steps < 0 or t.warmup_steps > t.train_steps:
         bad("train.warmup_steps", f"must be in [0, train.train_steps={t.train_steps}], got {t.warmup_steps}")
+    if not t.lr > 0:
+        bad("train.lr", f"must be > 0, got {t.lr}")
     if not 0 <= t.min_lr <= t.lr:
         bad("train.min_lr", f"must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    for k in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, k) < 1:
+            bad(f"train.{k}", f"must be in [0, 1), got {getattr(t, k)}")
+    for k, low in (("adam_eps", "> 0"), ("weight_decay", ">= 0"), ("clip_grad", ">= 0")):
+        v = getattr(t, k)
+        if not (v > 0 if low == "> 0" else v >= 0):
+            bad(f"train.{k}", f"must be {low}, got {v}")
     if t.eval_interval < 0:
         bad("train.eval_interval", f"must be >= 0, got {t.eval_interval}")
-    if cfg.parallel.tp < 1 or cfg.parallel.pp < 1:
-        bad("parallel.tp", "tp and pp must be >= 1")
+    if t.memory_budget_gib is not None and t.memory_budget_gib < 0:
+        bad("train.memory_budget_gib", f"must be >= 0 (0 = no check; null = the device), got {t.memory_budget_gib}")
+    if cfg.parallel.tp < 1:
+        bad("parallel.tp", f"must be >= 1, got {cfg.parallel.tp}")
+    if cfg.parallel.pp < 1:
+        bad("parallel.pp", f"must be >= 1, got {cfg.parallel.pp}")
     if cfg.parallel.vp is not None and (cfg.parallel.pp == 1 or cfg.parallel.vp < 1):
         bad("parallel.vp", "virtual pipeline stages need parallel.pp > 1 and vp >= 1")
     d = cfg.data
@@ -397,14 +483,42 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
         assert len(parts) == 3 and all(p >= 0 for p in parts) and sum(parts) > 0
     except Exception:
         bad("data.split", f"expected three comma-separated non-negative numbers like '98,2,0', got {d.split!r}")
-    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep_last < 0:
-        bad("checkpoint.interval", "interval and keep_last must be >= 0")
+    if cfg.checkpoint.interval < 0:
+        bad("checkpoint.interval", f"must be >= 0 (0 = only at the end and on signals), got {cfg.checkpoint.interval}")
+    if cfg.checkpoint.keep_last < 0:
+        bad("checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {cfg.checkpoint.keep_last}")
     if cfg.logging.interval <= 0:
         bad("logging.interval", f"must be > 0, got {cfg.logging.interval}")
+    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
+        bad("logging.peak_tflops", f"must be > 0 (or null), got {cfg.logging.peak_tflops}")
+    _check_size_bounds(cfg, src)
     try:
         cfg.model.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     except SettingError as e:
         bad(f"model.{e.key}", f"expected {e.expected}, got {e.got!r}")
+
+
+def _check_size_bounds(cfg: RunConfig, src) -> None:
+    """Before ModelConfig.validate builds the layer pattern: a layer count this code could ever
+    build, and the memory floor of training/memory.py against its absolute ceiling (or
+    train.memory_budget_gib). The device comparison happens at start-up (loop.setup)."""
+    from . import memory
+
+    m = cfg.model
+    for k in ("num_layers", "hidden_size", "seq_length", "vocab_size", "make_vocab_size_divisible_by",
+              "ffn_hidden_size"):
+        v = getattr(m, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "ffn_hidden_size" else 1):
+            return  # ModelConfig.validate names it
+    if m.num_layers > memory.MAX_LAYERS:
+        raise ConfigError(f"{src('model.num_layers')}: key 'model.num_layers': {m.num_layers} layers; "
+                          f"at most {memory.MAX_LAYERS}")
+    budget = cfg.train.memory_budget_gib
+    if budget == 0:
+        return
+    gib = memory.MAX_RANK_GIB if budget is None else budget
+    name = f"the {gib:g} GiB ceiling of any one rank" if budget is None else f"train.memory_budget_gib={gib:g}"
+    memory.check(cfg, memory.estimate(cfg), gib * 2.0 ** 30, name, lambda k: f"{src(k)}: key '{k}'")
 
 
 def dump_config(cfg: RunConfig) -> str:

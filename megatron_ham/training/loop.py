@@ -14,6 +14,7 @@ global batch (see data.py).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .config import RunConfig, dump_config
 from .data import BatchPlan, build_datasets, check_batch_plan, global_batch
 from .logging import MetricsWriter, model_flops_per_token, peak_flops
 from .logging.metrics import matmul_params, memory_gib
-from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest
+from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopRequest
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Trainer:
     step: int = 0
     consumed_samples: int = 0
     p_matmul: int = 0
+    saved_step: int = -1  # the step of the checkpoint on disk that this run wrote or resumed
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
@@ -147,13 +149,18 @@ def build_optimizer(cfg: RunConfig, model_chunks):
     return optimizer, scheduler
 
 
-def setup(cfg: RunConfig) -> Trainer:
+def setup(cfg: RunConfig, stop: Optional[StopRequest] = None) -> Trainer:
+    """Process groups -> start-up checks -> model, optimizer -> data -> resume. Collective.
+
+    `stop` (installed by ham-train before anything slow) is checked by all ranks together after
+    each phase; a signal raises signals.Preempted (nothing new to save at that point)."""
     from megatron.core import parallel_state as ps
 
     from megatron_ham.distributed import initialize
 
     from megatron_ham.cpu_shims import install_training_shims
 
+    stop = stop or StopRequest()
     install_training_shims()
     info = initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed)
     device = info.device
@@ -161,13 +168,18 @@ def setup(cfg: RunConfig) -> Trainer:
     log = MetricsWriter(is_log_rank, _tb_dir(cfg), _jsonl_path(cfg))
     _prepare_model_config(cfg, log.info)
     check_batch_plan(cfg, info.dp)
+    params = _check_memory(cfg, info.dp)
+    _prepare_checkpoint_dir(cfg, params, log.info)
+    stop.check(device, "set-up (process groups)")
     plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.dp,
                      ps.get_data_parallel_rank())
     model = build_model_chunks(cfg)
     optimizer, scheduler = build_optimizer(cfg, model)
+    stop.check(device, "set-up (model)")
     padded_vocab = cfg.model.padded_vocab_size()
     train_ds, valid_ds, eod = build_datasets(cfg, vocab_size=padded_vocab)
     cfg.data.eod_id = eod  # what the saved config.yaml records: the exporter reads it back
+    stop.check(device, "set-up (datasets)")
     tr = Trainer(cfg, info, device, model, optimizer, scheduler, train_ds, valid_ds, eod, plan, log)
     # model FLOPs: matmul weights summed over the model-parallel ranks
     n = torch.tensor([matmul_params([_unwrap(c) for c in model], cfg.model.tie_embeddings,
@@ -183,13 +195,69 @@ def setup(cfg: RunConfig) -> Trainer:
         f"{plan.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank"
     )
     if cfg.checkpoint.resume:
-        path = ckpt.find_latest(cfg.checkpoint.dir)
-        if path is not None:
-            st = ckpt.load(path, model, optimizer, scheduler)
+        found = ckpt.resume(cfg.checkpoint.dir, model, optimizer, scheduler, warn=log.info)
+        if found is not None:
+            path, st = found
             tr.step, tr.consumed_samples = int(st["step"]), int(st["consumed_samples"])
+            tr.saved_step = tr.step
             log.info(f"[checkpoint] resumed from {path}: step {tr.step}, "
                      f"consumed_samples {tr.consumed_samples}")
+    stop.check(device, "set-up (resume)")
     return tr
+
+
+def _check_memory(cfg: RunConfig, dp: int) -> int:
+    """The start-up memory check (training/memory.py) against this device; returns the model's
+    parameter count. Collective: every rank raises the same ConfigError."""
+    import socket
+
+    from megatron_ham.models.accounting import count_parameters
+
+    from . import memory
+    from .config import ConfigError
+
+    params = count_parameters(cfg.model)["total"]
+    hosts: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    budget = cfg.train.memory_budget_gib
+    err = None
+    if budget != 0:
+        if budget is None:
+            limit, name = memory.device_budget(hosts.count(socket.gethostname()))
+        else:
+            limit, name = budget * 2.0 ** 30, f"train.memory_budget_gib={budget:g}"
+        try:
+            memory.check(cfg, memory.estimate(cfg, dp, params), limit, name,
+                         lambda k: f"key '{k}' (rank {dist.get_rank()})")
+        except ConfigError as e:
+            err = str(e)
+    err = ckpt.agree_error(err)
+    if err:
+        raise ConfigError(err)
+    return params
+
+
+def _prepare_checkpoint_dir(cfg: RunConfig, params: int, log) -> None:
+    """Rank 0: remove leftovers of interrupted saves, check writability and room for two
+    checkpoints. Collective: every rank raises the same ConfigError."""
+    from . import preflight
+    from .config import ConfigError
+
+    err = None
+    if dist.get_rank() == 0:
+        root = os.path.abspath(cfg.checkpoint.dir)
+        try:
+            preflight.check_writable(root)
+            ckpt.remove_stale_temps(root, log)  # first: leftovers must not count as used space
+            preflight.check_free_space(root, 2 * preflight.checkpoint_bytes(root, params, cfg.model.dtype))
+        except (ConfigError, OSError) as e:
+            err = str(e) if isinstance(e, ConfigError) else f"checkpoint.dir {root}: {e}"
+        if cfg.checkpoint.keep_last == 1:
+            log("[checkpoint] warning: checkpoint.keep_last=1 leaves no older checkpoint to fall "
+                "back to if the newest one turns out damaged (2 or more recommended)")
+    err = ckpt.agree_error(err)
+    if err:
+        raise ConfigError(err)
 
 
 def _tb_dir(cfg: RunConfig) -> Optional[str]:
@@ -273,7 +341,7 @@ def train_step(tr: Trainer) -> Dict[str, float]:
     return {
         "loss": _global_loss(tr, losses),
         "lr": tr.optimizer.param_groups[0]["lr"],
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,  # None: clip_grad=0, fp32
         "update_ok": bool(ok),
         "kv": kv,
     }
@@ -324,14 +392,22 @@ def save_checkpoint(tr: Trainer) -> str:
     t0 = time.time()
     path = ckpt.save(tr.cfg.checkpoint.dir, tr.step, tr.model, tr.optimizer, tr.scheduler, state,
                      dump_config(tr.cfg), keep_last=tr.cfg.checkpoint.keep_last)
+    tr.saved_step = tr.step
     tr.log.info(f"[checkpoint] saved step {tr.step} to {path} ({time.time() - t0:.1f}s)")
     return path
 
 
-def train(tr: Trainer) -> int:
-    """Run until train_steps or a preemption signal. Returns the exit code."""
+def _finite(m: Dict[str, float]) -> bool:
+    """The step's loss and gradient norm are finite (megatron reports no norm without clipping)."""
+    g = m.get("grad_norm")
+    return math.isfinite(m["loss"]) and (g is None or math.isfinite(g))
+
+
+def train(tr: Trainer, stop: Optional[StopRequest] = None) -> int:
+    """Run until train_steps (a preemption signal or a non-finite loss /
+    grad norm). Returns the exit code. `stop` stays installed after return (shutdown is covered)."""
     cfg = tr.cfg
-    stop = StopRequest().install()
+    stop = stop or StopRequest().install()
     last = cfg.train.train_steps
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     world = dist.get_world_size()
@@ -353,7 +429,8 @@ def train(tr: Trainer) -> int:
             m["tokens_per_s"] = tokens_per_step / dt
             m["tokens_per_s_per_device"] = tokens_per_step / dt / world
             tr.history.append({"step": tr.step, "loss": m["loss"]})
-            if tr.step % cfg.logging.interval == 0 or tr.step == last:
+            finite = _finite(m)  # the same on every rank: loss and norm are global
+            if tr.step % cfg.logging.interval == 0 or tr.step == last or not finite:
                 kv_all = _gather_kv(kv)
                 fr = {l: v["fraction"] for l, v in kv_all.items()}
                 flops = model_flops_per_token(cfg.model, tr.p_matmul, fr)
@@ -362,23 +439,43 @@ def train(tr: Trainer) -> int:
                 m.update(memory_gib())
                 tr.log.train_step(tr.step, cfg.train.train_steps, m,
                                   kv_all if cfg.logging.log_kv_layers else {})
+            if not finite:
+                kept = (f"{ckpt.step_dirname(tr.saved_step)} is the last checkpoint"
+                        if tr.saved_step >= 0 else "no checkpoint was written")
+                tr.log.info(f"[train] error: non-finite loss or gradient norm at step {tr.step} (loss "
+                            f"{m['loss']}, grad norm {m['grad_norm']}): stopping without saving "
+                            f"({kept}); exit {EXIT_NONFINITE}")
+                code = EXIT_NONFINITE
+                break
             if cfg.train.eval_interval and tr.step % cfg.train.eval_interval == 0:
                 vl = evaluate(tr)
                 if vl is not None:
                     tr.log.validation(tr.step, vl)
             signum = stop.agreed(tr.device)
             if signum:
-                save_checkpoint(tr)
-                tr.log.info(f"[train] stopped by signal {signum} at step {tr.step}; exit {EXIT_REQUEUE} (requeue)")
-                code = EXIT_REQUEUE
+                code = _stop_for_signal(tr, signum)
                 break
             at_end = tr.step == last and cfg.checkpoint.save_at_end
             if cfg.checkpoint.interval and tr.step % cfg.checkpoint.interval == 0 and not at_end:
                 save_checkpoint(tr)
         else:
-            if cfg.checkpoint.save_at_end and tr.history:
+            if cfg.checkpoint.save_at_end and tr.history and tr.saved_step != tr.step:
                 save_checkpoint(tr)
+            signum = stop.agreed(tr.device)  # a signal during the last step, evaluation or save
+            if signum:
+                code = _stop_for_signal(tr, signum)
     finally:
-        stop.uninstall()
         tr.log.close()
     return code
+
+
+def _stop_for_signal(tr: Trainer, signum: int) -> int:
+    """Save if this run has a step the disk does not, then EXIT_REQUEUE."""
+    if tr.step != tr.saved_step and tr.history:
+        save_checkpoint(tr)
+        what = "saved"
+    else:
+        what = "nothing new to save"
+    tr.log.info(f"[train] stopped by signal {signum} at step {tr.step} ({what}); "
+                f"exit {EXIT_REQUEUE} (requeue)")
+    return EXIT_REQUEUE

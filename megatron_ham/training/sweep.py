@@ -17,14 +17,11 @@ import os
 import sys
 from typing import List
 
-import yaml
-
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, read_yaml_file
 
 
 def load_sweep(path: str) -> List[List[str]]:
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
+    doc = read_yaml_file(path, "sweep") or {}
     if not isinstance(doc, dict) or "recipe" not in doc or not isinstance(doc.get("runs"), list):
         raise ConfigError(f"{path}: a sweep needs 'recipe' and a list 'runs'")
     unknown = sorted(set(doc) - {"recipe", "runs", "output_root"})
