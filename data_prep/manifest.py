@@ -174,11 +174,12 @@ def resolve_files(m: Manifest) -> None:
         for pat in c.patterns:
             full = pat if os.path.isabs(pat) else os.path.join(m.data_root, pat)
             hits = sorted(glob.glob(full, recursive=True)) if glob.has_magic(full) else (
-                [full] if os.path.exists(full) else [])
+                [full] if os.path.lexists(full) else [])
             if not hits:
                 missing.append((c, full))
             for h in hits:
-                if not h.endswith(SUPPORTED_SUFFIXES):
+                # directories and dangling links stay: the pipeline reports them as unreadable inputs
+                if not h.endswith(SUPPORTED_SUFFIXES) and not os.path.isdir(h) and os.path.exists(h):
                     raise ValueError(f"component {c.name!r}: {h}: unsupported file type; expected one of "
                                      f"{', '.join(SUPPORTED_SUFFIXES)}")
                 h = os.path.abspath(h)
