@@ -21,7 +21,7 @@ while [ $# -gt 0 ] && [ "${1#-}" != "$1" ] && [ "$1" != "--sweep" ]; do SB+=("$1
 [ $# -ge 1 ] || { sed -n 2,10p "$0"; exit 2; }
 cd "$repo"
 echo "[submit] python: $HAM_PYTHON" >&2
-"$HAM_PYTHON" -W ignore -m megatron_ham.training.preflight "$@" || exit 2
+"$HAM_PYTHON" -W ignore -m megatron_ham.training.submit_check "$@" || exit 2
 mkdir -p runs/slurm
 if [ "$1" = "--sweep" ]; then
   n=$("$HAM_PYTHON" -W ignore -m megatron_ham.training.sweep "$2" --count)

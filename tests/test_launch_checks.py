@@ -96,12 +96,12 @@ def test_submit_checks_paths_before_sbatch_and_finds_the_venv(checkout, tmp_path
     tok = os.path.join(REPO, "data_prep", "sample", "tokenizer")
     r = _submit(co, env, f"data.blend={blend}", f"data.tokenizer={tok}", *common)
     # the checks pass; with no sbatch on PATH the exec fails (this test needs no cluster)
-    assert "[preflight] tiny-cpu: ok" in r.stderr and r.returncode == 127 and "sbatch" in r.stderr, r.stderr
+    assert "[submit-check] tiny-cpu: ok" in r.stderr and r.returncode == 127 and "sbatch" in r.stderr, r.stderr
 
 
-def test_preflight_names_each_missing_or_refused_path(tmp_path):
+def test_submit_check_names_each_missing_or_refused_path(tmp_path):
     from megatron_ham.training.config import ConfigError
-    from megatron_ham.training.preflight import check
+    from megatron_ham.training.submit_check import check
 
     blend = write_learnable_dataset(str(tmp_path / "data"), n_docs=20)
     recipe = os.path.join(REPO, "recipes", "tiny_cpu.yaml")

@@ -24,7 +24,7 @@ numpy.load(allow_pickle=True), so every `.npy` in the cache dir is checked to be
 (`check_index_cache`) before the builder runs; the cache lives outside the checkpoint dir by
 default (`default_cache_dir`). `pipe:` URLs (shell commands) in data.urls are refused unless the
 recipe sets data.allow_pipe_urls. `check_data_paths` names a missing blend / prefix / tokenizer
-/ shard (slurm/submit.sh runs it at submit time through megatron_ham.training.preflight).
+/ shard (slurm/submit.sh runs it at submit time through megatron_ham.training.submit_check).
 """
 from __future__ import annotations
 

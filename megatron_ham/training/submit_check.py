@@ -1,8 +1,8 @@
 """Submit-time checks: the recipe (or every run of a sweep) validates and every data path it
 names exists, so a typo fails at `slurm/submit.sh`, not hours later in the queue.
 
-    python -m megatron_ham.training.preflight RECIPE.yaml [key=value ...]
-    python -m megatron_ham.training.preflight --sweep SWEEP.yaml [key=value ...]
+    python -m megatron_ham.training.submit_check RECIPE.yaml [key=value ...]
+    python -m megatron_ham.training.submit_check --sweep SWEEP.yaml [key=value ...]
 
 Checked: the config (as ham-train loads it), then data.blend and the IndexedDatasets it lists,
 data.prefixes, data.tokenizer, local webdataset shards, and that data.urls holds no `pipe:` URL
@@ -30,7 +30,7 @@ def check(argv: List[str]) -> List[str]:
     elif argv:
         runs = [argv]
     else:
-        raise ConfigError("usage: python -m megatron_ham.training.preflight (RECIPE.yaml | --sweep SWEEP.yaml) "
+        raise ConfigError("usage: python -m megatron_ham.training.submit_check (RECIPE.yaml | --sweep SWEEP.yaml) "
                           "[key=value ...]")
     done = []
     for args in runs:
@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         for line in check(list(sys.argv[1:] if argv is None else argv)):
-            print(f"[preflight] {line}", file=sys.stderr)
+            print(f"[submit-check] {line}", file=sys.stderr)
     except ConfigError as e:
         print(f"ham-train: config error: {e}", file=sys.stderr)
         return 2
