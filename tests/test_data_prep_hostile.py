@@ -242,3 +242,16 @@ def test_component_without_documents_is_never_written(tmp_path, caplog):
     out2 = tmp_path / "out2"
     assert _run(["--input", f"e={empty},{blank}", "--out", str(out2), "--on-error", "skip"]) == 3
     assert not (out2 / "blend.json").exists() and not (out2 / "e.bin").exists()
+
+
+def test_parquet_text_over_the_limit_is_a_bad_record(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["short one", "\u00e9" * (LIMIT // 2 + 1), "short two"]}), p)
+    out = tmp_path / "out"
+    assert _run(["--input", f"c={p}", "--out", str(out), "--on-error", "skip", "--max-record-bytes", str(LIMIT)]) == 0
+    st = _stats(str(out), "c")
+    assert st["problems"] == {"record_too_large": 1} and st["documents"] == 2
+    assert st["problem_examples"][0]["line"] == 2 and f"{LIMIT + 2} bytes" in st["problem_examples"][0]["message"]

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 
 from .config import ConfigError, RunConfig
 
@@ -44,10 +45,10 @@ def read_blend(path: str) -> Tuple[List[str], List[float], dict]:
     """A ham-prep-data blend file -> (prefixes, weights, extra info {eod_id, vocab_size, ...})."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f) if path.endswith(".json") else __import__("yaml").safe_load(f)
+            raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"key 'data.blend': blend file {path!r} not found (run ham-prep-data first)") from None
-    except (OSError, ValueError, __import__("yaml").YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"key 'data.blend': {path}: cannot read the blend file ({e})") from None
     entries = raw["blend"] if isinstance(raw, dict) else raw
     info = {k: v for k, v in raw.items() if k != "blend"} if isinstance(raw, dict) else {}
