@@ -32,10 +32,15 @@ setup(
         "gpu": ["fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton>=3.2"],
         # Optional accelerator; installable only on CUDA machines with a toolkit.
         "te": ["transformer-engine[pytorch]"],
-        # CPU test environment: fla's pure-torch references need an importable triton.
-        "test": ["pytest>=8", "pytest-timeout", "fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton"],
+        # ham-eval's PNG plots (imported lazily; without it ham-eval writes no plots).
+        "eval": ["matplotlib==3.11.2"],
+        # CPU test environment: fla's pure-torch references need an importable triton;
+        # lm-evaluation-harness runs on an exported tiny model (tests/test_eval_lm_eval.py).
+        "test": ["pytest>=8", "pytest-timeout", "fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton",
+                 "matplotlib==3.11.2", "lm-eval[hf]==0.4.13"],
     },
     entry_points={"console_scripts": ["ham-prep-data = data_prep.cli:main",
                                      "ham-convert-hf = megatron_ham.hf.convert:main",
+                                     "ham-eval = megatron_ham.eval.cli:main",
                                      "ham-train = megatron_ham.train:main"]},
 )

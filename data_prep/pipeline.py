@@ -28,10 +28,9 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import numpy as np
 
@@ -46,8 +45,6 @@ STATE_VERSION = 1
 HIST_EDGES = [0] + [2 ** k for k in range(7, 18)]  # 0,128,...,131072 (+ overflow bin)
 THRESHOLDS = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
 MAX_EXAMPLES = 20
-KILL_AFTER_FILES = "HAM_PREP_TEST_KILL_AFTER_FILES"    # test hook: SIGKILL self after N finished files
-KILL_AFTER_BLOCKS = "HAM_PREP_TEST_KILL_AFTER_BLOCKS"  # test hook: SIGKILL self after N written blocks
 
 
 @dataclass
@@ -246,7 +243,7 @@ class _FileWriter:
 
 
 def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, opts: Options,
-                   on_file_done, blocks_counter: Optional[list] = None) -> None:
+                   on_file_done) -> None:
     """Tokenize ``todo`` = [(path, part_prefix, key)] into one IndexedDataset part per file.
 
     All files' blocks go through one ordered stream, so the workers keep busy across file
@@ -268,7 +265,6 @@ def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, 
     done_bytes = 0
     paths = {key: (path, prefix) for path, prefix, key in todo}
     writers: Dict[str, _FileWriter] = {}
-    kill_blocks = int(os.environ.get(KILL_AFTER_BLOCKS, "0") or 0)
     t0 = last_done = time.perf_counter()
     docs = toks = 0
     try:
@@ -294,10 +290,6 @@ def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, 
                 bar.update(done_bytes + block.pos - bar.n)
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{docs / dt:.1f} docs/s, {toks / dt / 1e3:.1f}k tok/s", refresh=False)
-            if blocks_counter is not None:
-                blocks_counter[0] += 1
-                if kill_blocks and blocks_counter[0] >= kill_blocks:
-                    os.kill(os.getpid(), signal.SIGKILL)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -436,9 +428,6 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
     _check_not_foreign(out, [c.name for c in manifest.components if c.files], state)
     t_start = time.perf_counter()
     comp_stats: Dict[str, dict] = {}
-    blocks_counter = [0]
-    kill_files = int(os.environ.get(KILL_AFTER_FILES, "0") or 0)
-    files_done_now = 0
     for comp in manifest.components:
         if not comp.files:
             continue
@@ -485,18 +474,14 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
             todo.append((path, part, key))
 
         def on_file_done(key, st):
-            nonlocal files_done_now
             cstate["files"][key] = {"input": file_ids[int(key)], "stats": st}
             _atomic_write_json(state_path, state)
             merge_stats(total, st)
-            files_done_now += 1
-            if kill_files and files_done_now >= kill_files:
-                os.kill(os.getpid(), signal.SIGKILL)
 
         if todo:
             runner = _Ordered(tok, comp, opts.workers, opts.max_record_bytes)
             try:
-                tokenize_files(todo, comp, tok, runner, opts, on_file_done, blocks_counter)
+                tokenize_files(todo, comp, tok, runner, opts, on_file_done)
             finally:
                 runner.close()
         empty = total["documents"] == 0

@@ -4,8 +4,9 @@
 
 1. data     ham-prep-data on the shipped sample corpus (data_prep/sample, Long Data Collections
             layout) -> Megatron IndexedDatasets + blend.json        (skipped when already done)
-2. train    a tiny HAM (recipes/tiny_cpu.yaml) on 2 CPU ranks with torch.distributed.run,
-            stopped half-way (train.exit_after_steps) with a checkpoint
+2. train    a tiny HAM (recipes/tiny_cpu.yaml) on 2 CPU ranks (one process per rank, as srun
+            starts them), preempted half-way: once step N/2 is logged every rank gets SIGUSR1
+            (what Slurm sends before a preemption), finishes its step, checkpoints and exits 75
 3. resume   the same command again: auto-resumes from `latest` and finishes
 4. export   ham-convert-hf -> a Hugging Face model directory, then greedy generation with
             transformers (the exporter is megatron_ham/hf; see docs/export.md)
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "tiny_cpu.yaml")
+EXIT_REQUEUE = 75  # ham-train's exit code after a preemption signal (training/signals.py)
 
 
 def _port() -> int:
@@ -32,18 +35,55 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+_ECHO = ("step ", "[setup]", "[checkpoint]", "[train]", "[signal]", "ham-train",
+         "[ham-convert-hf] verify", "[ham-convert-hf] wrote")
+
+
+def _echo(line: str, log) -> None:
+    log.write(line)
+    if line.startswith(_ECHO) or "Error" in line:
+        print("    " + line.rstrip(), flush=True)
+
+
 def _run(cmd, log_path: str, env=None) -> int:
     print("  $ " + " ".join(cmd), flush=True)
     with open(log_path, "a") as log:
         p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
         for line in p.stdout:
-            log.write(line)
-            if line.startswith(("step ", "[setup]", "[checkpoint]", "[train]", "ham-train",
-                                "[ham-convert-hf] verify", "[ham-convert-hf] wrote")) or \
-                    "Error" in line:
-                print("    " + line.rstrip(), flush=True)
+            _echo(line, log)
         return p.wait()
+
+
+def _run_ranks(cmd, n: int, log_path: str, env, preempt_at: int = 0):
+    """Start `n` ranks of `cmd` the way srun does (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* in
+    the environment); rank 0's output is echoed and logged, the others' go to <log>.rank<r>.
+    preempt_at > 0: once rank 0 logs a step >= preempt_at, every rank gets SIGUSR1 (a
+    preemption). Returns the exit codes."""
+    print(f"  $ {n} x " + " ".join(cmd), flush=True)
+    port, procs, logs = str(_port()), [], []
+    for r in range(n):
+        e = dict(env, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port)
+        out = subprocess.PIPE
+        if r:
+            logs.append(open(f"{log_path}.rank{r}", "a"))
+            out = logs[-1]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT, text=True))
+    sent = False
+    with open(log_path, "a") as log:
+        for line in procs[0].stdout:
+            _echo(line, log)
+            if preempt_at and not sent and line.startswith("step ") and \
+                    int(line.split()[1].split("/")[0]) >= preempt_at:
+                print(f"  -> SIGUSR1 to the {n} ranks (preemption)", flush=True)
+                for p in procs:
+                    p.send_signal(signal.SIGUSR1)
+                sent = True
+    codes = [p.wait() for p in procs]
+    for f in logs:
+        f.close()
+    return codes
 
 
 def _generate(hf_dir: str, prompt: str = "The Python", n: int = 16):
@@ -96,22 +136,21 @@ def main(argv=None) -> int:
         f"train.train_steps={args.steps}", f"checkpoint.interval={half}",
         f"train.eval_interval={half}",
     ]
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-              "--master-addr=127.0.0.1", "-m", "megatron_ham.train", RECIPE]
+    train = [sys.executable, "-m", "megatron_ham.train", RECIPE] + overrides
 
-    print(f"[2/4] train: tiny HAM on {args.nproc} CPU ranks, stopping at step {half} "
-          f"(as if preempted) -> {run_dir}", flush=True)
-    rc = _run(launch[:4] + [f"--master-port={_port()}"] + launch[4:] + overrides +
-              [f"train.exit_after_steps={half}"], log_path, env)
-    if rc != 0:
-        print(f"training failed ({rc}); see {log_path}")
-        return rc
+    print(f"[2/4] train: tiny HAM on {args.nproc} CPU ranks, preempted at step {half} -> {run_dir}",
+          flush=True)
+    codes = _run_ranks(train, args.nproc, log_path, env, preempt_at=half)
+    if codes != [EXIT_REQUEUE] * args.nproc:
+        print(f"training did not stop as a preempted job (exit codes {codes}, expected "
+              f"{EXIT_REQUEUE}); see {log_path}")
+        return 1
 
     print(f"[3/4] resume: same command, auto-resumes from {run_dir}/checkpoints/latest", flush=True)
-    rc = _run(launch[:4] + [f"--master-port={_port()}"] + launch[4:] + overrides, log_path, env)
-    if rc != 0:
-        print(f"resumed training failed ({rc}); see {log_path}")
-        return rc
+    codes = _run_ranks(train, args.nproc, log_path, env)
+    if codes != [0] * args.nproc:
+        print(f"resumed training failed (exit codes {codes}); see {log_path}")
+        return 1
 
     # Step 4 uses the HF exporter (megatron_ham/hf, docs/export.md), owned by the export work;
     # the lead may refine it (prompt, sampling, what is printed).

@@ -37,16 +37,16 @@ def _build_mixer(kind, router, sp, device, seed=7):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_ham.layers import get_backend, mixer_spec
+    from megatron_ham.layers import get_backend, get_kind
     from megatron_ham.models import ModelConfig
-    from megatron_ham.models.builder import mixer_options, transformer_config
+    from megatron_ham.models.builder import transformer_config
 
     cfg = ModelConfig(architecture="ham", hidden_size=32, mixer_num_heads=4, mixer_key_head_dim=8,
                       mixer_value_head_dim=8, router=router, dtype="fp32",
                       use_cpu_initialization=True, sequence_parallel=sp, impl="chunk")
     tc = transformer_config(cfg)
     torch.manual_seed(seed)
-    spec = mixer_spec(kind, get_backend("local"), mixer_options(cfg))
+    spec = get_kind(kind).spec(get_backend("local"), cfg)
     m = build_module(spec, config=tc, layer_number=1,
                      pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     return m.to(device)
@@ -71,10 +71,9 @@ def _mixer_case(m, x_full, dout_full, sp, tp, rank, device, doc_kwargs):
 def _expected_local(m, name, g_full, tp, rank):
     """Slice of the TP=1 gradient that rank `rank` of TP=`tp` holds for parameter `name`."""
     H_l = m.H // tp
-    if name in ("in_proj.weight", "conv1d.weight"):
-        secs = m.sections if name.startswith("in_proj") else m.conv_sections
+    if name in m.fused:  # the kind's section table: section-major per rank
         parts, off = [], 0
-        for _, w in secs:
+        for w in (s.width for s in m.fused[name].sections):
             parts.append(g_full[off + rank * H_l * w: off + (rank + 1) * H_l * w])
             off += m.H * w
         return torch.cat(parts, 0)

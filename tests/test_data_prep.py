@@ -86,13 +86,12 @@ def test_round_trip_through_gpt_dataset(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ resumption
-def _cli_subprocess(args, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    for k in ("HAM_PREP_TEST_KILL_AFTER_BLOCKS", "HAM_PREP_TEST_KILL_AFTER_FILES"):
-        if k not in (env_extra or {}):
-            env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "data_prep.cli", *args, "--no-progress", "--tokenizer",
-                           SAMPLE_TOKENIZER], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _cli_subprocess(args, kill=None):
+    """ham-prep-data in a subprocess; kill="blocks=N" / "files=N" SIGKILLs it at that point
+    (tests/_prep_killed.py)."""
+    cmd = ["-m", "data_prep.cli"] if kill is None else [os.path.join(REPO, "tests", "_prep_killed.py"), kill]
+    return subprocess.run([sys.executable, *cmd, *args, "--no-progress", "--tokenizer", SAMPLE_TOKENIZER],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -107,12 +106,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert _run(common + ["--out", str(ref)]) == 0
 
     # 1) killed in the middle of the first file: nothing looks finished
-    r = _cli_subprocess(common + ["--out", str(out)], {"HAM_PREP_TEST_KILL_AFTER_BLOCKS": "2"})
+    r = _cli_subprocess(common + ["--out", str(out)], kill="blocks=2")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (out / "lic.idx").exists() and not (out / "lic.bin").exists()
     assert not list((out / ".work" / "lic").glob("*.idx"))
     # 2) killed right after finishing file 2 of 3
-    r = _cli_subprocess(common + ["--out", str(out)], {"HAM_PREP_TEST_KILL_AFTER_FILES": "2"})
+    r = _cli_subprocess(common + ["--out", str(out)], kill="files=2")
     assert r.returncode == -signal.SIGKILL, r.stderr
     state = json.loads((out / ".work" / "state.json").read_text())
     assert sorted(state["components"]["lic"]["files"]) == ["0", "1"]

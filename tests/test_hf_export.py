@@ -58,8 +58,7 @@ def _make_checkpoints(root: str) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_ham.hf.convert import _init_single_process
-    from megatron_ham.models import ModelConfig, build_model, document_forward_kwargs
-    from megatron_ham.models.builder import step_kv_controllers
+    from megatron_ham.models import ModelConfig, build_model, document_forward_kwargs, step_kv_controllers
 
     _init_single_process()
     for name, (pattern, router, tie) in CASES.items():
@@ -91,7 +90,8 @@ def _make_checkpoints(root: str) -> None:
         dist_checkpointing.save({"model": model.sharded_state_dict()}, step)
         with open(os.path.join(step, "config.yaml"), "w") as f:
             yaml.safe_dump({"name": name, "model": cfg.to_dict(),
-                            "data": {"eod_id": EOD, "documents": True, "tokenizer": None}}, f)
+                            "data": {"backend": "synthetic", "eod_id": EOD, "documents": True,
+                                     "tokenizer": None}}, f)
         with open(os.path.join(step, "train_state.json"), "w") as f:
             json.dump({"step": 3, "consumed_samples": 24, "world_size": 1}, f)
         with open(os.path.join(run, "latest"), "w") as f:

@@ -3,7 +3,8 @@
 Every test is marked `gpu` (skipped without CUDA). The references run on the same GPU tensors in
 float32 (the ops upcast internally): gated_delta_rule impl="chunk" (validated against the naive
 recurrence by tests/test_gated_delta_rule.py) and scratchpad_attention impl="reference" (T=1024)
-or impl="compact" (T=16384, where a [T,T] mask per head would be large). Inputs are bf16; outputs
+or impl="compact" (T=16384, where a [T,T] mask per head would be large); both GPU scratchpad paths
+(the Triton staircase kernel and FlexAttention) are checked against them. Inputs are bf16; outputs
 and gradients are compared by ||a - b|| / ||b||, with bf16 tolerances. T = 1024 and 16384, with
 and without packed documents (cu_seqlens, including a one-token document). The routing error of
 the GPU path is detached (no gradient), so only its values are compared.
@@ -103,22 +104,30 @@ def test_gdn_without_error_equals_fla():
         assert rel(x.grad, y.grad) < 1e-3
 
 
-@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("T", [1024, 16384])
-def test_scratchpad_flex_matches_reference(T, packed, frac):
-    from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
+def _routed(T: int, frac, gen, cu):
+    """routed [1,T]; frac "blind": 30% routed but none in the first T/8 tokens nor in the first
+    T/16 of every document, so those queries see no key (o = 0, dq = 0)."""
+    if frac != "blind":
+        return torch.rand(1, T, generator=gen, device=DEV) < frac
+    routed = torch.rand(1, T, generator=gen, device=DEV) < 0.3
+    routed[:, : T // 8] = False
+    for s in ([] if cu is None else cu[1:-1].tolist()):
+        routed[:, s: s + T // 16] = False
+    return routed
+
+
+def _scratchpad_parity(fn, T, packed, frac):
+    """fn(q, k, v, routed, cu_seqlens=) in bf16 vs the fp32 reference (impl "reference" at
+    T <= 1024, "compact" above): output, dq, dk, dv; exact zeros where nothing is visible."""
     from megatron_ham.ops.scratchpad import scratchpad_attention
 
-    if T > 1024 and frac != 0.3:
-        pytest.skip("edge fractions checked at T=1024")
     H, D = 16, 128
     cu = _cu(T, packed)
     gen = torch.Generator(device=DEV).manual_seed(11 + T + packed)
     q, k, v = (torch.randn(1, T, H, D, generator=gen, device=DEV).bfloat16() for _ in range(3))
-    routed = torch.rand(1, T, generator=gen, device=DEV) < frac
+    routed = _routed(T, frac, gen, cu)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    o = scratchpad_attention_flex(*leaves, routed, cu_seqlens=cu)
+    o = fn(*leaves, routed, cu_seqlens=cu)
     assert o.shape == (1, T, H, D)
     do = torch.randn_like(o)
     o.backward(do)
@@ -138,6 +147,63 @@ def test_scratchpad_flex_matches_reference(T, packed, frac):
     # unrouted keys get no gradient
     if (~routed).any():
         assert leaves[1].grad[0, ~routed[0]].abs().max().item() == 0.0
+        assert leaves[2].grad[0, ~routed[0]].abs().max().item() == 0.0
+    # queries that see no routed key: exactly 0 and no gradient
+    blind = (o_r.detach() == 0).all(-1).all(-1)[0]                      # [T]
+    if blind.any():
+        assert o[0, blind].abs().max().item() == 0.0
+        assert leaves[0].grad[0, blind].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("T", [1024, 16384])
+def test_scratchpad_flex_matches_reference(T, packed, frac):
+    from megatron_ham.kernels.scratchpad import scratchpad_attention_flex
+
+    if T > 1024 and frac != 0.3:
+        pytest.skip("edge fractions checked at T=1024")
+    _scratchpad_parity(scratchpad_attention_flex, T, packed, frac)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0, "blind"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("T", [1024, 16384])
+def test_scratchpad_triton_matches_reference(T, packed, frac):
+    """The staircase kernel (what impl="auto" runs on CUDA) against the reference."""
+    from megatron_ham.kernels.staircase import scratchpad_attention_triton
+
+    _scratchpad_parity(scratchpad_attention_triton, T, packed, frac)
+
+
+def _triton_compilations() -> int:
+    from megatron_ham.kernels import staircase as st
+
+    fns = (st._compaction_kernel, st._fwd_kernel, st._bwd_dq_kernel, st._bwd_dkdv_kernel)
+    return sum(len(c[0]) for fn in fns for c in fn.device_caches.values())
+
+
+def test_scratchpad_triton_does_not_recompile_per_routing():
+    """New routings (any routed count, with and without documents) reuse the compiled kernels."""
+    from megatron_ham.kernels.staircase import scratchpad_attention_triton
+
+    T, H, D = 1024, 16, 128  # the parity tests' shapes: compiled (and tuned) already
+    q, k, v = (torch.randn(1, T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+
+    def step(frac, cu):
+        routed = torch.rand(1, T, device=DEV) < frac
+        scratchpad_attention_triton(q, k, v, routed, cu_seqlens=cu).sum().backward()
+
+    for cu in (None, _cu(T, True)):
+        step(0.5, cu)
+    torch.cuda.synchronize()
+    before = _triton_compilations()
+    for cu in (None, _cu(T, True), torch.tensor([0, 100, T], device=DEV, dtype=torch.int32)):
+        for frac in (0.0, 0.1, 0.25, 0.7, 1.0):
+            step(frac, cu)
+    torch.cuda.synchronize()
+    assert _triton_compilations() == before > 0
 
 
 def test_scratchpad_flex_does_not_recompile_per_routing():
@@ -209,14 +275,15 @@ def test_staircase_plan_block_lists():
 
 def test_ops_auto_dispatch_uses_gpu_kernels():
     """impl="auto" on CUDA bf16 tensors runs fla's GDN (err detached); fp32 stays chunk; the
-    scratchpad uses flex (head dim >= 16, FlexAttention's minimum)."""
+    scratchpad uses the Triton staircase kernel (bf16/fp16, head dims 16..256), else flex or
+    compact."""
     from megatron_ham.ops import gated_delta_rule, scratchpad_attention
     from megatron_ham.ops.gated_delta_rule import _resolve_impl
     from megatron_ham.ops.scratchpad import _select_impl
 
     q, k, v, g, beta, _ = _gdn_inputs(1024, 16, 128, 128, 1, seed=3)
     assert _resolve_impl("auto", q) == "fla" and _resolve_impl("auto", q.float()) == "chunk"
-    assert _select_impl("auto", q, v) == "flex" and _select_impl("auto", q[..., :8], v) == "compact"
+    assert _select_impl("auto", q, v) == "triton" and _select_impl("auto", q[..., :8], v) == "compact"
     x = q.clone().requires_grad_(True)
     o_a, _, e_a = gated_delta_rule(x, k, v, g, beta, return_error=True)
     o_f, _, e_f = gated_delta_rule(q, k, v, g, beta, return_error=True, impl="fla")
@@ -224,9 +291,12 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
     assert rel(o_a, o_f) < 1e-6 and rel(e_a, e_f) < 1e-6
     routed = torch.rand(1, 1024, device=DEV) < 0.4
     s_a = scratchpad_attention(q, k, v, routed)
+    s_t = scratchpad_attention(q, k, v, routed, impl="triton")
     s_f = scratchpad_attention(q, k, v, routed, impl="flex")
     s_r = scratchpad_attention(q.float(), k.float(), v.float(), routed, impl="reference")
-    assert rel(s_a, s_f) < 1e-6 and rel(s_a, s_r) < 2e-2
+    assert rel(s_a, s_t) < 1e-6 and rel(s_a, s_r) < 2e-2 and rel(s_f, s_r) < 2e-2
+    # fp32 CUDA tensors go to flex (the kernel's fp32 build takes minutes to compile)
+    assert _select_impl("auto", q.float(), v.float()) == "flex"
 
 
 def test_compiled_elementwise_ops_match_eager():

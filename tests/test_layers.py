@@ -12,16 +12,16 @@ def _layers_worker(rank, world):
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_ham import distributed as D
-    from megatron_ham.layers import HAMMixer, get_backend, mixer_spec
+    from megatron_ham.layers import HAMMixer, get_backend, get_kind
     from megatron_ham.models import ModelConfig, build_model, step_kv_controllers
-    from megatron_ham.models.builder import mixer_options, transformer_config
+    from megatron_ham.models.builder import transformer_config
 
     D.initialize(tp=1, seed=2)
     cfg = ModelConfig(architecture="ham", hidden_size=32, mixer_num_heads=2, mixer_key_head_dim=8,
                       mixer_value_head_dim=8, dtype="fp32", use_cpu_initialization=True,
                       impl="chunk")
     tc = transformer_config(cfg)
-    m = build_module(mixer_spec("ham", get_backend("local"), mixer_options(cfg)), config=tc,
+    m = build_module(get_kind("ham").spec(get_backend("local"), cfg), config=tc,
                      layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                      pp_layer_offset=0, name="decoder.layers.0.self_attention",
                      cp_comm_type=None)  # 0.19-style kwargs are accepted

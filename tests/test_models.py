@@ -17,6 +17,8 @@ from _dist import run_world
     (dict(kv_fraction=1.5), 1, "kv_fraction"),
     (dict(kv_fraction=-0.1), 1, "kv_fraction"),
     (dict(router="oracle"), 1, "router"),
+    (dict(scratchpad_impl="fast"), 1, "scratchpad_impl"),
+    (dict(mixer_norm_eps=0.0), 1, "mixer_norm_eps"),
     (dict(mixer_num_heads=3), 2, "mixer_num_heads"),
     (dict(architecture="transformer", num_attention_heads=6, hidden_size=48), 4, "num_attention_heads"),
     (dict(architecture="transformer", num_query_groups=1), 2, "num_query_groups"),
@@ -36,15 +38,25 @@ def test_bad_config_names_the_setting(kw, tp, setting):
         ModelConfig(**kw).validate(tp=tp, pp=pp)
 
 
-def test_from_dict_rejects_unknown_and_mistyped_keys():
-    from megatron_ham.models import ModelConfig
+def test_setting_error_names_key_expected_and_value():
+    from megatron_ham.models import ModelConfig, SettingError
 
-    c = ModelConfig.from_dict({"hidden_size": 64, "kv_fraction": 1})
-    assert c.kv_fraction == 1.0 and isinstance(c.kv_fraction, float)
-    with pytest.raises(ValueError, match="model.hidden"):
-        ModelConfig.from_dict({"hidden": 64})
-    with pytest.raises(ValueError, match="model.num_layers"):
-        ModelConfig.from_dict({"num_layers": "4"})
+    with pytest.raises(SettingError) as e:
+        ModelConfig(router="oracle").validate()
+    assert (e.value.key, e.value.got) == ("router", "oracle")
+    assert str(e.value) == ("key 'router': expected one of ['error_l2', 'error_cosine', 'learned'], "
+                            "got 'oracle'")
+
+
+def test_registry_refuses_a_clashing_kind():
+    from megatron_ham.layers.kinds import LayerKind, register, symbols
+
+    class Clash(LayerKind):
+        name, symbol = "not_ham", "H"
+
+    with pytest.raises(ValueError, match="clashes with the registered 'ham'"):
+        register(Clash())
+    assert symbols() == {"*": "attention", "G": "gdn", "H": "ham"}
 
 
 def test_te_backend_clear_error_when_absent():
@@ -69,6 +81,19 @@ def test_document_forward_kwargs_boundaries():
     assert psp.qkv_format == "sbhd" and psp.max_seqlen_q == 6
     with pytest.raises(ValueError, match="tokens"):
         document_forward_kwargs(tokens[0], 0)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gdn", "gdn_gsa", "ham"])
+def test_presets_equal_the_recipes(arch):
+    """paper_800m(a) is the model of recipes/<a>_800m.yaml, setting for setting."""
+    import os
+
+    from megatron_ham.models import PAPER_ARCHITECTURES, paper_800m
+    from megatron_ham.training.config import load_config
+
+    assert arch in PAPER_ARCHITECTURES
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert paper_800m(arch) == load_config(os.path.join(repo, "recipes", f"{arch}_800m.yaml")).model
 
 
 def test_presets_within_3_percent():
@@ -157,7 +182,7 @@ def _single_worker(rank, world):
         m = build_model(cfg)
         for mx in m.modules():
             if hasattr(mx, "kv_controller"):
-                assert mx.opts.fuse_elementwise == (fusions == "on")
+                assert mx.fuse_elementwise == (fusions == "on")
                 mx.kv_controller.set_tau(0.3)
         loss = m(toks, pos, None, labels=toks.roll(-1, 1)).mean()
         loss.backward()

@@ -204,3 +204,56 @@ def test_flex_plan_and_eager_flex_match_reference_on_cpu(packed):
         ref = scratchpad_attention(q, k, v, routed, impl="reference", cu_seqlens=cu)
         got = sp.scratchpad_attention_flex(q, k, v, routed, cu_seqlens=cu, compiled=False)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
+def _cache_of(k, v, keep):
+    """Compact the kept keys of each row in position order, padded: (k_p, v_p, valid)."""
+    B, T = keep.shape
+    n = max(int(keep.sum(1).max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]
+    take = lambda x: x.gather(1, order[:, :, None, None].expand(B, n, *x.shape[2:]))  # noqa: E731
+    return take(k), take(v), keep.gather(1, order)
+
+
+@pytest.mark.parametrize("impl", ["reference", "compact"])
+def test_decode_over_cached_keys_is_the_same_op(impl):
+    """Prefill in two blocks and token-by-token decoding (past = the cached routed keys of the
+    document that goes on, doc_ids relative to it) == one call over the whole rows."""
+    q, k, v, routed = _inputs(B=2, T=30, H=2, frac=0.5, seed=3)
+    doc = torch.zeros(2, 30, dtype=torch.long)
+    doc[0, 12:] = 1  # row 0: a document starts at 12
+    doc[1, 5:] = 1
+    doc[1, 20:] = 2
+    full = scratchpad_attention(q, k, v, routed, doc_ids=doc, impl=impl)
+    # per-row reference through cu_seqlens (B = 1)
+    for b in range(2):
+        cu = torch.tensor([0] + [int(i) for i in torch.nonzero(doc[b, 1:] != doc[b, :-1]).flatten() + 1] + [30])
+        one = scratchpad_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], routed[b:b + 1], cu_seqlens=cu, impl=impl)
+        torch.testing.assert_close(one[0], full[b], atol=1e-6, rtol=1e-6)
+    for t0 in (14, 22, 29):
+        last = doc[:, t0 - 1:t0]
+        past = _cache_of(k[:, :t0], v[:, :t0], routed[:, :t0] & (doc[:, :t0] == last))
+        rel = doc[:, t0:] - last
+        got = scratchpad_attention(q[:, t0:], k[:, t0:], v[:, t0:], routed[:, t0:], doc_ids=rel,
+                                   past=past, impl=impl)
+        torch.testing.assert_close(got, full[:, t0:], atol=1e-6, rtol=1e-6)
+    # decode: one query at a time over everything cached so far
+    for t in range(1, 30):
+        same = doc[:, :t] == doc[:, t:t + 1]
+        past = _cache_of(k[:, :t], v[:, :t], routed[:, :t] & same)
+        got = scratchpad_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], routed[:, t:t + 1],
+                                   past=past, impl=impl)
+        torch.testing.assert_close(got, full[:, t:t + 1], atol=1e-6, rtol=1e-6)
+
+
+def test_past_and_doc_ids_validation():
+    q, k, v, routed = _inputs(B=2, T=5, H=2)
+    with pytest.raises(ValueError, match="past"):
+        scratchpad_attention(q, k, v, routed, past=(k, v))
+    with pytest.raises(ValueError, match="past valid"):
+        scratchpad_attention(q, k, v, routed, past=(k, v, routed.float()))
+    with pytest.raises(ValueError, match="doc_ids"):
+        scratchpad_attention(q, k, v, routed, doc_ids=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        scratchpad_attention(q[:1], k[:1], v[:1], routed[:1], doc_ids=torch.zeros(1, 5, dtype=torch.long),
+                             cu_seqlens=torch.tensor([0, 5]))

@@ -70,7 +70,7 @@ def test_resume_is_bitwise_exact(blend, full_run, tmp_path):
     ov = base_overrides(blend, d) + [f"train.train_steps={STEPS}", "train.warmup_steps=2",
                                      "train.eval_interval=4", "checkpoint.interval=0"]
     k = 3
-    assert run(2, ov + [f"train.exit_after_steps={k}"], f"{d}/log1") == [0, 0], logs(f"{d}/log1", 2)
+    assert run(2, ov, f"{d}/log1", preempt_after=k) == [EXIT_REQUEUE] * 2, logs(f"{d}/log1", 2)
     ck = f"{d}/checkpoints"
     assert open(f"{ck}/latest").read().strip() == f"step_{k:08d}"
     # debris of killed saves must be ignored: a temp dir and a newer dir without the marker
@@ -122,8 +122,8 @@ def test_pipeline_parallel_resume_and_keep_last(blend, tmp_path):
         "train.eval_interval=0"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert run(2, ov(a), f"{a}.log") == [0, 0], logs(f"{a}.log", 2)
-    assert run(2, ov(b) + ["train.exit_after_steps=2", "checkpoint.interval=1", "checkpoint.keep_last=1"],
-               f"{b}.log1") == [0, 0], logs(f"{b}.log1", 2)
+    assert run(2, ov(b) + ["checkpoint.interval=1", "checkpoint.keep_last=1"], f"{b}.log1",
+               preempt_after=2) == [EXIT_REQUEUE] * 2, logs(f"{b}.log1", 2)
     assert sorted(n for n in os.listdir(f"{b}/checkpoints") if n.startswith("step_")) == ["step_00000002"]
     assert run(2, ov(b), f"{b}.log2") == [0, 0], logs(f"{b}.log2", 2)
     la = [(r["step"], r["loss"], r["grad_norm"], r["kv"]) for r in read_metrics(f"{a}/metrics.jsonl")]

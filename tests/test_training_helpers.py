@@ -63,8 +63,14 @@ def base_overrides(blend: str, run_dir: str) -> List[str]:
     ]
 
 
-def launch(n: int, overrides: List[str], log_path: str, env: Optional[Dict[str, str]] = None):
-    """Start `n` ranks of `python -m megatron_ham.train RECIPE overrides`; returns the Popens."""
+def launch(n: int, overrides: List[str], log_path: str, env: Optional[Dict[str, str]] = None,
+           preempt_after: Optional[int] = None):
+    """Start `n` ranks of `python -m megatron_ham.train RECIPE overrides`; returns the Popens.
+    preempt_after=k: every rank gets SIGUSR1 right after step k (tests/_preempted.py), so the
+    run saves and exits 75 there, as a preempted job does."""
+    cmd = ["-m", "megatron_ham.train"]
+    if preempt_after is not None:
+        cmd = [os.path.join(REPO, "tests", "_preempted.py"), str(preempt_after)]
     port = str(free_port())
     procs = []
     for r in range(n):
@@ -73,7 +79,7 @@ def launch(n: int, overrides: List[str], log_path: str, env: Optional[Dict[str, 
         e.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
         out = open(f"{log_path}.rank{r}", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_ham.train", RECIPE, *overrides],
+        procs.append(subprocess.Popen([sys.executable, *cmd, RECIPE, *overrides],
                                       cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
@@ -91,8 +97,9 @@ def wait(procs, timeout: float = 300) -> List[int]:
     return codes
 
 
-def run(n: int, overrides: List[str], log_path: str, timeout: float = 300) -> List[int]:
-    return wait(launch(n, overrides, log_path), timeout)
+def run(n: int, overrides: List[str], log_path: str, timeout: float = 300,
+        preempt_after: Optional[int] = None) -> List[int]:
+    return wait(launch(n, overrides, log_path, preempt_after=preempt_after), timeout)
 
 
 def read_metrics(path: str, kind: str = "train") -> List[dict]:

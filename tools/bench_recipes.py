@@ -25,8 +25,12 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = ["recipes/transformer_800m.yaml", "recipes/ham_800m.yaml", "recipes/gdn_800m.yaml",
-           "recipes/gdn_gsa_800m.yaml"]
+sys.path.insert(0, REPO)
+
+from megatron_ham.models.presets import PAPER_ARCHITECTURES  # noqa: E402
+from megatron_ham.training.config import load_config  # noqa: E402
+
+DEFAULT = [f"recipes/{a}_800m.yaml" for a in PAPER_ARCHITECTURES]
 
 
 def run_one(recipe: str, steps: int, warmup: int, extra, workdir: str, timeout: float) -> dict:
@@ -51,7 +55,8 @@ def run_one(recipe: str, steps: int, warmup: int, extra, workdir: str, timeout: 
         rc, log = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         rc, log = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-    res = {"recipe": recipe, "rc": rc, "wall_s": round(time.time() - t0, 1)}
+    res = {"recipe": recipe, "architecture": load_config(os.path.join(REPO, recipe), list(extra)).model.architecture,
+           "rc": rc, "wall_s": round(time.time() - t0, 1)}
     rows = []
     if os.path.exists(f"{d}/metrics.jsonl"):
         with open(f"{d}/metrics.jsonl") as f:
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
             print(json.dumps(brief), flush=True)
             if "error" in res:
                 print(f"--- {r} failed (rc {res['rc']}) ---\n{res['error']}", flush=True)
-    base = next((x for x in results if "transformer" in x["recipe"] and "tokens_per_s_per_gpu" in x), None)
+    base = next((x for x in results if x["architecture"] == "transformer" and "tokens_per_s_per_gpu" in x), None)
     print()
     print(f"{'recipe':<32} {'tok/s/GPU':>10} {'vs transf.':>10} {'MFU':>7} {'step s':>8} {'mem GiB':>8} {'KV frac':>8}")
     for x in results:
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
         kv = "-" if x["kv_fraction_mean"] is None else f"{x['kv_fraction_mean']:.2f}"
         print(f"{x['recipe']:<32} {x['tokens_per_s_per_gpu']:>10.0f} {ratio:>9.2f}x {mfu:>7} "
               f"{x['step_time_s']:>8.3f} {x['mem_alloc_gib']:>8.1f} {kv:>8}")
-    ham = next((x for x in results if "ham" in x["recipe"] and "tokens_per_s_per_gpu" in x), None)
+    ham = next((x for x in results if x["architecture"] == "ham" and "tokens_per_s_per_gpu" in x), None)
     if ham and base:
         ok_mfu = ham["mfu"] is not None and ham["mfu"] >= 0.40
         ok_tps = ham["vs_transformer"] >= 1.0

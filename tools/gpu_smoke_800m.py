@@ -18,8 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
+    from megatron_ham.models.presets import PAPER_ARCHITECTURES
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="ham", choices=["transformer", "gdn", "gdn_gsa", "ham"])
+    ap.add_argument("--arch", default="ham", choices=list(PAPER_ARCHITECTURES))
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--docs", type=int, default=1)

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ham.models.accounting import cache_bytes, count_parameters  # noqa: E402
-from megatron_ham.models.presets import paper_800m  # noqa: E402
+from megatron_ham.models.presets import PAPER_ARCHITECTURES, paper_800m  # noqa: E402
 
 
 def main(argv=None):
@@ -26,12 +26,12 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=16384)
     a = ap.parse_args(argv)
     rows = []
-    for arch in ("transformer", "gdn", "gdn_gsa", "ham"):
+    for arch in PAPER_ARCHITECTURES:
         cfg = paper_800m(arch)
         p = count_parameters(cfg)
         c = cache_bytes(cfg, a.context)
         rows.append((arch, cfg.num_layers, cfg.resolved_pattern(), p["total"], c))
-    ref = rows[0][3]
+    ref = next(r[3] for r in rows if r[0] == "transformer")
     print(f"context {a.context}; bf16 KV, fp32 recurrent state")
     hdr = (f"{'model':<12} {'layers':>6} {'pattern':<10} {'params':>12} {'vs T':>7} "
            f"{'KV B/tok':>10} {'state MiB/seq':>14} {'total B/tok':>12}")

@@ -6,8 +6,13 @@ directory (loaded there with `trust_remote_code=True`, without megatron_ham inst
 imports nothing but transformers.
 
 Layer pattern: one symbol per layer, "H" = HAM mixer (Gated DeltaNet state + routed KV
-scratchpad), "G" = Gated DeltaNet mixer, "*" = softmax attention with RoPE; every mixer is
-followed by a SwiGLU MLP (pre-norm residual blocks, as Megatron's TransformerLayer).
+scratchpad), "G" = Gated DeltaNet mixer, "*" = softmax attention with RoPE (`kind_symbols`
+names the layer kind of each symbol: the export's registered kinds); every mixer is followed by
+a SwiGLU MLP (pre-norm residual blocks, as Megatron's TransformerLayer).
+
+Written by one function, megatron_ham.hf.convert.hf_config_from (from the ModelConfig: the
+model-wide fields, then each layer kind's LayerKind.hf_settings), so its rules are the
+ModelConfig's, checked there; `check()` only checks what is set here (pattern, taus, EOD).
 
 Routing thresholds at inference: `ham_taus[i]` is layer i's tau from the checkpoint (None for
 non-HAM layers; -inf routes every token, +inf none). `tau_override` replaces them: a float (all
@@ -21,8 +26,8 @@ import math
 
 from transformers import PretrainedConfig
 
-LAYER_SYMBOLS = {"H": "ham", "G": "gdn", "*": "attention"}
-ROUTERS = ("error_l2", "error_cosine", "learned")
+#: kind_symbols of exports written before the field existed (the three built-in kinds)
+BUILTIN_KIND_SYMBOLS = {"H": "ham", "G": "gdn", "*": "attention"}
 
 
 def _as_tau(value, where: str):
@@ -37,7 +42,7 @@ def _as_tau(value, where: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: expected a float or None, got {value!r}")
     if math.isnan(float(value)):
-        raise ValueError(f"{where}: tau must not be NaN")
+        raise ValueError(f"{where}: expected a float or None (not NaN), got {value!r}")
     return float(value)
 
 
@@ -57,6 +62,10 @@ class HAMConfig(PretrainedConfig):
         the recipe's data.documents was true) the token after an EOD starts a new document: the
         recurrent state, conv, scratchpad and attention restart there, exactly as in training.
     ops_impl: implementation of the gated delta rule for prefill ("auto" | "chunk" | "naive").
+    Layer kinds: kind_symbols {symbol: kind name}; fused_sections {kind name: {fused Megatron
+        parameter: [[HF name, rows], ...]}}, the layer kind's section table for this model's
+        sizes (what the HF modules build their projections from). A plugin kind's settings
+        arrive as extra keyword arguments.
     """
 
     model_type = "megatron_ham"
@@ -93,6 +102,8 @@ class HAMConfig(PretrainedConfig):
         ops_impl: str = "auto",
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
+        kind_symbols=None,
+        fused_sections=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -123,60 +134,43 @@ class HAMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.ops_impl = ops_impl
         self.use_cache = use_cache
+        self.kind_symbols = dict(kind_symbols) if kind_symbols is not None else dict(BUILTIN_KIND_SYMBOLS)
+        self.fused_sections = fused_sections
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.check()
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise ValueError ("HAMConfig: key '<name>': expected ..., got ...") for a bad field."""
 
-        def bad(name, msg):
-            raise ValueError(f"HAMConfig.{name}: {msg}")
+        def bad(name, expected, got):
+            raise ValueError(f"HAMConfig: key '{name}': expected {expected}, got {got!r}")
 
-        pat = self.layer_pattern
-        if not isinstance(pat, str) or not pat:
-            bad("layer_pattern", f"must be a non-empty string of {sorted(LAYER_SYMBOLS)}, got {pat!r}")
-        unknown = sorted({c for c in pat if c not in LAYER_SYMBOLS})
-        if unknown:
-            bad("layer_pattern", f"{pat!r}: unknown symbol(s) {unknown}; allowed: "
-                + ", ".join(f"{k!r}={v}" for k, v in LAYER_SYMBOLS.items()))
+        pat, table = self.layer_pattern, self.kind_symbols
+        if not isinstance(pat, str) or not pat or not set(pat) <= set(table):
+            bad("layer_pattern", f"a non-empty string of the symbols of kind_symbols {table}", pat)
         if len(pat) != self.num_hidden_layers:
-            bad("num_hidden_layers", f"{self.num_hidden_layers} != len(layer_pattern {pat!r}) = {len(pat)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "mixer_num_heads", "mixer_key_head_dim",
-                     "mixer_value_head_dim", "conv_kernel", "router_hidden_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                bad(name, f"must be a positive int, got {v!r}")
-        if "*" in pat and self.num_attention_heads % self.num_key_value_heads:
-            bad("num_key_value_heads", f"{self.num_key_value_heads} must divide "
-                f"num_attention_heads={self.num_attention_heads}")
-        if self.router not in ROUTERS:
-            bad("router", f"must be one of {list(ROUTERS)}, got {self.router!r}")
-        if self.normalization not in ("RMSNorm", "LayerNorm"):
-            bad("normalization", f"must be 'RMSNorm' or 'LayerNorm', got {self.normalization!r}")
-        if self.ops_impl not in ("auto", "chunk", "naive"):
-            bad("ops_impl", f"must be 'auto', 'chunk' or 'naive', got {self.ops_impl!r}")
+            bad("num_hidden_layers", f"len(layer_pattern {pat!r}) = {len(pat)}", self.num_hidden_layers)
         if self.ham_taus is not None:
             if len(self.ham_taus) != len(pat):
-                bad("ham_taus", f"needs one entry per layer ({len(pat)}), got {len(self.ham_taus)}")
-            self.ham_taus = [_as_tau(t, f"HAMConfig.ham_taus[{i}]") for i, t in enumerate(self.ham_taus)]
+                bad("ham_taus", f"one entry per layer ({len(pat)})", self.ham_taus)
+            self.ham_taus = [_as_tau(t, f"HAMConfig: key 'ham_taus[{i}]'") for i, t in enumerate(self.ham_taus)]
         if isinstance(self.tau_override, list):
             if len(self.tau_override) != len(pat):
-                bad("tau_override", f"a list needs one entry per layer ({len(pat)}), "
-                    f"got {len(self.tau_override)}")
-            self.tau_override = [_as_tau(t, f"HAMConfig.tau_override[{i}]")
+                bad("tau_override", f"a float, or a list with one entry per layer ({len(pat)})",
+                    self.tau_override)
+            self.tau_override = [_as_tau(t, f"HAMConfig: key 'tau_override[{i}]'")
                                  for i, t in enumerate(self.tau_override)]
         else:
-            self.tau_override = _as_tau(self.tau_override, "HAMConfig.tau_override")
+            self.tau_override = _as_tau(self.tau_override, "HAMConfig: key 'tau_override'")
         if self.eod_token_id is not None and (isinstance(self.eod_token_id, bool)
                                               or not isinstance(self.eod_token_id, int)):
-            bad("eod_token_id", f"must be an int or None, got {self.eod_token_id!r}")
+            bad("eod_token_id", "an int or None", self.eod_token_id)
 
     # ------------------------------------------------------------------ derived
     def layer_kinds(self):
-        """['ham' | 'gdn' | 'attention'] per layer."""
-        return [LAYER_SYMBOLS[c] for c in self.layer_pattern]
+        """The layer kind name of each layer ('ham' | 'gdn' | 'attention' | a plugin's)."""
+        return [self.kind_symbols[c] for c in self.layer_pattern]
 
     def effective_tau(self, layer: int) -> float:
         """The routing threshold layer `layer` (0-based, a HAM layer) uses: tau_override (float,

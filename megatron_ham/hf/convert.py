@@ -5,15 +5,18 @@
 Steps (all in one process, on CPU, torch.distributed gloo world of size 1):
   1. resolve the checkpoint: a step dir (step_XXXXXXXX with metadata.json and train_state.json),
      or a run's checkpoint dir (its `latest` pointer, else the newest complete step dir);
-  2. read the run config the trainer saved next to the shards (config.yaml: model / data);
+  2. read the run config the trainer saved next to the shards (config.yaml: its model / data
+     sections, loaded as ham-train loads a recipe: training.config.load_run_config) and the EOD
+     id training used (training.data.resolve_eod_id, the trainer's own order);
   3. build the Megatron model at TP=1, PP=1 (the checkpoint may have any TP/PP layout: its
      tensors are stored layout-free) and load the model part of the checkpoint into it;
-  4. map the Megatron state dict to HF names (fused projections split, vocab padding dropped,
-     per-layer tau into the config) and write, into a temp dir next to --output:
-     model.safetensors, config.json (with auto_map), generation_config.json, the tokenizer (data
-     files from an allow-list, hf/tokenizer_files.py), then the modeling code (configuration_ham.py,
-     modeling_ham.py, ham_ops.py and the megatron_ham.ops files it needs) last, and
-     megatron_ham_export.json (with the list of files written);
+  4. map the Megatron state dict to HF names (each layer kind's key map: fused projections split
+     by its section table; vocab padding dropped, per-layer tau into the config) and write, into
+     a temp dir next to --output: model.safetensors, config.json (with auto_map),
+     generation_config.json, the tokenizer (data files from an allow-list,
+     hf/tokenizer_files.py), then the modeling code last (configuration_ham.py, modeling_ham.py,
+     ham_ops.py and the megatron_ham.ops files it needs, layer_kinds.py for the model's kinds and
+     the HF module of a plugin kind), and megatron_ham_export.json (the list of files written);
   5. with --verify, load that directory in a fresh process without megatron_ham
      (hf/verify_export.py) and compare its logits with the Megatron model's; then give it normal
      permissions and rename it to --output (an existing export of this tool is replaced only
@@ -43,7 +46,7 @@ PROG = "ham-convert-hf"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "train_state.json"
 OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "short_conv.py",
-             "_checks.py", "_kernels.py")
+             "gdn_activations.py", "norm.py", "_checks.py", "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
 EXPORT_JSON = "megatron_ham_export.json"
 
@@ -105,68 +108,36 @@ def _check_step_dir(path: str) -> None:
 
 
 # ============================================================================ run config
-def read_run_config(step_dir: str, config_path: Optional[str] = None) -> dict:
-    """The saved run config (config.yaml next to the shards, or `config_path`) as a dict with
-    'model' (ModelConfig fields) and optional 'data'."""
-    import yaml
+def read_run_config(step_dir: str, config_path: Optional[str] = None):
+    """The RunConfig of the checkpoint: config.yaml next to the shards (or `config_path`, a run
+    config or a recipe), its model / data sections loaded as ham-train loads a recipe
+    (training.config.load_run_config: unknown keys and wrong types are errors naming the key and
+    the file)."""
+    from megatron_ham.training.config import load_run_config
 
     path = config_path or os.path.join(step_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: missing (the run config saved with the checkpoint; pass "
                               "--config RECIPE_OR_CONFIG_YAML when it is elsewhere)")
-    if config_path:  # a recipe (may have `base:` files): resolve it as ham-train does
-        try:
-            from megatron_ham.training.config import load_config
+    return load_run_config(path)
 
-            return load_config(path).to_dict()
-        except Exception as e:
-            log(f"warning: {path} did not load as a recipe ({type(e).__name__}: {e}); "
-                "reading its model/data sections as they are")
+
+def export_eod_id(run) -> int:
+    """The EOD id the run trained with: training.data.resolve_eod_id, the trainer's order
+    (data.eod_id, which ham-train records in the saved config; else data.tokenizer's EOS; else
+    the blend file's eod_id; else 0). Raises ConversionError when the file that decided it is
+    not readable here."""
+    from megatron_ham.training.data import read_blend, resolve_eod_id
+
+    d = run.data
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConversionError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
-        raise ConversionError(f"{path}: expected a mapping with a 'model:' section (the ModelConfig)")
-    return doc
-
-
-def model_config_from(doc: dict, where: str):
-    from dataclasses import fields
-
-    from megatron_ham.models import ModelConfig
-
-    known = {f.name for f in fields(ModelConfig)}
-    extra = sorted(set(doc["model"]) - known)
-    if extra:  # a config written by another version of megatron-ham
-        log(f"warning: {where}: ignoring model settings this version does not know: {extra}")
-    try:
-        cfg = ModelConfig.from_dict({k: v for k, v in doc["model"].items() if k in known},
-                                    where=f"{where}: model")
-        cfg.validate()
-    except ValueError as e:
-        raise ConversionError(str(e)) from e
-    return cfg
-
-
-def resolve_eod(doc: dict, tokenizer_path: Optional[str]) -> Optional[int]:
-    """EOD id as training used it: data.eod_id, else the tokenizer's EOS, else None."""
-    data = doc.get("data") or {}
-    if data.get("eod_id") is not None:
-        return int(data["eod_id"])
-    tok = tokenizer_path or data.get("tokenizer")
-    if tok:
-        tj = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
-        if os.path.isfile(tj):
-            from tokenizers import Tokenizer
-
-            t = Tokenizer.from_file(tj)
-            for name in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>"):
-                i = t.token_to_id(name)
-                if i is not None:
-                    return int(i)
-    return None
+        info = None
+        if d.eod_id is None and not d.tokenizer and d.backend == "megatron" and d.blend:
+            info = read_blend(d.blend)[2]
+        return resolve_eod_id(run, info)
+    except Exception as e:  # a missing tokenizer / blend file, an unreadable one
+        raise ConversionError(f"cannot resolve the EOD id the run trained with ({type(e).__name__}: "
+                              f"{e}); pass --config with data.eod_id set") from e
 
 
 # ============================================================================ Megatron side
@@ -254,17 +225,14 @@ def check_checkpoint_shapes(model, step_dir: str) -> None:
 
 
 # ============================================================================ name mapping
-def _split(t: torch.Tensor, widths: List[int], names: List[str], key: str) -> Dict[str, torch.Tensor]:
-    if sum(widths) != t.shape[0]:
-        raise ConversionError(f"{key}: {t.shape[0]} rows, expected {sum(widths)} "
-                              f"({dict(zip(names, widths))})")
-    return dict(zip(names, torch.split(t, widths, dim=0)))
-
-
 def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Tensor], List[Optional[float]]]:
     """Megatron GPTModel state dict (TP=1) -> (HF state dict, per-layer tau (None for non-HAM)).
 
-    Every Megatron key must be consumed (else ConversionError naming it)."""
+    The embedding, norms, MLP and output layer are mapped here; each layer's mixer by its layer
+    kind (LayerKind.to_hf, into the kind's HF slot). Every Megatron key must be consumed (else
+    ConversionError naming it)."""
+    from megatron_ham.layers.kinds import parse_pattern
+
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     out: Dict[str, torch.Tensor] = {}
     used = set()
@@ -277,11 +245,8 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Te
 
     V = cfg.vocab_size
     out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:V]
-    pattern = cfg.resolved_pattern()
-    H, K, Vd = cfg.mixer_num_heads, cfg.mixer_key_head_dim, cfg.mixer_value_head_dim
-    nh, ng, d = cfg.num_attention_heads, cfg.resolved_num_query_groups(), cfg.resolved_kv_channels()
     taus: List[Optional[float]] = []
-    for i, sym in enumerate(pattern):
+    for i, kind in enumerate(parse_pattern(cfg.resolved_pattern(), cfg.num_layers)):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         for norm_m, norm_h in (("input_layernorm", "input_layernorm"),
                                ("pre_mlp_layernorm", "post_attention_layernorm")):
@@ -293,37 +258,15 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Te
         out[f"{h}mlp.gate_proj.weight"], out[f"{h}mlp.up_proj.weight"] = fc1[:f], fc1[f:]
         out[f"{h}mlp.down_proj.weight"] = take(f"{m}mlp.linear_fc2.weight")
         a = f"{m}self_attention."
-        if sym == "*":
-            qkv = take(f"{a}linear_qkv.weight")  # rows: per query group [q (nh/ng heads), k, v]
-            per = nh // ng
-            g = qkv.view(ng, (per + 2) * d, -1)
-            out[f"{h}self_attn.q_proj.weight"] = g[:, : per * d].reshape(nh * d, -1)
-            out[f"{h}self_attn.k_proj.weight"] = g[:, per * d: (per + 1) * d].reshape(ng * d, -1)
-            out[f"{h}self_attn.v_proj.weight"] = g[:, (per + 1) * d:].reshape(ng * d, -1)
-            out[f"{h}self_attn.o_proj.weight"] = take(f"{a}linear_proj.weight")
-            taus.append(None)
-            continue
-        x = f"{h}mixer."
-        names = ["q", "k", "v", "z", "b", "a"] + (["gate_rnn", "gate_kv"] if sym == "H" else [])
-        widths = [H * K, H * K, H * Vd, H * Vd, H, H] + ([H, H] if sym == "H" else [])
-        parts = _split(take(f"{a}in_proj.weight"), widths, names, f"{a}in_proj.weight")
-        for n in names:
-            out[f"{x}{n}_proj.weight"] = parts[n]
-        conv = _split(take(f"{a}conv1d.weight"), [H * K, H * K, H * Vd], ["q", "k", "v"], f"{a}conv1d.weight")
-        for n in ("q", "k", "v"):
-            out[f"{x}{n}_conv1d.weight"] = conv[n]
-        out[f"{x}A_log"] = take(f"{a}A_log")
-        out[f"{x}dt_bias"] = take(f"{a}dt_bias")
-        out[f"{x}o_norm.weight"] = take(f"{a}norm_weight")
-        out[f"{x}o_proj.weight"] = take(f"{a}out_proj.weight")
-        if sym == "H":
-            taus.append(float(take(f"{a}kv_controller.tau")))
-            take(f"{a}kv_controller.num_updates")
-            if cfg.router == "learned":
-                for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-                    out[f"{x}router.{p}"] = take(f"{a}router.{p}")
-        else:
-            taus.append(None)
+        state = {k[len(a):]: sd[k].detach().clone() for k in sd if k.startswith(a)}
+        names = set(state)
+        try:
+            tensors, entries = kind.to_hf(state, cfg)
+        except (KeyError, ValueError) as e:
+            raise ConversionError(f"checkpoint model state: layer {i} ({kind.name}): {a}{e}") from e
+        used.update(a + k for k in names - set(state))
+        out.update({f"{h}{kind.hf_slot}.{k}": t for k, t in tensors.items()})
+        taus.append(entries.get("tau"))
     out["model.norm.weight"] = take("decoder.final_layernorm.weight")
     if "decoder.final_layernorm.bias" in sd:
         out["model.norm.bias"] = take("decoder.final_layernorm.bias")
@@ -336,52 +279,41 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Te
     return out, taus
 
 
-def hf_config_from(cfg, model, taus, eod: Optional[int], documents: bool):
-    """HAMConfig for ModelConfig `cfg` (+ the built Megatron `model` for the mixer settings)."""
-    from .configuration_ham import HAMConfig
+def hf_config_from(cfg, taus, eod: Optional[int], documents: bool):
+    """The HAMConfig of ModelConfig `cfg` (the one derivation): the model-wide fields here, each
+    registered layer kind's own (LayerKind.hf_settings), its section table (fused_sections)
+    and symbol; `taus` per layer from the checkpoint, the EOD id and whether documents reset."""
+    from megatron_ham.layers.kinds import kinds
 
-    opts = None
-    for layer in model.decoder.layers:
-        opts = getattr(layer.self_attention, "opts", None) or opts
-    mixer_eps = float(opts.norm_eps) if opts is not None else 1e-6
-    K = cfg.mixer_key_head_dim
-    scale = float(cfg.scratchpad_scale) if cfg.scratchpad_scale > 0 else K ** 0.5
-    router_hidden = cfg.router_hidden_size or max(1, cfg.hidden_size // 4)
-    dtype = str(DTYPES[cfg.dtype]).removeprefix("torch.")
+    from .configuration_ham import HAMConfig
+    from .layer_kinds import section_table
+
+    settings = {}
+    for k in kinds():
+        settings.update(k.hf_settings(cfg))
     return HAMConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.resolved_ffn_hidden_size(),
         num_hidden_layers=cfg.num_layers,
         layer_pattern=cfg.resolved_pattern(),
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.resolved_num_query_groups(),
-        head_dim=cfg.resolved_kv_channels(),
-        rope_theta=float(cfg.rotary_base),
         max_position_embeddings=cfg.seq_length,
-        mixer_num_heads=cfg.mixer_num_heads,
-        mixer_key_head_dim=cfg.mixer_key_head_dim,
-        mixer_value_head_dim=cfg.mixer_value_head_dim,
-        conv_kernel=cfg.conv_kernel,
-        mixer_norm_eps=mixer_eps,
-        router=cfg.router,
-        router_hidden_size=router_hidden,
-        scratchpad_scale=scale,
-        kv_fraction=float(cfg.kv_fraction),
         ham_taus=taus,
         normalization=cfg.normalization,
         rms_norm_eps=cfg.norm_eps,
         eod_token_id=eod,
         reset_at_eod=bool(documents and eod is not None),
         initializer_range=cfg.init_method_std,
-        ops_impl=cfg.impl if cfg.impl in ("auto", "chunk", "naive") else "auto",
         tie_word_embeddings=cfg.tie_embeddings,
         eos_token_id=eod,
         architectures=["HAMForCausalLM"],
         auto_map={"AutoConfig": "configuration_ham.HAMConfig",
                   "AutoModel": "modeling_ham.HAMModel",
                   "AutoModelForCausalLM": "modeling_ham.HAMForCausalLM"},
-        dtype=dtype,
+        dtype=str(DTYPES[cfg.dtype]).removeprefix("torch."),
+        kind_symbols={k.symbol: k.name for k in kinds()},
+        fused_sections={k.name: section_table(k, cfg) for k in kinds()},
+        **settings,
     )
 
 
@@ -404,8 +336,9 @@ def _check_portable(path: str) -> None:
                               "export (use absolute megatron_ham imports inside try/except for GPU paths)")
 
 
-def write_code(out_dir: str) -> None:
-    """Copy the modeling code and the ops it needs into `out_dir` (flat, relative imports)."""
+def write_code(out_dir: str, config) -> None:
+    """Copy the modeling code and the ops it needs into `out_dir` (flat, relative imports), and
+    write layer_kinds.py for the layer kinds of HAMConfig `config` (write_layer_kinds)."""
     here = os.path.dirname(os.path.abspath(__file__))
     ops = os.path.join(os.path.dirname(here), "ops")
     for name in CODE_FILES:
@@ -420,8 +353,59 @@ def write_code(out_dir: str) -> None:
         if not os.path.isfile(src_path):
             raise ConversionError(f"{src_path}: missing (megatron_ham.ops file the export needs)")
         shutil.copyfile(src_path, os.path.join(out_dir, name))
-    for name in CODE_FILES + ("ham_ops.py",) + OPS_FILES:
+    kind_files = write_layer_kinds(out_dir, config)
+    for name in CODE_FILES + ("ham_ops.py",) + OPS_FILES + tuple(kind_files):
         _check_portable(os.path.join(out_dir, name))
+
+
+def write_layer_kinds(out_dir: str, config) -> List[str]:
+    """Write `out_dir`/layer_kinds.py: mixer_class / mixer_slot / kind_sections (the API of
+    megatron_ham/hf/layer_kinds.py) for the layer kinds of HAMConfig `config`, with static
+    relative imports so that transformers copies the files they name. A kind whose hf_module is
+    a class outside the shipped modeling code (a plugin) ships the source of that class as
+    kind_<name>.py, after a header importing math, torch, nn, F and the ops of ham_ops: the
+    class must need nothing else (docs/export.md "Layer kinds"). Returns the files written."""
+    import inspect
+    import textwrap
+
+    from megatron_ham.layers.kinds import get_kind
+
+    names = list(dict.fromkeys(config.layer_kinds()))
+    files, branches = ["layer_kinds.py"], []
+    for name in names:
+        kind = get_kind(name)
+        m = kind.hf_module
+        if isinstance(m, str):  # "modeling_ham.<Class>"
+            module, cls = m.split(".", 1)
+        else:
+            module, cls = f"kind_{name}", m.__name__
+            try:
+                body = textwrap.dedent(inspect.getsource(m))
+            except (OSError, TypeError) as e:
+                raise ConversionError(f"layer kind {name!r}: cannot read the source of its HF module "
+                                      f"{m!r} ({e})") from e
+            _write_text(os.path.join(out_dir, f"{module}.py"), (
+                f'"""Written by {PROG}: the Hugging Face module of layer kind {name!r} (the source of\n'
+                f'{m.__module__}.{m.__qualname__})."""\n'
+                "import math\n\nimport torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n"
+                "from .ham_ops import *  # noqa: F401,F403\n\n\n" + body))
+            files.append(f"{module}.py")
+        branches.append(f"    if kind == {name!r}:\n        from .{module} import {cls}\n\n        return {cls}\n")
+    slots = {n: get_kind(n).hf_slot for n in names}
+    _write_text(os.path.join(out_dir, "layer_kinds.py"), (
+        f'"""Written by {PROG}: the HF module, decoder-layer slot and section table of each layer\n'
+        'kind of this model (in the package: megatron_ham/hf/layer_kinds.py, from the registry)."""\n\n'
+        f"SLOTS = {slots!r}\n\n\n"
+        "def mixer_class(kind):\n" + "".join(branches)
+        + '    raise ValueError(f"layer kind {kind!r} is not part of this export ({sorted(SLOTS)})")\n\n\n'
+        "def mixer_slot(kind):\n    return SLOTS[kind]\n\n\n"
+        "def kind_sections(config, kind):\n    return config.fused_sections[kind]\n"))
+    return files
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def own_export_files(output: str) -> Optional[List[str]]:
@@ -440,7 +424,7 @@ def own_export_files(output: str) -> Optional[List[str]]:
     from .tokenizer_files import TOKENIZER_FILES  # an export from before the file list
 
     return [EXPORT_JSON, "config.json", "generation_config.json", "model.safetensors", *CODE_FILES, "ham_ops.py",
-            *OPS_FILES, *TOKENIZER_FILES]
+            "layer_kinds.py", *OPS_FILES, *TOKENIZER_FILES]
 
 
 def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -463,24 +447,23 @@ def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype
         check_tokenizer(tokenizer, allow_tokenizer_code)
     step_dir = resolve_checkpoint(checkpoint)
     log(f"checkpoint: {step_dir}")
-    doc = read_run_config(step_dir, config_path)
-    cfg = model_config_from(doc, config_path or os.path.join(step_dir, "config.yaml"))
-    data = doc.get("data") or {}
-    tok_path = tokenizer or data.get("tokenizer")
+    run = read_run_config(step_dir, config_path)
+    cfg, data = run.model, run.data
+    tok_path = tokenizer or data.tokenizer
     if tokenizer is None and tok_path and not os.path.exists(tok_path):
         log(f"warning: the run's data.tokenizer {tok_path} does not exist here; no tokenizer written")
         tok_path = None
     if tok_path:
         check_tokenizer(tok_path, allow_tokenizer_code)
-    eod = resolve_eod(doc, tok_path)
-    documents = bool(data.get("documents", True))
+    eod = export_eod_id(run)
+    documents = bool(data.documents)
     log(f"model: {cfg.architecture} pattern {cfg.resolved_pattern()!r}, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size()}), dtype {cfg.dtype}, "
         f"eod {eod}, documents {documents}")
     model = load_megatron_model(step_dir, cfg)
     log(f"loaded the Megatron model (TP=1, PP=1) in {time.time() - t0:.1f} s")
     hf_sd, taus = megatron_to_hf(model.state_dict(), cfg)
-    hf_cfg = hf_config_from(cfg, model, taus, eod, documents)
+    hf_cfg = hf_config_from(cfg, taus, eod, documents)
     ham_taus = {i: t for i, t in enumerate(taus) if t is not None}
     if ham_taus:
         log("per-layer tau: " + ", ".join(f"{i}: {t:.4g}" for i, t in ham_taus.items()))
@@ -510,7 +493,7 @@ def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype
             log(f"tokenizer: {tok_path} ({', '.join(names)})")
         else:
             log("no tokenizer given (--tokenizer, or data.tokenizer in the run config)")
-        write_code(tmp)  # last: whatever was written before, the code in the export is ours
+        write_code(tmp, hf_cfg)  # last: whatever was written before, the code in the export is ours
         files = sorted(set(os.listdir(tmp)) | {EXPORT_JSON})  # what --overwrite may delete later
         with open(os.path.join(tmp, EXPORT_JSON), "w", encoding="utf-8") as f:
             json.dump({"checkpoint": os.path.abspath(step_dir), "model_config": cfg.to_dict(),

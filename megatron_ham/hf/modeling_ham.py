@@ -1,8 +1,10 @@
 """HAMForCausalLM: plain-PyTorch Hugging Face model of an exported megatron-ham checkpoint.
 
-Every layer kind of the Megatron model (megatron_ham.models.build_model) is re-implemented here
-on top of megatron_ham.ops (through `ham_ops`), with the same math in the same order, so fp32
-logits match the Megatron model to ~1e-6:
+Every built-in layer kind of the Megatron model (megatron_ham.models.build_model) has its module
+here, built on megatron_ham.ops (through `ham_ops`: the same functions the Megatron layers call),
+so fp32 logits match the Megatron model to ~1e-6. Which module a layer builds, and the section
+table its projections come from, is the layer kind's (`layer_kinds`: the registry in the
+package, a file written by ham-convert-hf in an export; a plugin kind brings its own module):
 
   embed_tokens -> [layer: x + mixer(norm(x)); x + mlp(norm(x))] * L -> norm -> lm_head
   mixer "*": attention, fused Megatron QKV split into q/k/v_proj, RoPE (non-interleaved, base
@@ -11,8 +13,8 @@ logits match the Megatron model to ~1e-6:
              q, k, v, L2-normalised q, k, g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b),
              gated per-head RMSNorm, o_proj).
   mixer "H": GDN + routed scratchpad: score per token (min over heads of the state's prediction
-             error, or the learned router), routed = score >= tau, softmax attention over routed
-             keys only, gated_combine of the two outputs.
+             error, or the learned router), routed = score >= tau, scratchpad_attention over the
+             routed keys (with the cached ones as `past` when decoding), gated_combine.
   mlp: SwiGLU (Megatron's gated linear_fc1 split into gate_proj / up_proj), down_proj.
 
 Layout inside the model: [B, T, hidden] (batch first; Megatron is [s, b, h]); mixer tensors are
@@ -46,9 +48,14 @@ from .ham_ops import (
     gated_combine,
     gated_delta_rule,
     gated_rms_norm,
+    gdn_activations,
+    hidden_norm,
+    min_over_heads,
+    route,
     router_weighted_values,
     scratchpad_attention,
 )
+from .layer_kinds import kind_sections, mixer_class, mixer_slot
 
 # the outputs' cache field: `cache` in transformers >= 5.2x (which warns on the old name),
 # `past_key_values` before
@@ -106,8 +113,8 @@ class HAMCache:
         """Per layer: int [B] entries held per row (routed tokens for HAM layers, tokens for
         attention layers), None for GDN layers (constant-size state)."""
         out = []
-        for i, kind in enumerate(self.kinds):
-            out.append(None if kind == "gdn" or self.valid[i] is None else self.valid[i].sum(1))
+        for i in range(len(self.kinds)):
+            out.append(None if self.valid[i] is None else self.valid[i].sum(1))
         return out
 
     def reset_rows(self, rows: torch.Tensor) -> None:
@@ -122,7 +129,7 @@ class HAMCache:
                     store[i] = store[i].masked_fill(rows.view(-1, *([1] * (store[i].dim() - 1))), 0.0)
 
 
-def _compact(keys, values, valid):
+def _compact_cache(keys, values, valid):
     """Keep the valid entries of each row, in order, padded to the max count: returns
     (keys [B, N', ...], values [B, N', ...], valid [B, N'])."""
     B, L = valid.shape
@@ -137,32 +144,19 @@ def _compact(keys, values, valid):
     return take(keys), take(values), valid.gather(1, order)
 
 
-def _masked_softmax_values(s, mask, vals):
-    """softmax of s [B, H, T, N] over allowed keys (mask [B, 1|H, T, N]), times vals
-    [B, N, H, V] -> [B, T, H, V]; rows without any allowed key give exactly 0."""
-    s = s.masked_fill(~mask, float("-inf"))
-    s = s.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)
-    return torch.einsum("bhtn,bnhv->bthv", p, vals)
-
-
 # ====================================================================================== pieces
 class HAMNorm(nn.Module):
-    """RMSNorm (fp32 inside) or LayerNorm over the last dim, as megatron_ham.layers.norm.HAMNorm."""
+    """RMSNorm or LayerNorm over the last dim: megatron_ham.ops.hidden_norm, as the Megatron
+    layers' HAMNorm."""
 
     def __init__(self, hidden_size: int, eps: float, kind: str = "RMSNorm"):
         super().__init__()
-        self.rms = kind == "RMSNorm"
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(hidden_size))
+        self.bias = None if kind == "RMSNorm" else nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, x):
-        if self.rms:
-            xf = x.float()
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (y * self.weight.float()).to(x.dtype)
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return hidden_norm(x, self.weight, self.bias, eps=self.eps)
 
 
 class HAMMLP(nn.Module):
@@ -197,6 +191,16 @@ def _apply_rope(x, cos, sin):
     return x * c + rot * s
 
 
+def _sectioned(module, config: HAMConfig, layer_idx: int, param: str, suffix: str, make):
+    """Add `make(rows)` as `<HF name>_<suffix>` to `module` for every section of the fused Megatron
+    parameter `param` of this layer's kind (its section table, kind_sections); returns the
+    HF names in section order."""
+    table = kind_sections(config, config.layer_kinds()[layer_idx])[param]
+    for name, rows in table:
+        module.add_module(f"{name}_{suffix}", make(rows))
+    return [name for name, _ in table]
+
+
 class HAMAttention(nn.Module):
     """Causal softmax attention with RoPE and grouped query heads (a Megatron '*' layer)."""
 
@@ -206,9 +210,8 @@ class HAMAttention(nn.Module):
         self.nh, self.nkv, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.base = config.rope_theta
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.nh * self.d, bias=False)
-        self.k_proj = nn.Linear(h, self.nkv * self.d, bias=False)
-        self.v_proj = nn.Linear(h, self.nkv * self.d, bias=False)
+        _sectioned(self, config, layer_idx, "linear_qkv.weight", "proj",  # q, k, v_proj
+                   lambda rows: nn.Linear(h, rows, bias=False))
         self.o_proj = nn.Linear(self.nh * self.d, h, bias=False)
 
     def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
@@ -244,42 +247,27 @@ class HAMAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))
 
 
-class HAMMixer(nn.Module):
-    """Gated DeltaNet mixer ('G'), and with `ham=True` the HAM mixer ('H'): GDN state plus the
-    routed KV scratchpad, sharing q, k, v."""
+class GDNMixer(nn.Module):
+    """Gated DeltaNet mixer ('G'): projections from the kind's section table (q, k, v, z, b, a
+    [, gate_rnn, gate_kv]_proj; q, k, v_conv1d), depthwise causal conv + SiLU on q, k, v,
+    gdn_activations, the gated delta rule, the gated per-head RMSNorm, o_proj."""
 
-    def __init__(self, config: HAMConfig, layer_idx: int, ham: bool):
+    def __init__(self, config: HAMConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.ham = ham
         H, K, V = config.mixer_num_heads, config.mixer_key_head_dim, config.mixer_value_head_dim
         self.H, self.K, self.V = H, K, V
         h = config.hidden_size
         kern = config.conv_kernel
-        self.q_proj = nn.Linear(h, H * K, bias=False)
-        self.k_proj = nn.Linear(h, H * K, bias=False)
-        self.v_proj = nn.Linear(h, H * V, bias=False)
-        self.z_proj = nn.Linear(h, H * V, bias=False)  # output gate
-        self.b_proj = nn.Linear(h, H, bias=False)  # beta (write strength) logits
-        self.a_proj = nn.Linear(h, H, bias=False)  # decay input
-        self.q_conv1d = nn.Conv1d(H * K, H * K, kern, groups=H * K, bias=False)
-        self.k_conv1d = nn.Conv1d(H * K, H * K, kern, groups=H * K, bias=False)
-        self.v_conv1d = nn.Conv1d(H * V, H * V, kern, groups=H * V, bias=False)
+        _sectioned(self, config, layer_idx, "in_proj.weight", "proj", lambda rows: nn.Linear(h, rows, bias=False))
+        self.conv_names = _sectioned(self, config, layer_idx, "conv1d.weight", "conv1d",
+                                     lambda rows: nn.Conv1d(rows, rows, kern, groups=rows, bias=False))
         self.A_log = nn.Parameter(torch.zeros(H))
         self.dt_bias = nn.Parameter(torch.zeros(H))
         self.o_norm = nn.Module()
         self.o_norm.weight = nn.Parameter(torch.ones(V))
         self.o_proj = nn.Linear(H * V, h, bias=False)
-        self.router = None
-        if ham:
-            self.gate_rnn_proj = nn.Linear(h, H, bias=False)
-            self.gate_kv_proj = nn.Linear(h, H, bias=False)
-            if config.router == "learned":
-                self.router = LearnedRouter(h, config.router_hidden_size)
-        self.tau = config.effective_tau(layer_idx) if ham else None
-        self.last_routed: Optional[torch.Tensor] = None  # bool [B, T] of the last forward
-        self.last_scores: Optional[torch.Tensor] = None  # fp32 [B, T] of the last forward
 
     # ------------------------------------------------------------------ conv
     def _conv(self, x, doc, cache):
@@ -287,7 +275,7 @@ class HAMMixer(nn.Module):
         documents; the cached conv inputs belong to document 0 (zeros elsewhere)."""
         B, T, C = x.shape
         kern = self.config.conv_kernel
-        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0)[:, 0, :]
+        w = torch.cat([getattr(self, f"{n}_conv1d").weight for n in self.conv_names], 0)[:, 0, :]
         i = self.layer_idx
         prev = cache.conv[i] if cache is not None and cache.conv[i] is not None else None
         if prev is None:
@@ -300,24 +288,18 @@ class HAMMixer(nn.Module):
             cache.conv[i] = tail * keep[..., None].to(tail.dtype)
         return causal_conv_silu(ext, w, ext_doc)[:, kern - 1:]
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
-        """x [B, T, h] (normed layer input) -> [B, T, h]. doc int [B, T]: document index within
-        this chunk, 0 = the document the cache belongs to."""
+    # ------------------------------------------------------------------ the state
+    def _state(self, x, doc, has_docs, cache: Optional[HAMCache], return_error: bool = False):
+        """x [B, T, h] -> dict of q, k [B,T,H,K], v, z, o_rnn [B,T,H,V] and err [B,T,H] (None
+        unless return_error); updates the cached conv and state."""
         B, T, _ = x.shape
         H, K, V = self.H, self.K, self.V
         cfg = self.config
         i = self.layer_idx
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = torch.cat([getattr(self, f"{n}_proj")(x) for n in self.conv_names], dim=-1)
         qkv = self._conv(qkv, doc, cache)
-        q, k, v = torch.split(qkv, [H * K, H * K, H * V], dim=-1)
-        q = F.normalize(q.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(q.dtype)
-        k = F.normalize(k.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(k.dtype)
-        v = v.reshape(B, T, H, V)
-        z = self.z_proj(x).reshape(B, T, H, V)
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = torch.sigmoid(self.b_proj(x).float())
-
+        q, k, v, g, beta = gdn_activations(qkv, self.a_proj(x), self.b_proj(x), self.A_log,
+                                           self.dt_bias, H, K, V)
         # documents -> one packed row [1, B*T] with cu_seqlens (as Megatron does)
         cu = None
         init = cache.state[i] if cache is not None else None
@@ -334,13 +316,11 @@ class HAMMixer(nn.Module):
                 z0[first] = init[row[first]]
                 init = z0
         pk = lambda t: t.reshape((1, B * T) + tuple(t.shape[2:])) if cu is not None else t  # noqa: E731
-        impl = "naive" if T == 1 else cfg.ops_impl
-        want_err = self.ham and self.router is None
         o_rnn, final, err = gated_delta_rule(
             pk(q), pk(k), pk(v), pk(g), pk(beta), initial_state=init,
-            output_final_state=cache is not None, return_error=want_err,
+            output_final_state=cache is not None, return_error=return_error,
             error_metric="cosine" if cfg.router == "error_cosine" else "l2",
-            cu_seqlens=cu, impl=impl,
+            cu_seqlens=cu, impl="naive" if T == 1 else cfg.ops_impl,
         )
         if cache is not None:
             if cu is not None:  # last segment of each row
@@ -351,36 +331,48 @@ class HAMMixer(nn.Module):
         if cu is not None:
             o_rnn = o_rnn.reshape(B, T, H, V)
             err = err.reshape(B, T, H) if err is not None else None
+        return dict(q=q, k=k, v=v, z=self.z_proj(x).reshape(B, T, H, V), o_rnn=o_rnn, err=err)
 
-        if not self.ham:
-            y = gated_rms_norm(o_rnn, z, self.o_norm.weight, eps=cfg.mixer_norm_eps)
-            return self.o_proj(y.to(x.dtype).reshape(B, T, H * V))
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
+        """x [B, T, h] (normed layer input) -> [B, T, h]. doc int [B, T]: document index within
+        this chunk, 0 = the document the cache belongs to."""
+        B, T, _ = x.shape
+        t = self._state(x, doc, has_docs, cache)
+        y = gated_rms_norm(t["o_rnn"], t["z"], self.o_norm.weight, eps=self.config.mixer_norm_eps)
+        return self.o_proj(y.to(x.dtype).reshape(B, T, self.H * self.V))
 
-        # ---- HAM: routing and the scratchpad
+
+class HAMMixer(GDNMixer):
+    """The HAM mixer ('H'): the GDN state plus the routed KV scratchpad, sharing q, k, v; the
+    scratchpad is megatron_ham.ops.scratchpad_attention, its cache (the routed keys so far) the
+    op's `past`."""
+
+    def __init__(self, config: HAMConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.router = None
+        if config.router == "learned":
+            self.router = LearnedRouter(config.hidden_size, config.router_hidden_size)
+        self.tau = config.effective_tau(layer_idx)
+        self.last_routed: Optional[torch.Tensor] = None  # bool [B, T] of the last forward
+        self.last_scores: Optional[torch.Tensor] = None  # fp32 [B, T] of the last forward
+
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
+        B, T, _ = x.shape
+        i = self.layer_idx
+        t = self._state(x, doc, has_docs, cache, return_error=self.router is None)
+        q, k, v = t["q"], t["k"], t["v"]
         if self.router is None:
-            scores, r = err.float().amin(-1), None
+            scores, r = min_over_heads(t["err"].float()), None
         else:
             r = self.router(x)
             scores = r.detach().float()
-        routed = scores >= self.tau
+        routed = route(scores, float(self.tau))
         self.last_scores, self.last_routed = scores, routed
         v_kv = v if r is None else router_weighted_values(v, r.to(v.dtype), routed)
-        scale = cfg.scratchpad_scale
         old = cache is not None and cache.keys[i] is not None and bool(cache.valid[i].any())
-        if not old:
-            o_kv = scratchpad_attention(pk(q), pk(k), pk(v_kv), pk(routed), scale=scale, cu_seqlens=cu)
-            o_kv = o_kv.reshape(B, T, H, V)
-        else:
-            ck, cv, cval = cache.keys[i], cache.values[i], cache.valid[i]
-            t = torch.arange(T, device=x.device)
-            m_new = (t[:, None] >= t[None, :])[None] & routed[:, None, :] & (doc[:, :, None] == doc[:, None, :])
-            m_old = cval[:, None, :] & (doc == 0)[:, :, None]
-            mask = torch.cat([m_old, m_new], dim=-1)[:, None]  # [B, 1, T, N+T]
-            ct = torch.promote_types(q.dtype, torch.float32)
-            kk = torch.cat([ck.to(ct), k.to(ct)], 1)
-            vv = torch.cat([cv.to(ct), v_kv.to(ct)], 1)
-            s = torch.einsum("bthk,bnhk->bhtn", q.to(ct), kk) * scale
-            o_kv = _masked_softmax_values(s, mask, vv).to(v.dtype)
+        past = (cache.keys[i], cache.values[i], cache.valid[i]) if old else None
+        o_kv = scratchpad_attention(q, k, v_kv, routed, scale=self.config.scratchpad_scale,
+                                    doc_ids=doc if has_docs else None, past=past)
         if cache is not None:
             keep = routed & (doc == doc[:, -1:])  # routed tokens of the document that goes on
             if old:
@@ -388,30 +380,30 @@ class HAMMixer(nn.Module):
                                   torch.cat([cache.valid[i] & (doc[:, -1:] == 0), keep], 1))
             else:
                 kk_, vv_, val_ = k, v_kv, keep
-            cache.keys[i], cache.values[i], cache.valid[i] = _compact(kk_, vv_, val_)
-        y = gated_combine(o_rnn, o_kv, self.gate_rnn_proj(x), self.gate_kv_proj(x), z,
-                          self.o_norm.weight, eps=cfg.mixer_norm_eps)
-        return self.o_proj(y.to(x.dtype).reshape(B, T, H * V))
+            cache.keys[i], cache.values[i], cache.valid[i] = _compact_cache(kk_, vv_, val_)
+        y = gated_combine(t["o_rnn"], o_kv, self.gate_rnn_proj(x), self.gate_kv_proj(x), t["z"],
+                          self.o_norm.weight, eps=self.config.mixer_norm_eps)
+        return self.o_proj(y.to(x.dtype).reshape(B, T, self.H * self.V))
 
 
 class HAMDecoderLayer(nn.Module):
-    """x + mixer(input_layernorm(x)), then + mlp(post_attention_layernorm(.))."""
+    """x + mixer(input_layernorm(x)), then + mlp(post_attention_layernorm(.)); the mixer is the
+    layer kind's HF module (mixer_class), held in its slot (`self_attn` for
+    attention, `mixer` for the others)."""
 
     def __init__(self, config: HAMConfig, layer_idx: int):
         super().__init__()
         kind = config.layer_kinds()[layer_idx]
         self.kind = kind
+        self.slot = mixer_slot(kind)
         eps, norm = config.rms_norm_eps, config.normalization
         self.input_layernorm = HAMNorm(config.hidden_size, eps, norm)
-        if kind == "attention":
-            self.self_attn = HAMAttention(config, layer_idx)
-        else:
-            self.mixer = HAMMixer(config, layer_idx, ham=kind == "ham")
+        self.add_module(self.slot, mixer_class(kind)(config, layer_idx))
         self.post_attention_layernorm = HAMNorm(config.hidden_size, eps, norm)
         self.mlp = HAMMLP(config)
 
     def forward(self, x, doc, has_docs, cache, offset):
-        mix = self.self_attn if self.kind == "attention" else self.mixer
+        mix = getattr(self, self.slot)
         x = x + mix(self.input_layernorm(x), doc, has_docs, cache, offset)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -448,7 +440,7 @@ class HAMPreTrainedModel(PreTrainedModel):
             ones(module.weight)
             if module.bias is not None:
                 zeros(module.bias)
-        elif isinstance(module, HAMMixer):
+        elif isinstance(module, GDNMixer):
             H = module.H
             copy(module.A_log, torch.log(torch.linspace(1.0, 16.0, H)))
             dt = torch.full((H,), 1e-2)
@@ -628,7 +620,7 @@ class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
                 from megatron_ham.hf.convert import write_code
             except ImportError:  # remote code without the package: nothing to add
                 return out
-            write_code(str(save_directory))
+            write_code(str(save_directory), self.config)
         return out
 
     # ------------------------------------------------------------------ forward

@@ -1,19 +1,23 @@
 """GPU paths of the HAM ops (fla, FlexAttention, Triton), imported lazily.
 
 Nothing here is imported by ``megatron_ham.ops`` at module load: the ops' dispatch functions call
-:func:`gdn_available` / :func:`flex_available` and import the submodule only for CUDA tensors.
+:func:`gdn_available` / :func:`flex_available` / :func:`staircase_available` and import the
+submodule only for CUDA tensors.
 
 * :mod:`megatron_ham.kernels.gdn` -- ``gdn_with_error``: fla 0.6.0 chunked gated delta rule
   (forward, final state, gradients) plus the per-token routing error read from fla's chunk
   intermediates by our own Triton kernel (detached).
+* :mod:`megatron_ham.kernels.staircase` -- ``scratchpad_attention_triton``: our Triton staircase
+  kernel (reads K/V through the routing order, only the tiles under the staircase, fwd + bwd);
+  what ``scratchpad_attention(impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
-  routed keys + FlexAttention with a staircase BlockMask built by ``BlockMask.from_kv_blocks``.
+  routed keys + FlexAttention with a staircase BlockMask (the fallback, ``impl="flex"``).
 """
 from __future__ import annotations
 
 import functools
 
-__all__ = ["gdn_available", "flex_available"]
+__all__ = ["gdn_available", "flex_available", "staircase_available"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,6 +43,13 @@ def flex_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and _try_import("megatron_ham.kernels.scratchpad") is None
+
+
+def staircase_available() -> bool:
+    """True when CUDA is usable and ``megatron_ham.kernels.staircase`` (triton) imports."""
+    import torch
+
+    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.staircase") is None
 
 
 def import_error(name: str):

@@ -1,7 +1,8 @@
 """HAMMixer: Hybrid Associative Memory sequence mixer (GDN state + routed KV scratchpad).
 
 Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and TP split) with:
-  - two more in_proj sections per head: gate_rnn, gate_kv (independent sigmoid gates);
+  - two more in_proj sections per head: gate_rnn, gate_kv (independent sigmoid gates; the HAM
+    layer kind's section table, megatron_ham/layers/kinds/ham.py);
   - the scratchpad: causal softmax attention over the ROUTED tokens only, with the SAME q, k, v
     as the state (one set of associations stored twice; decision, docs/parallelism.md); no RoPE
     (NoPE scratchpad: the conv and the state carry position); q, k L2-normalised so the softmax
@@ -19,19 +20,20 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
 Controller protocol: in training mode forward() only RECORDS the detached per-token scores
 [b, s] (tau is not touched, so it is constant within a step and robust to recomputation and
 micro-batching; the recomputed forward that activation checkpointing runs inside backward is
-not recorded again); megatron_ham.models.step_kv_controllers() updates every layer once per optimizer
-step from what was recorded. In eval mode nothing is recorded.
+not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) updates every layer
+once per optimizer step from what was recorded. In eval mode nothing is recorded.
+
+Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
+scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
-from .gdn_mixer import GDNMixer, GDNMixerSubmodules, MixerOptions
+from .gdn_mixer import GDNMixer, GDNMixerSubmodules
 from .tp_utils import all_reduce_backward
-
-ROUTERS = ("error_l2", "error_cosine", "learned")
 
 
 def _in_backward() -> bool:
@@ -45,31 +47,27 @@ class HAMMixer(GDNMixer):
     """HAM mixer: [s(/tp), b, h] -> (out [s(/tp), b, h], bias). See module docstring."""
 
     def __init__(self, config, submodules: GDNMixerSubmodules, layer_number=None,
-                 pg_collection=None, options: Optional[MixerOptions] = None, **kwargs):
-        o = options if options is not None else MixerOptions()
-        if o.router not in ROUTERS:
-            raise ValueError(f"router must be one of {list(ROUTERS)}, got {o.router!r}")
-        if isinstance(o.kv_fraction, bool) or not (0.0 <= float(o.kv_fraction) <= 1.0):
-            raise ValueError(f"kv_fraction must be in [0, 1], got {o.kv_fraction!r}")
+                 pg_collection=None, kind=None, model_config=None, **kwargs):
         super().__init__(config, submodules, layer_number=layer_number,
-                         pg_collection=pg_collection, options=o, **kwargs)
+                         pg_collection=pg_collection, kind=kind, model_config=model_config, **kwargs)
         from megatron_ham.ops import KVFractionController, LearnedRouter
 
+        c = model_config
+        self.router_kind = c.router
+        self.scratchpad_scale = float(c.scratchpad_scale) if c.scratchpad_scale > 0 else self.K ** 0.5
+        self.scratchpad_impl = c.scratchpad_impl
         self.kv_controller = KVFractionController(
-            float(o.kv_fraction), gain=o.controller_gain, warmup=o.controller_warmup
+            float(c.kv_fraction), gain=c.controller_gain, warmup=c.controller_warmup
         )
         self.router = None
-        if o.router == "learned":
-            hid = o.router_hidden_size or None
+        if c.router == "learned":
+            hid = c.router_hidden_size or None
             # default RNG: identical on every TP rank (replicated module)
             self.router = LearnedRouter(config.hidden_size, hid)
             # kept in fp32 (tiny): a bf16 sigmoid output would put many tokens exactly on tau
             self.router.to(device=self.norm_weight.device, dtype=torch.float32)
         self._recorded: List[torch.Tensor] = []
         self.last_routed: Optional[torch.Tensor] = None  # [b, s] bool of the last forward
-
-    def _sections(self) -> List[Tuple[str, int]]:
-        return super()._sections() + [("gate_rnn", 1), ("gate_kv", 1)]
 
     # ---------------------------------------------------------------- controller protocol
     def pop_recorded_scores(self) -> Optional[torch.Tensor]:
@@ -110,10 +108,9 @@ class HAMMixer(GDNMixer):
 
         if inference_context is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("HAMMixer: Megatron inference contexts are not supported")
-        o = self.opts
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
         want_err = self.router is None
-        metric = "cosine" if o.router == "error_cosine" else "l2"
+        metric = "cosine" if self.router_kind == "error_cosine" else "l2"
         o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
         scores, r = self._scores(hidden_states, t, err, cu, s, b)
         tau = self.kv_controller.tau
@@ -122,11 +119,11 @@ class HAMMixer(GDNMixer):
         # then again inside backward (skipped here)
         if self.training and not _in_backward():
             self._recorded.append(scores.detach().reshape(b, s))
+        self.last_scores = scores.detach().reshape(b, s)  # fp32 [b, s], for evaluation reports
         self.last_routed = routed.detach().reshape(b, s)
         v_kv = t["v"] if r is None else router_weighted_values(t["v"], r.to(t["v"].dtype), routed)
-        scale = o.scratchpad_scale if o.scratchpad_scale > 0 else self.K ** 0.5
-        o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=scale, cu_seqlens=cu,
-                                    impl=o.scratchpad_impl)
+        o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=self.scratchpad_scale,
+                                    cu_seqlens=cu, impl=self.scratchpad_impl)
         y = self._fused(gated_combine)(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t["z"],
-                                       self._norm_weight(), eps=o.norm_eps)
+                                       self._norm_weight(), eps=self.norm_eps)
         return self._output(y.to(hidden_states.dtype), s, b)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_ham.ops.norm import hidden_norm
+
 
 class HAMNorm(nn.Module):
     """RMSNorm or LayerNorm over the last dim (`config.normalization`), input [s(/tp), b, h].
@@ -40,7 +42,5 @@ class HAMNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight + 1.0 if self.zero_centered else self.weight
-        if self.rms:
-            # fused on CUDA (fp32 statistics inside, one saved rstd); the same math on CPU
-            return torch.nn.functional.rms_norm(x, (self.hidden_size,), w, self.eps)
-        return torch.nn.functional.layer_norm(x, (self.hidden_size,), w, self.bias, self.eps)
+        # fused on CUDA (fp32 statistics inside, one saved rstd); the same math on CPU
+        return hidden_norm(x, w, self.bias, eps=self.eps)

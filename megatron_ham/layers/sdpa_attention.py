@@ -10,7 +10,7 @@ Layout: query [sq, b, np, hn], key/value [sk, b, ng, hn] (np/ng = this TP rank's
 query groups); output [sq, b, np*hn]. Heads are split over TP by SelfAttention.
 
 Document boundaries: when `packed_seq_params` is given with qkv_format "sbhd" (what
-megatron_ham.models.document_forward_kwargs produces), `cu_seqlens_q` are boundaries over the
+megatron_ham.layers.documents.document_forward_kwargs produces), `cu_seqlens_q` are boundaries over the
 flattened batch (index = batch_index * s + position) and attention is restricted to the same
 document (block-diagonal causal mask, built per call from the boundaries; on GPU SDPA then uses
 its memory-efficient kernel with a boolean mask). Without documents the causal kernel is used.
@@ -27,35 +27,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-
-def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """int64 [b, s] document index of every token; cu_seqlens int [N+1] over the flattened b*s
-    tokens (batch-major). Raises ValueError when cu_seqlens does not end at b*s."""
-    cu = cu_seqlens.to(torch.int64).reshape(-1)
-    if cu.numel() < 2:
-        raise ValueError(f"packed_seq_params.cu_seqlens must have >= 2 entries, got {cu.numel()}")
-    # value checks need the host: only on CPU tensors (no device sync per layer on GPU;
-    # document_forward_kwargs builds valid boundaries)
-    if not cu.is_cuda and (int(cu[0]) != 0 or int(cu[-1]) != b * s):
-        raise ValueError(
-            f"packed_seq_params.cu_seqlens must start at 0 and end at b*s = {b * s} "
-            f"(boundaries over the flattened batch), got {cu.tolist()[:8]}..."
-        )
-    pos = torch.arange(b * s, device=cu.device)
-    doc = torch.searchsorted(cu[1:], pos, right=True)
-    return doc.reshape(b, s)
-
-
-def cached_document_ids(packed_seq_params, b: int, s: int, device) -> torch.Tensor:
-    """document_ids_from_cu_seqlens, computed once per PackedSeqParams object (one forward)
-    and shared by all layers."""
-    key = (b, s, str(device))
-    cache = getattr(packed_seq_params, "_ham_doc_ids", None)
-    if cache is None or cache[0] != key:
-        doc = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, s).to(device)
-        cache = (key, doc)
-        setattr(packed_seq_params, "_ham_doc_ids", cache)
-    return cache[1]
+from .documents import cached_document_ids
 
 
 def _document_mask(packed_seq_params, b, s, causal, device) -> torch.Tensor:

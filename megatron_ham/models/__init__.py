@@ -3,15 +3,20 @@
 Public API (stable; used by megatron_ham.training):
     ModelConfig                                   typed model settings (recipe YAML maps 1:1)
     build_model(cfg, *, pre_process, post_process, vp_stage=None) -> GPTModel
-    step_kv_controllers(model_chunks, dp_group) -> {layer: {"fraction", "tau"}}   (after each step)
-    document_forward_kwargs(tokens [b, s], eod_id) -> dict of extra model-forward kwargs
-    presets: paper_800m(architecture) -> ModelConfig
+    transformer_config(cfg) -> TransformerConfig  (the one derivation, at the current TP/PP)
+    presets: paper_800m(architecture) -> ModelConfig, PAPER_ARCHITECTURES
+Re-exported from where they live (megatron_ham.layers): step_kv_controllers(model_chunks,
+dp_group) (the HAM kind's controller step, after each optimizer step) and
+document_forward_kwargs(tokens [b, s], eod_id) (document boundaries for the model forward).
 """
-from .builder import build_model, document_forward_kwargs, step_kv_controllers, transformer_config
-from .config import ARCHITECTURES, ModelConfig
-from .presets import paper_800m
+from megatron_ham.layers.documents import document_forward_kwargs
+from megatron_ham.layers.kinds import SettingError, step_kv_controllers
+
+from .builder import build_model, transformer_config
+from .config import ModelConfig, architectures
+from .presets import PAPER_ARCHITECTURES, paper_800m
 
 __all__ = [
-    "build_model", "step_kv_controllers", "document_forward_kwargs", "ModelConfig",
-    "ARCHITECTURES", "paper_800m", "transformer_config",
+    "build_model", "step_kv_controllers", "document_forward_kwargs", "ModelConfig", "SettingError",
+    "architectures", "paper_800m", "PAPER_ARCHITECTURES", "transformer_config",
 ]

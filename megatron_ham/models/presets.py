@@ -4,12 +4,16 @@ within 3% of each other (tools/model_table.py prints them):
   transformer 24 x '*'; gdn 22 x 'G'; gdn_gsa 23 layers 'G*G*...G' (12 GDN + 11 attention);
   ham 22 x 'H' at 50% KV with the learned router. HAM at 50% KV stores as many KV bytes per
   token as GDN-GSA's 11 attention layers (the paper's memory-matched comparison).
+The recipes recipes/{transformer,gdn,gdn_gsa,ham}_800m.yaml are the same models
+(tests/test_models.py checks paper_800m(a) == the recipe's model section).
 """
 from __future__ import annotations
 
 from .config import ModelConfig
 
 _LAYERS = {"transformer": 24, "gdn": 22, "gdn_gsa": 23, "ham": 22}
+#: the paper's four architectures, as recipes/<architecture>_800m.yaml (tests check equality)
+PAPER_ARCHITECTURES = tuple(_LAYERS)
 
 
 def paper_800m(architecture: str, **overrides) -> ModelConfig:

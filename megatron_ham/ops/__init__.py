@@ -9,6 +9,8 @@ from .routing import LearnedRouter, min_over_heads, route, router_weighted_value
 from .controller import KVFractionController
 from .combine import gated_combine, gated_rms_norm
 from .short_conv import causal_conv_silu
+from .gdn_activations import gdn_activations
+from .norm import hidden_norm
 
 __all__ = [
     "gated_delta_rule",
@@ -21,4 +23,6 @@ __all__ = [
     "gated_combine",
     "gated_rms_norm",
     "causal_conv_silu",
+    "gdn_activations",
+    "hidden_norm",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-from megatron_ham.models import ModelConfig
+from megatron_ham.models.config import ModelConfig, SettingError
 
 
 class ConfigError(ValueError):
@@ -70,7 +70,6 @@ class TrainConfig:
     grad_reduce_in_fp32: bool = True
     eval_interval: int = 0  # validation every N steps (0 = never)
     eval_iters: int = 2  # global batches per validation
-    exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after this step; tests
 
 
 @dataclass
@@ -323,8 +322,13 @@ def _build(cls, data: dict, prefix: str, sources: Optional[dict], default_where:
         raise ConfigError(f"{default_where}: section '{prefix or '<top>'}': {e}") from None
 
 
-def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) -> RunConfig:
-    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides."""
+def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None,
+                sections: Optional[Tuple[str, ...]] = None) -> RunConfig:
+    """Load, merge and validate a recipe (None = the built-in tiny defaults) plus overrides.
+
+    sections: read only these top-level keys of the merged recipe (the others keep their
+    defaults); None reads everything.
+    """
     overrides = list(overrides or [])
     if recipe is not None:
         tree, sources = load_recipe_tree(recipe)
@@ -332,10 +336,30 @@ def load_config(recipe: Optional[str], overrides: Optional[List[str]] = None) ->
     else:
         tree, sources, where = {}, {}, "<defaults>"
     apply_overrides(tree, sources, overrides)
+    if sections is not None:
+        tree = {k: v for k, v in tree.items() if k in sections}
     tree.setdefault("name", os.path.splitext(os.path.basename(recipe))[0] if recipe else "run")
     cfg = _build(RunConfig, tree, "", sources, where)
     validate(cfg, sources, where)
     return cfg
+
+
+#: what a model (and its export) needs of a run config
+MODEL_SECTIONS = ("name", "model", "data")
+
+
+def model_config_from(mapping: dict, where: str):
+    """A ModelConfig from a mapping (e.g. the model_config an export records), each key checked
+    as a recipe's `model.<key>` (ConfigError naming the key and `where`)."""
+    return _build(ModelConfig, mapping, "model", None, where)
+
+
+def load_run_config(path: str) -> RunConfig:
+    """The run config a checkpoint was saved with (its `config.yaml`, written by ham-train) or a
+    recipe, loaded as ham-train loads a recipe, reading only the `model` and `data` sections:
+    the other sections do not describe the model, and a saved config may carry keys of another
+    version there. Used by ham-convert-hf and anything else that rebuilds a trained model."""
+    return load_config(path, sections=MODEL_SECTIONS)
 
 
 def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<config>") -> None:
@@ -380,10 +404,8 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
         bad("logging.interval", f"must be > 0, got {cfg.logging.interval}")
     try:
         cfg.model.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    except ValueError as e:
-        msg = str(e)
-        name = msg.split(":", 1)[0].replace("ModelConfig.", "")
-        raise ConfigError(f"{src('model.' + name)}: key 'model.{name}': {msg.split(':', 1)[-1].strip()}") from None
+    except SettingError as e:
+        bad(f"model.{e.key}", f"expected {e.expected}, got {e.got!r}")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -167,6 +167,7 @@ def setup(cfg: RunConfig) -> Trainer:
     optimizer, scheduler = build_optimizer(cfg, model)
     padded_vocab = cfg.model.padded_vocab_size()
     train_ds, valid_ds, eod = build_datasets(cfg, vocab_size=padded_vocab)
+    cfg.data.eod_id = eod  # what the saved config.yaml records: the exporter reads it back
     tr = Trainer(cfg, info, device, model, optimizer, scheduler, train_ds, valid_ds, eod, plan, log)
     # model FLOPs: matmul weights summed over the model-parallel ranks
     n = torch.tensor([matmul_params([_unwrap(c) for c in model], cfg.model.tie_embeddings,
@@ -328,10 +329,10 @@ def save_checkpoint(tr: Trainer) -> str:
 
 
 def train(tr: Trainer) -> int:
-    """Run until train_steps (or exit_after_steps, or a preemption signal). Returns the exit code."""
+    """Run until train_steps or a preemption signal. Returns the exit code."""
     cfg = tr.cfg
     stop = StopRequest().install()
-    last = min(cfg.train.train_steps, cfg.train.exit_after_steps or cfg.train.train_steps)
+    last = cfg.train.train_steps
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     world = dist.get_world_size()
     peak = peak_flops(cfg.logging.peak_tflops)

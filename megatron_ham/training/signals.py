@@ -7,7 +7,7 @@ the signal, saves a checkpoint, and exits with EXIT_REQUEUE. The sbatch script r
 on that code; the next run auto-resumes from `latest`.
 
 Exit codes of ham-train (documented in docs/training.md):
-    0   EXIT_OK        finished train_steps (or train.exit_after_steps)
+    0   EXIT_OK        finished train_steps
     1   uncaught error (Python traceback)
     2   EXIT_CONFIG    bad recipe / override / command line (message names the key)
     75  EXIT_REQUEUE   stopped early on SIGUSR1/SIGTERM after saving a checkpoint (EX_TEMPFAIL:

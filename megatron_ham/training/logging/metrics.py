@@ -7,9 +7,10 @@ recomputation is NOT counted: it is hardware work, not model work):
 
     3 x [ 2 x P_matmul                         every weight matrix (dense projections, MLPs,
                                                routers, depthwise convs, the output layer)
-        + sum over attention layers ('*'):  4 x H x d x s_avg
-        + sum over GDN layers ('G'):        H_m x (6 K V + 2 C (K + V))
-        + sum over HAM layers ('H'):        H_m x (6 K V + 2 C (K + V)) + 2 x H_m x (K + V) x f_l x s_avg ]
+        + sum over layers of the layer kind's flops_per_token (megatron_ham/layers/kinds):
+            attention ('*'):  4 x H x d x s_avg
+            GDN ('G'):        H_m x (6 K V + 2 C (K + V))
+            HAM ('H'):        H_m x (6 K V + 2 C (K + V)) + 2 x H_m x (K + V) x f_l x s_avg ]
 
   P_matmul  weight elements of all >= 2-D parameters except the input embedding (a lookup),
             summed over tensor- and pipeline-parallel ranks; with tied embeddings the output
@@ -43,7 +44,6 @@ PEAK_TFLOPS = {
     "A100": 312.0,
     "L40S": 362.0,
 }
-GDN_CHUNK = 64
 
 
 def peak_flops(override_tflops: Optional[float] = None) -> Optional[float]:
@@ -73,23 +73,13 @@ def matmul_params(model_chunks, tie_embeddings: bool, hidden: int, padded_vocab:
 def model_flops_per_token(cfg, p_matmul: int, kv_fractions: Optional[Dict[int, float]] = None) -> float:
     """Training FLOPs per token (see module docstring). `cfg` is the ModelConfig; `p_matmul`
     the matmul weight count of the whole model; kv_fractions {layer number (1-based): f}."""
-    s_avg = (cfg.seq_length + 1) / 2.0
-    H, d = cfg.num_attention_heads, cfg.resolved_kv_channels()
-    Hm, K, V = cfg.mixer_num_heads, cfg.mixer_key_head_dim, cfg.mixer_value_head_dim
+    from megatron_ham.layers.kinds import parse_pattern
+
     fwd = 2.0 * p_matmul
     if cfg.tie_embeddings:
         fwd += 2.0 * cfg.hidden_size * cfg.padded_vocab_size()
-    rec = Hm * (6.0 * K * V + 2.0 * GDN_CHUNK * (K + V))
-    for i, sym in enumerate(cfg.resolved_pattern()):
-        if sym == "*":
-            fwd += 4.0 * H * d * s_avg
-        elif sym == "G":
-            fwd += rec
-        elif sym == "H":
-            f = float(cfg.kv_fraction)
-            if kv_fractions and (i + 1) in kv_fractions:
-                f = float(kv_fractions[i + 1])
-            fwd += rec + 2.0 * Hm * (K + V) * f * s_avg
+    for i, kind in enumerate(parse_pattern(cfg.resolved_pattern(), cfg.num_layers)):
+        fwd += kind.flops_per_token(cfg, (kv_fractions or {}).get(i + 1))
     return 3.0 * fwd
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The 2-GPU (NCCL) versions of tests/test_parallel.py without needing pytest on the machine.
 
-    python tools/gpu_parallel_check.py        # needs 2 GPUs; exits non-zero on any mismatch
+    python tests/gpu_parallel_check.py        # needs 2 GPUs; exits non-zero on any mismatch
+
+It lives with the tests because it runs their workers (tests/_parallel_workers.py).
 
 Runs, each in a spawned 2-process NCCL world: the HAM/GDN mixer TP=2 (SP off/on) == TP=1 check,
 the model TP=2+SP <-> TP=1 checkpoint / logits / gradients check, and PP=2 == PP=1 through
@@ -16,7 +18,7 @@ import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(here))
-sys.path.insert(0, os.path.join(os.path.dirname(here), "tests"))
+sys.path.insert(0, here)
 
 
 def main():

@@ -1,0 +1,95 @@
+"""Documents of a packed batch: where they start, as Megatron's PackedSeqParams and as ids.
+
+Training packs several documents into each row; nothing may leak across a document boundary.
+`document_forward_kwargs(tokens, eod_id)` (used by the training loop, the exporter's verify and
+the tests) turns the EOD tokens of a batch into PackedSeqParams(qkv_format="sbhd") with
+cu_seqlens over the flattened batch (index = row * s + position); the layers read them back:
+SDPACoreAttention as a block-diagonal mask, the GDN / HAM mixers as cu_seqlens for their ops
+(`document_cu_seqlens`) and document ids for the conv (`cached_document_ids`, computed once per
+forward and shared by all layers).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """int64 [b, s] document index of every token; cu_seqlens int [N+1] over the flattened b*s
+    tokens (batch-major). Raises ValueError when cu_seqlens does not end at b*s."""
+    cu = cu_seqlens.to(torch.int64).reshape(-1)
+    if cu.numel() < 2:
+        raise ValueError(f"packed_seq_params.cu_seqlens must have >= 2 entries, got {cu.numel()}")
+    # value checks need the host: only on CPU tensors (no device sync per layer on GPU;
+    # document_forward_kwargs builds valid boundaries)
+    if not cu.is_cuda and (int(cu[0]) != 0 or int(cu[-1]) != b * s):
+        raise ValueError(
+            f"packed_seq_params.cu_seqlens must start at 0 and end at b*s = {b * s} "
+            f"(boundaries over the flattened batch), got {cu.tolist()[:8]}..."
+        )
+    pos = torch.arange(b * s, device=cu.device)
+    doc = torch.searchsorted(cu[1:], pos, right=True)
+    return doc.reshape(b, s)
+
+
+def cached_document_ids(packed_seq_params, b: int, s: int, device) -> torch.Tensor:
+    """document_ids_from_cu_seqlens, computed once per PackedSeqParams object (one forward)
+    and shared by all layers."""
+    key = (b, s, str(device))
+    cache = getattr(packed_seq_params, "_ham_doc_ids", None)
+    if cache is None or cache[0] != key:
+        doc = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, s).to(device)
+        cache = (key, doc)
+        setattr(packed_seq_params, "_ham_doc_ids", cache)
+    return cache[1]
+
+
+def document_cu_seqlens(packed_seq_params, b: int, s: int) -> Optional[torch.Tensor]:
+    """cu_seqlens over the flattened batch from packed_seq_params (or None)."""
+    if packed_seq_params is None:
+        return None
+    fmt = getattr(packed_seq_params, "qkv_format", None)
+    if fmt not in (None, "sbhd"):
+        raise ValueError(
+            "HAM/GDN mixers: packed_seq_params.qkv_format must be 'sbhd' (document boundaries "
+            f"over the flattened batch, see document_forward_kwargs), got {fmt!r}"
+        )
+    cu = packed_seq_params.cu_seqlens_q
+    cached_document_ids(packed_seq_params, b, s, cu.device)  # validates (once per forward)
+    return cu.to(torch.int64)
+
+
+def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
+    """Extra kwargs for the model forward so nothing leaks across documents of a packed batch.
+
+    tokens: int [b, s]; a document ends WITH its EOD token (the token after an EOD starts a new
+    document), and every batch row starts a new document.
+    Returns {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q = cu_seqlens_kv
+    = int32 boundaries over the flattened batch (index = row * s + position), max_seqlen_q =
+    max_seqlen_kv = s)}. The HAM / GDN mixers restart their state, conv and scratchpad at each
+    boundary; SDPACoreAttention masks attention to the same document. RoPE positions stay the
+    row positions (relative, so unaffected). Pass the same dict to every pipeline stage.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be an int tensor [b, s], got "
+                         f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    b, s = tokens.shape
+    ends = tokens[:, :-1] == eod_id  # boundary after position i (i < s-1)
+    rows = torch.arange(b, device=tokens.device)
+    # positions in flattened coordinates
+    if s > 1:
+        r, c = torch.nonzero(ends, as_tuple=True)
+        inner = r * s + c + 1
+    else:
+        inner = torch.zeros(0, dtype=torch.long, device=tokens.device)
+    row_starts = rows * s
+    cu = torch.cat([row_starts, inner, torch.tensor([b * s], device=tokens.device)])
+    cu = torch.unique(cu).to(torch.int32)
+    return {
+        "packed_seq_params": PackedSeqParams(
+            qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s
+        )
+    }
