@@ -191,11 +191,16 @@ def train_tokenizer(texts, out_dir: str) -> None:
     tok.train_from_iterator(texts, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
                                  model_max_length=1 << 20)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    from megatron_ham.publish import publish_dir, temp_dir_for
+
+    tmp = temp_dir_for(out_dir)
+    try:
+        hf.save_pretrained(tmp)
+        # an earlier tokenizer dir is replaced; only the files save_pretrained writes are deleted
+        publish_dir(tmp, out_dir, os.listdir(tmp), overwrite=True, what="tokenizer dir")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def build(out_dir: str, deb: str | None) -> dict:

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from .sources import DEFAULT_MAX_RECORD_BYTES
+
 EPILOG = """\
 examples:
   # the embedded sample corpus with its own tokenizer (seconds, offline)
@@ -97,8 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decompressed bytes of whole lines per work item (default 1 MiB; part of "
                           "the resumable state, keep it fixed across re-runs)")
     run.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                     help="malformed JSON, missing field, invalid UTF-8, truncated zstd: fail (default, "
-                          "exit 3 naming file:line) or skip and count. Empty documents are always skipped and counted.")
+                     help="malformed JSON, missing field, invalid UTF-8, truncated zstd, a record longer "
+                          "than --max-record-bytes, an input that cannot be read (directory, dangling "
+                          "link, no permission): fail (default, exit 3 naming file:line) or skip and "
+                          "count. Empty documents are always skipped and counted; a component left "
+                          "with no document fails under 'fail' and is left out of the blend under 'skip'.")
+    run.add_argument("--max-record-bytes", type=_parse_bytes, default=DEFAULT_MAX_RECORD_BYTES,
+                     help="longest record (jsonl line / parquet text, decompressed bytes) that is tokenized; "
+                          "a longer one is a bad record (record_too_large, file:line). The tokenizer needs "
+                          "up to ~225 bytes of memory per input byte, so the default (8 MiB) keeps a worker's "
+                          "peak at about 2 GB whatever the input holds (zstd bombs and lines without a "
+                          "newline included). Part of the resumable settings")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     dry = p.add_argument_group("dry run")
@@ -133,6 +144,8 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv=None) -> int:
+    from .sources import DataError
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     log = logging.getLogger("data_prep")
@@ -144,12 +157,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
-    except Exception as e:  # noqa: BLE001
-        from .sources import DataError
-        if isinstance(e, DataError):
-            log.error("bad input: %s", e)
-            return 3
-        raise
+    except DataError as e:
+        log.error("bad input: %s", e)
+        return 3
 
 
 def _main(args, log) -> int:
@@ -161,6 +171,10 @@ def _main(args, log) -> int:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.batch_bytes < 1024:
         raise ValueError(f"--batch-bytes must be >= 1024, got {args.batch_bytes}")
+    if args.max_record_bytes < 1024:
+        raise ValueError(f"--max-record-bytes must be >= 1024, got {args.max_record_bytes}")
+    if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a directory")
     if not args.manifest and not args.input:
         raise ValueError("give --manifest NAME|PATH or at least one --input (see --help)")
     if not args.dry_run and not args.out:
@@ -191,7 +205,7 @@ def _main(args, log) -> int:
         from .dry_run import estimate
         res = estimate(manifest, tok, args.sample_bytes, args.budget, workers=args.workers,
                        batch_bytes=args.batch_bytes, seq_len=args.wds_seq_len if args.wds_out else None,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, max_record_bytes=args.max_record_bytes)
         dest = args.dry_run_out or (os.path.join(args.out, "dry_run.json") if args.out else None)
         if dest:
             os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -201,7 +215,8 @@ def _main(args, log) -> int:
 
     opts = pipeline.Options(out=args.out, workers=args.workers, on_error=args.on_error,
                             batch_bytes=args.batch_bytes, progress=not args.no_progress,
-                            overwrite=args.overwrite, keep_parts=args.keep_parts)
+                            overwrite=args.overwrite, keep_parts=args.keep_parts,
+                            max_record_bytes=args.max_record_bytes)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     stats = pipeline.run(manifest, tok, opts)

@@ -17,7 +17,7 @@ from typing import Optional
 
 from .manifest import Manifest
 from .pipeline import _Ordered
-from .sources import iter_blocks
+from .sources import DEFAULT_MAX_RECORD_BYTES, file_problem, iter_blocks
 from .tokenizer import TokenizerInfo
 
 log = logging.getLogger("data_prep")
@@ -26,7 +26,7 @@ IDX_BYTES_PER_DOC = 4 + 8 + 8   # sequence length (int32) + pointer (int64) + do
 
 def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: Optional[int] = None,
              workers: int = 1, batch_bytes: int = 1 << 20, seq_len: Optional[int] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict:
     itemsize = 2 if tok.dtype == "uint16" else 4
     weights = manifest.normalized_weights()
     comps = {}
@@ -34,13 +34,19 @@ def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: 
     for comp in manifest.components:
         if not comp.files:
             continue
-        runner = _Ordered(tok, comp, workers)
+        runner = _Ordered(tok, comp, workers, max_record_bytes)
         est_tokens = est_docs = 0.0
         exact = True
         bytes_total = 0
         long_docs = docs_seen = 0
+        unreadable = {}
         try:
             for path in comp.files:
+                why = file_problem(path)
+                if why is not None:
+                    log.warning("dry run %s: unreadable_file: %s (left out of the estimate)", path, why)
+                    unreadable[path] = why
+                    continue
                 size = os.path.getsize(path)
                 bytes_total += size
                 problems = []
@@ -48,7 +54,7 @@ def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: 
                 seen = {"stopped": False, "last": None, "text_bytes": 0}
 
                 def limited():
-                    for b in iter_blocks(path, batch_bytes, problems, comp.text_field):
+                    for b in iter_blocks(path, batch_bytes, problems, comp.text_field, max_record_bytes):
                         yield b
                         seen["last"] = b
                         if b.pos >= sample_bytes and b.pos < size:
@@ -83,7 +89,7 @@ def estimate(manifest: Manifest, tok: TokenizerInfo, sample_bytes: int, budget: 
              "estimated_documents": int(est_docs), "estimated_tokens": int(est_tokens),
              "fraction_documents_at_least_16384": (long_docs / docs_seen) if docs_seen else 0.0,
              "estimated_disk_bytes": int(est_tokens * itemsize + est_docs * IDX_BYTES_PER_DOC),
-             "weight": weights.get(comp.name, 0.0)}
+             "weight": weights.get(comp.name, 0.0), "unreadable_files": unreadable}
         if budget:
             need = budget * c["weight"]
             c["budget_tokens"] = int(need)

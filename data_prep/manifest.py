@@ -19,11 +19,14 @@ Built-in manifests are referred to by name (``sample``, ``long-data-collections`
 from __future__ import annotations
 
 import glob
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import yaml
+
+from megatron_ham.safe_names import check_name
 
 MANIFEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifests")
 BUILTIN = {
@@ -102,9 +105,9 @@ def load_manifest(spec: str, data_root: Optional[str] = None) -> Manifest:
         unknown = set(c) - _COMPONENT_KEYS
         if unknown:
             raise _err(where, f"unknown keys {sorted(unknown)}; expected some of {sorted(_COMPONENT_KEYS)}")
-        name = c.get("name")
-        if not isinstance(name, str) or not name or "/" in name or name in seen:
-            raise _err(where, f"'name' must be a unique non-empty string without '/', got {name!r}")
+        name = check_name(c.get("name"), f"{where}.name")  # <out>/<name>.bin: one path component
+        if name in seen:
+            raise _err(where, f"'name' {name!r} is used by an earlier component")
         seen.add(name)
         files = c.get("files")
         if isinstance(files, str):
@@ -112,7 +115,8 @@ def load_manifest(spec: str, data_root: Optional[str] = None) -> Manifest:
         if not isinstance(files, list) or not files or not all(isinstance(x, str) for x in files):
             raise _err(where, f"'files' must be a path/glob or a list of them, got {files!r}")
         weight = c.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or weight < 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight < 0:
             raise _err(where, f"'weight' must be a number >= 0, got {weight!r}")
         text_field = c.get("text_field", "text")
         required = c.get("required_fields", [text_field])
@@ -142,6 +146,8 @@ def manifest_from_inputs(inputs: List[str], text_field: str = "text") -> Manifes
                     weight = float(w)
                 except ValueError:
                     raise ValueError(f"--input {spec!r}: weight {w!r} is not a number") from None
+                if not math.isfinite(weight) or weight < 0:
+                    raise ValueError(f"--input {spec!r}: weight must be a finite number >= 0, got {w!r}")
             patterns = pats.split(",")
         else:
             base = os.path.basename(spec)
@@ -149,6 +155,7 @@ def manifest_from_inputs(inputs: List[str], text_field: str = "text") -> Manifes
                 if base.endswith(suf):
                     base = base[: -len(suf)]
             name, patterns, weight = base.replace("*", "all") or "input", [spec], 1.0
+        check_name(name, f"--input {spec!r}: component name (give one with --input NAME=FILES)")
         if name in comps:
             comps[name].patterns += patterns
         else:
@@ -167,11 +174,12 @@ def resolve_files(m: Manifest) -> None:
         for pat in c.patterns:
             full = pat if os.path.isabs(pat) else os.path.join(m.data_root, pat)
             hits = sorted(glob.glob(full, recursive=True)) if glob.has_magic(full) else (
-                [full] if os.path.exists(full) else [])
+                [full] if os.path.lexists(full) else [])
             if not hits:
                 missing.append((c, full))
             for h in hits:
-                if not h.endswith(SUPPORTED_SUFFIXES):
+                # directories and dangling links stay: the pipeline reports them as unreadable inputs
+                if not h.endswith(SUPPORTED_SUFFIXES) and not os.path.isdir(h) and os.path.exists(h):
                     raise ValueError(f"component {c.name!r}: {h}: unsupported file type; expected one of "
                                      f"{', '.join(SUPPORTED_SUFFIXES)}")
                 h = os.path.abspath(h)

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from typing import Dict, Iterable, List
 import numpy as np
 
 from .manifest import Component, Manifest
-from .sources import EMPTY, DataError, Problem, init_worker, iter_blocks, process_block
+from .sources import (DEFAULT_MAX_RECORD_BYTES, EMPTY, DataError, Problem, file_problem, init_worker,
+                      iter_blocks, process_block)
 from .tokenizer import TokenizerInfo
 
 log = logging.getLogger("data_prep")
@@ -54,6 +56,7 @@ class Options:
     progress: bool = True
     overwrite: bool = False
     keep_parts: bool = False
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 def _atomic_write_json(path: str, obj) -> None:
@@ -116,9 +119,10 @@ class _Ordered:
     """Run ``process_block`` over blocks on a pool (or inline), yielding results in input
     order with at most ``2 * workers`` blocks in flight (bounded memory)."""
 
-    def __init__(self, tok: TokenizerInfo, comp: Component, workers: int):
+    def __init__(self, tok: TokenizerInfo, comp: Component, workers: int,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
         self.workers = workers
-        args = (tok.json, tok.eod, tok.bos, tok.dtype, comp.text_field, comp.required_fields)
+        args = (tok.json, tok.eod, tok.bos, tok.dtype, comp.text_field, comp.required_fields, max_record_bytes)
         if workers <= 1:
             init_worker(*args, die_with_parent=False)
             self.pool = None
@@ -162,15 +166,16 @@ def _record_problems(st: dict, path: str, problems: List[Problem], on_error: str
         st["problems"][p.kind] = st["problems"].get(p.kind, 0) + 1
         if len(st["examples"]) < MAX_EXAMPLES:
             st["examples"].append({"file": path, "line": p.line, "kind": p.kind, "message": p.message})
+        where = f"{path}:{p.line}" if p.line else path  # line 0: the whole file
         if p.kind == EMPTY:
-            log.debug("%s:%d: %s (skipped)", path, p.line, p.message)
+            log.debug("%s: %s (skipped)", where, p.message)
             continue
         if on_error == "fail":
-            raise DataError(f"{path}:{p.line}: {p.kind}: {p.message}\n"
+            raise DataError(f"{where}: {p.kind}: {p.message}\n"
                             "(use --on-error skip to skip and count bad records)")
         n = st["problems"][p.kind]
         if n <= 5:
-            log.warning("%s:%d: %s: %s (skipped)", path, p.line, p.kind, p.message)
+            log.warning("%s: %s: %s (skipped)", where, p.kind, p.message)
         elif n == 6:
             log.warning("%s: more %s problems; see stats.json for counts", path, p.kind)
 
@@ -251,7 +256,7 @@ def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, 
     def stream():
         for path, _prefix, key in todo:
             probs = reader_problems.setdefault(key, [])
-            for b in iter_blocks(path, opts.batch_bytes, probs, comp.text_field):
+            for b in iter_blocks(path, opts.batch_bytes, probs, comp.text_field, opts.max_record_bytes):
                 yield key, b
             yield key, END
 
@@ -277,7 +282,7 @@ def tokenize_files(todo, comp: Component, tok: TokenizerInfo, runner: _Ordered, 
                 on_file_done(key, st)
                 continue
             tokens, lengths, _lines, problems, n_records = res
-            _record_problems(w.st, path, problems, opts.on_error)
+            _record_problems(w.st, path, block.problems + problems, opts.on_error)
             w.add(tokens, lengths, n_records)
             docs += int(lengths.size)
             toks += int(tokens.size)
@@ -302,14 +307,77 @@ def _file_id(path: str) -> dict:
 def _settings_fingerprint(tok: TokenizerInfo, comp: Component, opts: Options) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([STATE_VERSION, tok.fingerprint, comp.text_field, comp.required_fields,
-                         opts.on_error, opts.batch_bytes]).encode())
+                         opts.on_error, opts.batch_bytes, opts.max_record_bytes]).encode())
     return h.hexdigest()[:16]
 
 
+OUTPUT_EXTS = (".idx", ".bin", ".idx.tmp", ".bin.tmp")
+PART_RE = re.compile(r"^\d{5}\.(bin|idx)(\.tmp)?$")
+
+
 def _remove_prefix(prefix: str) -> None:
-    for ext in (".idx", ".bin", ".idx.tmp", ".bin.tmp"):
+    """Remove this tool's IndexedDataset files at ``prefix`` (callers make sure they are ours)."""
+    for ext in OUTPUT_EXTS:
         if os.path.exists(prefix + ext):
             os.remove(prefix + ext)
+
+
+def _remove_parts(pdir: str) -> None:
+    """Remove the per-file parts (``NNNNN.bin/.idx``, also ``.tmp``) from ``pdir`` (a component's
+    work dir), then the dir itself if nothing else is left: nothing this tool did not create
+    is deleted."""
+    for name in os.listdir(pdir):
+        if PART_RE.match(name):
+            os.remove(os.path.join(pdir, name))
+    try:
+        os.rmdir(pdir)
+    except OSError:
+        log.warning("%s: not removed (it holds files ham-prep-data did not write)", pdir)
+
+
+def _check_not_foreign(out: str, names: List[str], state: dict) -> None:
+    """Refuse to write over files in ``out`` that this tool did not write: an output name
+    (``<name>.bin/.idx``, ``blend.json``, ``stats.json``) that exists while ``.work/state.json``
+    has no record of it. Other files in ``out`` are left alone."""
+    known = set(state["components"])
+    clash = [os.path.join(out, n + ext) for n in names if n not in known for ext in OUTPUT_EXTS
+             if os.path.lexists(os.path.join(out, n + ext))]
+    if not known:
+        clash += [os.path.join(out, n) for n in ("blend.json", "stats.json") if os.path.lexists(os.path.join(out, n))]
+    if clash:
+        raise ValueError(f"--out {out}: {', '.join(clash)} exist(s) but were not written by ham-prep-data "
+                         "here (no record in .work/state.json); move them away or choose another --out")
+
+
+def _load_state(state_path: str) -> dict:
+    state = {"version": STATE_VERSION, "components": {}}
+    if not os.path.exists(state_path):
+        return state
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{state_path}: unreadable resume state ({e}); remove the output directory "
+                         "or use a new --out") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION \
+            or not isinstance(state.get("components"), dict):
+        version = state.get("version") if isinstance(state, dict) else None
+        raise ValueError(f"{state_path}: state version {version} != {STATE_VERSION}; "
+                         "remove the output directory or use a new --out")
+    return state
+
+
+def _readable_files(comp: Component, on_error: str, st: dict) -> List[str]:
+    """``comp.files`` minus those that cannot be read (a directory, a dangling link, no
+    permission...): ``unreadable_file`` problems, fatal under --on-error fail."""
+    ok = []
+    for path in comp.files:
+        why = file_problem(path)
+        if why is None:
+            ok.append(path)
+        else:
+            _record_problems(st, path, [Problem("unreadable_file", 0, why)], on_error)
+    return ok
 
 
 def _append_part(builder, part: str) -> None:
@@ -347,18 +415,17 @@ def merge_parts(parts: List[str], prefix: str, dtype: str, move_single: bool = T
 
 
 def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
-    """Build every component; returns the stats dict also written to <out>/stats.json."""
+    """Build every component; returns the stats dict also written to <out>/stats.json.
+
+    A component whose inputs hold no document gets no .bin/.idx and no blend entry: an error
+    (DataError) under --on-error fail, a warning under skip; no document at all is an error.
+    """
     out = os.path.abspath(opts.out)
     work = os.path.join(out, ".work")
     os.makedirs(work, exist_ok=True)
     state_path = os.path.join(work, "state.json")
-    state = {"version": STATE_VERSION, "components": {}}
-    if os.path.exists(state_path):
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{state_path}: state version {state.get('version')} != {STATE_VERSION}; "
-                             "remove the output directory or use a new --out")
+    state = _load_state(state_path)
+    _check_not_foreign(out, [c.name for c in manifest.components if c.files], state)
     t_start = time.perf_counter()
     comp_stats: Dict[str, dict] = {}
     for comp in manifest.components:
@@ -369,13 +436,16 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
         if cstate and cstate.get("settings") != fp:
             if not opts.overwrite:
                 raise ValueError(f"{out}: component {comp.name!r} was built with different settings "
-                                 "(tokenizer, fields, --on-error or --batch-bytes); pass --overwrite to rebuild it")
+                                 "(tokenizer, fields, --on-error, --batch-bytes or --max-record-bytes); "
+                                 "pass --overwrite to rebuild it")
             log.warning("component %s: settings changed, rebuilding (--overwrite)", comp.name)
             cstate = None
-        file_ids = [_file_id(p) for p in comp.files]
+        unreadable = new_stats()
+        files = _readable_files(comp, opts.on_error, unreadable)
+        file_ids = [_file_id(p) for p in files]
         prefix = os.path.join(out, comp.name)
         if (cstate and cstate.get("done") and cstate.get("inputs") == file_ids
-                and os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
+                and (cstate.get("empty") or (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")))):
             log.info("component %s: up to date (%s.bin/.idx), skipped", comp.name, prefix)
             comp_stats[comp.name] = cstate["stats"]
             continue
@@ -384,12 +454,13 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
         cstate["done"] = False
         cstate["inputs"] = file_ids
         state["components"][comp.name] = cstate
+        _atomic_write_json(state_path, state)  # <out>/<name>.* are ours from here on
         pdir = os.path.join(work, comp.name)
         os.makedirs(pdir, exist_ok=True)
         parts = []
         todo = []
-        total = new_stats()
-        for i, (path, fid) in enumerate(zip(comp.files, file_ids)):
+        total = merge_stats(new_stats(), unreadable)
+        for i, (path, fid) in enumerate(zip(files, file_ids)):
             part = os.path.join(pdir, f"{i:05d}")
             parts.append(part)
             key = str(i)
@@ -408,21 +479,28 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
             merge_stats(total, st)
 
         if todo:
-            runner = _Ordered(tok, comp, opts.workers)
+            runner = _Ordered(tok, comp, opts.workers, opts.max_record_bytes)
             try:
                 tokenize_files(todo, comp, tok, runner, opts, on_file_done)
             finally:
                 runner.close()
-        merge_parts(parts, prefix, tok.dtype, move_single=not opts.keep_parts)
+        empty = total["documents"] == 0
+        if empty:
+            _no_documents(comp, total, opts.on_error)
+            _remove_prefix(prefix)  # an earlier build of this component (ours: it is in the state)
+        else:
+            merge_parts(parts, prefix, tok.dtype, move_single=not opts.keep_parts)
         cstate["done"] = True
+        cstate["empty"] = empty
         cstate["stats"] = total
         cstate["files"] = {}  # parts are merged (and removed below); the component is the unit now
         _atomic_write_json(state_path, state)
-        if not opts.keep_parts:
-            shutil.rmtree(pdir, ignore_errors=True)
+        if not opts.keep_parts or empty:
+            _remove_parts(pdir)
         comp_stats[comp.name] = total
-        log.info("component %s: %d documents, %d tokens -> %s.bin/.idx", comp.name, total["documents"],
-                 total["tokens"], prefix)
+        if not empty:
+            log.info("component %s: %d documents, %d tokens -> %s.bin/.idx", comp.name, total["documents"],
+                     total["tokens"], prefix)
 
     weights = manifest.normalized_weights()
     result = {
@@ -437,14 +515,27 @@ def run(manifest: Manifest, tok: TokenizerInfo, opts: Options) -> dict:
             continue
         d = describe_stats(comp_stats[comp.name])
         d["weight"] = weights.get(comp.name, 0.0)
-        d["prefix"] = os.path.join(out, comp.name)
+        d["prefix"] = os.path.join(out, comp.name) if d["documents"] else None
         d["inputs"] = comp.files
         result["components"][comp.name] = d
         merge_stats(grand, comp_stats[comp.name])
     result["total"] = describe_stats(grand)
     _atomic_write_json(os.path.join(out, "stats.json"), result)
+    if not any(c["documents"] and c["weight"] > 0 for c in result["components"].values()):
+        raise DataError(f"no component with a blend weight > 0 produced a document (see "
+                        f"{os.path.join(out, 'stats.json')}); blend.json not written")
     write_blend(os.path.join(out, "blend.json"), result, manifest)
     return result
+
+
+def _no_documents(comp: Component, st: dict, on_error: str) -> None:
+    """A component whose inputs gave no document: DataError under fail, else a warning."""
+    probs = ", ".join(f"{n} {k}" for k, n in sorted(st["problems"].items())) or "no records"
+    msg = (f"component {comp.name!r} produced no documents ({st['records']} records, {probs}) from "
+           f"{', '.join(comp.files)}")
+    if on_error == "fail":
+        raise DataError(msg + "\n(with --on-error skip it is left out of the blend)")
+    log.warning("%s: left out of the blend (no .bin/.idx written)", msg)
 
 
 def write_blend(path: str, stats: dict, manifest: Manifest) -> None:

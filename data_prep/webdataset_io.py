@@ -30,13 +30,27 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
+from megatron_ham.publish import publish_dir, temp_dir_for
+from megatron_ham.safe_names import check_name
+
 log = logging.getLogger("data_prep")
+INDEX_FORMAT = "ham-packed-sequences-v1"
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+def _own_index(out_dir: str) -> Optional[dict]:
+    """index.json of an earlier export into ``out_dir`` (None when there is none)."""
+    try:
+        with open(os.path.join(out_dir, "index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and index.get("format") == INDEX_FORMAT else None
 
 
 def export_webdataset(blend_path: str, out_dir: str, seq_len: int, shard_multiple: int = 1,
@@ -52,10 +66,13 @@ def export_webdataset(blend_path: str, out_dir: str, seq_len: int, shard_multipl
         raise ValueError(f"--wds-seq-len, --wds-shard-multiple, --wds-samples-per-shard must be >= 1, got "
                          f"{seq_len}, {shard_multiple}, {samples_per_shard}")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "index.json")) and not overwrite:
+    old_index = _own_index(out_dir)
+    if old_index is not None and not overwrite:
         log.info("webdataset %s exists (index.json); skipped (use --overwrite to rebuild)", out_dir)
-        with open(os.path.join(out_dir, "index.json"), encoding="utf-8") as f:
-            return json.load(f)
+        return old_index
+    if old_index is None and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"--wds-out {out_dir}: exists and is not a webdataset export of ham-prep-data "
+                         "(no index.json of format ham-packed-sequences-v1); choose a new or empty directory")
     with open(blend_path, encoding="utf-8") as f:
         meta = json.load(f)
     prefixes, weights = load_blend(blend_path)
@@ -92,37 +109,38 @@ def export_webdataset(blend_path: str, out_dir: str, seq_len: int, shard_multipl
     order = order[:used]
     perms = {i: rng.permutation(windows[i]) for i in live}
     taken = {i: 0 for i in live}
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    used_per = {i: 0 for i in live}
-    with wds.ShardWriter(os.path.join(tmp, "shard-%06d.tar"), maxcount=per_shard, maxsize=1 << 40,
-                         verbose=0) as sink:
-        for k, c in enumerate(order.tolist()):
-            j = taken[c]
-            taken[c] += 1
-            epoch, pos = divmod(j, windows[c])
-            if pos == 0 and epoch > 0:
-                perms[c] = rng.permutation(windows[c])
-            start = int(perms[c][pos]) * seq_len
-            tokens = np.array(streams[c][start:start + seq_len + 1])
-            sink.write({"__key__": f"{k:09d}", "tokens.npy": _npy_bytes(tokens), "component.txt": names[c]})
-            used_per[c] += 1
-    shards = sorted(x for x in os.listdir(tmp) if x.endswith(".tar"))
-    assert len(shards) == n_shards, (len(shards), n_shards)
-    index = {
-        "format": "ham-packed-sequences-v1", "seq_len": seq_len, "sample_tokens": seq_len + 1,
-        "dtype": str(streams[live[0]].dtype), "num_shards": n_shards, "samples_per_shard": per_shard,
-        "num_samples": used, "dropped_samples": total - used, "shard_multiple": shard_multiple,
-        "seed": seed, "shards": shards, "eod_id": meta.get("eod_id"), "vocab_size": meta.get("vocab_size"),
-        "tokenizer": meta.get("tokenizer"), "source_blend": os.path.abspath(blend_path),
-        "blend": [{"name": names[i], "weight": w[i], "sequences": used_per[i], "windows": windows[i],
-                   "epochs": used_per[i] / windows[i]} for i in live],
-    }
-    _atomic_write_json(os.path.join(tmp, "index.json"), index)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    tmp = temp_dir_for(out_dir)  # a fresh dir of ours: removed (whole) if the export fails
+    try:
+        used_per = {i: 0 for i in live}
+        with wds.ShardWriter(os.path.join(tmp, "shard-%06d.tar"), maxcount=per_shard, maxsize=1 << 40,
+                             verbose=0) as sink:
+            for k, c in enumerate(order.tolist()):
+                j = taken[c]
+                taken[c] += 1
+                epoch, pos = divmod(j, windows[c])
+                if pos == 0 and epoch > 0:
+                    perms[c] = rng.permutation(windows[c])
+                start = int(perms[c][pos]) * seq_len
+                tokens = np.array(streams[c][start:start + seq_len + 1])
+                sink.write({"__key__": f"{k:09d}", "tokens.npy": _npy_bytes(tokens), "component.txt": names[c]})
+                used_per[c] += 1
+        shards = sorted(x for x in os.listdir(tmp) if x.endswith(".tar"))
+        assert len(shards) == n_shards, (len(shards), n_shards)
+        index = {
+            "format": INDEX_FORMAT, "seq_len": seq_len, "sample_tokens": seq_len + 1,
+            "dtype": str(streams[live[0]].dtype), "num_shards": n_shards, "samples_per_shard": per_shard,
+            "num_samples": used, "dropped_samples": total - used, "shard_multiple": shard_multiple,
+            "seed": seed, "shards": shards, "eod_id": meta.get("eod_id"), "vocab_size": meta.get("vocab_size"),
+            "tokenizer": meta.get("tokenizer"), "source_blend": os.path.abspath(blend_path),
+            "blend": [{"name": names[i], "weight": w[i], "sequences": used_per[i], "windows": windows[i],
+                       "epochs": used_per[i] / windows[i]} for i in live],
+        }
+        _atomic_write_json(os.path.join(tmp, "index.json"), index)
+        own = None if old_index is None else ["index.json"] + list(old_index.get("shards") or [])
+        publish_dir(tmp, out_dir, own, overwrite, "--wds-out")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("webdataset: %d samples of %d tokens in %d shards (%d per shard, %d dropped) -> %s", used,
              seq_len + 1, n_shards, per_shard, total - used, out_dir)
     return index
@@ -159,9 +177,12 @@ class PackedSequenceDataset(torch.utils.data.IterableDataset):
         if isinstance(path, (list, tuple)):
             self.shards = list(path)
         else:
-            with open(os.path.join(path, "index.json"), encoding="utf-8") as f:
+            where = os.path.join(path, "index.json")
+            with open(where, encoding="utf-8") as f:
                 self.index = json.load(f)
-            self.shards = [os.path.join(path, s) for s in self.index["shards"]]
+            # shard names are entries of `path` (an index.json from elsewhere must not point outside)
+            self.shards = [os.path.join(path, check_name(s, f"{where}: shards[{i}]"))
+                           for i, s in enumerate(self.index["shards"])]
         if not self.shards:
             raise ValueError(f"{path}: no shards")
         self.rank, self.world_size = rank, world_size

@@ -346,6 +346,122 @@ def test_bad_inputs(tmp_path):
     assert "--checkpoint" in p.stdout and "trust_remote_code" in p.stdout
 
 
+# ------------------------------------------------------------------ foreign code, paths, permissions
+SAMPLE_TOKENIZER = os.path.join(REPO, "data_prep", "sample", "tokenizer")
+
+
+def _planted_tokenizer(d, marker, auto_map=None):
+    """The sample tokenizer plus Python files that create `marker` when imported (and a config.json
+    whose auto_map points at one of them); with `auto_map`, a tokenizer_config.json that names
+    its own code."""
+    import shutil
+
+    shutil.copytree(SAMPLE_TOKENIZER, d)
+    payload = f"open({str(marker)!r}, 'w').write(__name__)\n"
+    for name in ("modeling_ham.py", "configuration_ham.py", "ham_ops.py", "evil.py", "tokenization_evil.py"):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(payload + "class EvilTokenizer: pass\nclass Evil: pass\n")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"auto_map": {"AutoModelForCausalLM": "evil.Evil", "AutoConfig": "evil.Evil"}}, f)
+    if auto_map:
+        cfg = json.load(open(os.path.join(d, "tokenizer_config.json")))
+        cfg["auto_map"] = auto_map
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+    return str(d)
+
+
+def _convert_cli(args):
+    p = subprocess.run([sys.executable, "tools/convert_to_hf.py", *args], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.umask(0o022))
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_export_carries_no_foreign_code_and_verify_loads_the_export(exported, tmp_path):
+    """A tokenizer dir with planted modeling / config code: only allow-listed data files are
+    copied, the code is the package's own, --verify loads the export dir (no marker), modes are
+    0755 / 0644; a tokenizer with an auto_map is refused unless --allow-tokenizer-code, and then
+    its tokenization_*.py ships but can never replace the exporter's files."""
+    root, _, _ = exported
+    marker = tmp_path / "PWNED"
+    tok = _planted_tokenizer(tmp_path / "tok", marker)
+    out = tmp_path / "export"
+    rc, log = _convert_cli(["--checkpoint", os.path.join(root, "hybrid"), "--output", str(out),
+                            "--tokenizer", tok, "--verify", "16"])
+    assert rc == 0, log
+    assert "the export directory, loaded with trust_remote_code=True in a fresh process" in log
+    assert not marker.exists()
+    files = sorted(os.listdir(out))
+    assert not {"evil.py", "tokenization_evil.py"} & set(files) and "tokenizer.json" in files
+    for name in ("modeling_ham.py", "configuration_ham.py"):
+        assert (out / name).read_bytes() == open(os.path.join(REPO, "megatron_ham", "hf", name), "rb").read()
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_ham.HAMForCausalLM"
+    assert json.load(open(out / "megatron_ham_export.json"))["files"] == files
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert {oct(os.stat(out / n).st_mode & 0o777) for n in files} == {oct(0o644)}
+
+    # a tokenizer with its own code: refused by default, before the model is loaded
+    from megatron_ham.hf.convert import convert
+
+    auto = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
+    tok2 = _planted_tokenizer(tmp_path / "tok2", marker, auto)
+    with pytest.raises(ValueError, match="tokenizer_config.json has an auto_map.*--allow-tokenizer-code"):
+        convert(os.path.join(root, "hybrid"), str(tmp_path / "o2"), tokenizer=tok2)
+    bad = _planted_tokenizer(tmp_path / "tok3", marker, {"AutoTokenizer": [None, "modeling_ham.EvilTokenizer"]})
+    with pytest.raises(ValueError, match="reserved for the export's own code"):
+        convert(os.path.join(root, "hybrid"), str(tmp_path / "o3"), tokenizer=bad, allow_tokenizer_code=True)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    # allowed: its module ships, the exporter's code is still its own; a user file in the old
+    # export survives --overwrite (kept aside)
+    (out / "USER_FILE.txt").write_text("mine")
+    rc, log = _convert_cli(["--checkpoint", os.path.join(root, "hybrid"), "--output", str(out),
+                            "--tokenizer", tok2, "--allow-tokenizer-code", "--overwrite"])
+    assert rc == 0, log
+    assert (out / "tokenization_evil.py").exists() and not (out / "evil.py").exists()
+    assert (out / "modeling_ham.py").read_bytes() == open(os.path.join(REPO, "megatron_ham", "hf",
+                                                                       "modeling_ham.py"), "rb").read()
+    kept = [d for d in os.listdir(tmp_path) if d.startswith(".old_export_")]
+    assert len(kept) == 1 and os.listdir(tmp_path / kept[0]) == ["USER_FILE.txt"]
+    assert not marker.exists()  # nothing of the tokenizer's code ran in the converter
+
+
+def test_verify_reads_the_export_directory_itself(exported, tmp_path):
+    """export_logits runs the export's own modeling code: a tampered copy gives other logits."""
+    import shutil
+
+    from megatron_ham.hf.verify_export import export_logits
+
+    root, _, _ = exported
+    src = os.path.join(root, "ham_hf")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(src, tampered)
+    code = (tampered / "modeling_ham.py").read_text()
+    assert "logits = self.lm_head(" in code
+    (tampered / "modeling_ham.py").write_text(code.replace("logits = self.lm_head(", "logits = 2 * self.lm_head(", 1))
+    ref = torch.load(os.path.join(root, "ham_ref.pt"))  # the Megatron model's logits (fixture)
+    x, want = ref["x"][:1, :12], ref["ref"][:1, :12, :VOCAB].numpy()  # before the first EOD: causal
+    got, info = export_logits(str(tampered), x.numpy())
+    assert got.shape == (1, 12, VOCAB) and abs(got - 2 * want).max() < 1e-4 and abs(want).max() > 1e-3
+    assert "transformers_modules" in info["module_file"] and not info["megatron_ham_loaded"]
+
+
+def test_missing_tokenizer_and_foreign_output_are_named(exported, tmp_path, capsys):
+    from megatron_ham.hf.convert import main
+
+    root, _, _ = exported
+    missing = str(tmp_path / "no-such-tokenizer")
+    assert main(["--checkpoint", os.path.join(root, "ham"), "--output", str(tmp_path / "o"),
+                 "--tokenizer", missing]) == 2
+    assert f"--tokenizer {missing}: no such file or directory" in capsys.readouterr().err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "USER_FILE.txt").write_text("mine")
+    assert main(["--checkpoint", os.path.join(root, "ham"), "--output", str(foreign), "--overwrite"]) == 2
+    assert "is not an export of ham-convert-hf" in capsys.readouterr().err
+    assert (foreign / "USER_FILE.txt").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         _make_checkpoints(sys.argv[2])

@@ -13,10 +13,15 @@ Steps (all in one process, on CPU, torch.distributed gloo world of size 1):
   4. map the Megatron state dict to HF names (each layer kind's key map: fused projections split
      by its section table; vocab padding dropped, per-layer tau into the config) and write, into
      a temp dir next to --output: model.safetensors, config.json (with auto_map),
-     generation_config.json, the modeling code (configuration_ham.py, modeling_ham.py,
+     generation_config.json, the tokenizer (data files from an allow-list,
+     hf/tokenizer_files.py), then the modeling code last (configuration_ham.py, modeling_ham.py,
      ham_ops.py and the megatron_ham.ops files it needs, layer_kinds.py for the model's kinds and
-     the HF module of a plugin kind), the tokenizer; then rename the temp dir to --output.
-Errors name the path / key at fault. See docs/export.md for the name mapping.
+     the HF module of a plugin kind), and megatron_ham_export.json (the list of files written);
+  5. with --verify, load that directory in a fresh process without megatron_ham
+     (hf/verify_export.py) and compare its logits with the Megatron model's; then give it normal
+     permissions and rename it to --output (an existing export of this tool is replaced only
+     with --overwrite, and only the files it lists are deleted: megatron_ham/publish.py).
+Errors name the path / key at fault. See docs/export.md for the name mapping, docs/security.md.
 """
 from __future__ import annotations
 
@@ -32,12 +37,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_ham.models.config import DTYPES
+from megatron_ham.publish import publish_dir, temp_dir_for
+
+from .tokenizer_files import check_tokenizer, write_tokenizer
 
 PROG = "ham-convert-hf"
 MARKER = "train_state.json"
 OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "short_conv.py",
              "gdn_activations.py", "norm.py", "_checks.py", "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
+EXPORT_JSON = "megatron_ham_export.json"
 
 
 class ConversionError(RuntimeError):
@@ -375,54 +384,43 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_tokenizer(src: str, out_dir: str) -> None:
-    """Save the tokenizer at `src` (HF tokenizer dir or a tokenizer.json) into `out_dir`."""
-    if not os.path.exists(src):
-        raise ConversionError(f"--tokenizer {src}: no such file or directory")
+def own_export_files(output: str) -> Optional[List[str]]:
+    """The files an earlier export of this tool wrote into `output` (its megatron_ham_export.json
+    lists them), or None when `output` holds no such export."""
     try:
-        if os.path.isdir(src):
-            from transformers import AutoTokenizer
+        with open(os.path.join(output, EXPORT_JSON), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    files = doc.get("files")
+    if isinstance(files, list) and all(isinstance(n, str) for n in files):
+        return files
+    from .tokenizer_files import TOKENIZER_FILES  # an export from before the file list
 
-            tok = AutoTokenizer.from_pretrained(src)
-        else:
-            from transformers import PreTrainedTokenizerFast
-
-            tok = PreTrainedTokenizerFast(tokenizer_file=src)
-        tok.save_pretrained(out_dir)
-        return
-    except Exception as e:  # fall back to copying the files as they are
-        if not os.path.isdir(src):
-            raise ConversionError(f"--tokenizer {src}: cannot load it as a tokenizer ({e})") from e
-        log(f"warning: tokenizer {src} did not load with AutoTokenizer ({type(e).__name__}: {e}); "
-            "copying its files")
-    for name in os.listdir(src):
-        p = os.path.join(src, name)
-        if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(out_dir, name))
-
-
-def _publish(tmp: str, output: str, overwrite: bool) -> None:
-    if os.path.exists(output):
-        if not overwrite:
-            raise ConversionError(f"--output {output}: exists; pass --overwrite to replace it")
-        old = f"{output}.old.{os.getpid()}"
-        os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)
+    return [EXPORT_JSON, "config.json", "generation_config.json", "model.safetensors", *CODE_FILES, "ham_ops.py",
+            "layer_kinds.py", *OPS_FILES, *TOKENIZER_FILES]
 
 
 def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype: str = "auto",
             config_path: Optional[str] = None, overwrite: bool = False,
-            verify_tokens: int = 0) -> str:
+            verify_tokens: int = 0, allow_tokenizer_code: bool = False,
+            verify_atol: Optional[float] = None) -> str:
     """Convert; returns the output directory. Raises ConversionError / ValueError."""
     if dtype not in ("auto",) + tuple(DTYPES):
         raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     t0 = time.time()
     output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise ConversionError(f"--output {output}: exists; pass --overwrite to replace it")
+    own_files = own_export_files(output)
+    if os.path.lexists(output):
+        if own_files is None and not (os.path.isdir(output) and not os.listdir(output)):
+            raise ConversionError(f"--output {output}: exists and is not an export of {PROG} (no {EXPORT_JSON}); "
+                                  "choose a new or empty directory")
+        if not overwrite:
+            raise ConversionError(f"--output {output}: exists; pass --overwrite to replace it")
+    if tokenizer is not None:  # refused now, not after loading the model
+        check_tokenizer(tokenizer, allow_tokenizer_code)
     step_dir = resolve_checkpoint(checkpoint)
     log(f"checkpoint: {step_dir}")
     run = read_run_config(step_dir, config_path)
@@ -431,6 +429,8 @@ def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype
     if tokenizer is None and tok_path and not os.path.exists(tok_path):
         log(f"warning: the run's data.tokenizer {tok_path} does not exist here; no tokenizer written")
         tok_path = None
+    if tok_path:
+        check_tokenizer(tok_path, allow_tokenizer_code)
     eod = export_eod_id(run)
     documents = bool(data.documents)
     log(f"model: {cfg.architecture} pattern {cfg.resolved_pattern()!r}, hidden {cfg.hidden_size}, "
@@ -459,30 +459,30 @@ def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype
         hf.tie_weights()
     hf = hf.to(out_dtype).eval()
 
-    if verify_tokens:
-        diff = verify(model, hf, cfg, eod, documents, verify_tokens)
-        log(f"verify: max |logits(Megatron) - logits(HF)| = {diff:.3e} on {verify_tokens} tokens")
-
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp_{os.path.basename(output)}_", dir=parent)
+    tmp = temp_dir_for(output)
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         gen = GenerationConfig(eos_token_id=eod, pad_token_id=eod, do_sample=False)
         gen.save_pretrained(tmp)
-        write_code(tmp, hf_cfg)
         if tok_path:
-            write_tokenizer(tok_path, tmp)
-            log(f"tokenizer: {tok_path}")
+            names = write_tokenizer(tok_path, tmp, reserved=os.listdir(tmp), allow_code=allow_tokenizer_code)
+            log(f"tokenizer: {tok_path} ({', '.join(names)})")
         else:
             log("no tokenizer given (--tokenizer, or data.tokenizer in the run config)")
-        with open(os.path.join(tmp, "megatron_ham_export.json"), "w", encoding="utf-8") as f:
+        write_code(tmp, hf_cfg)  # last: whatever was written before, the code in the export is ours
+        files = sorted(set(os.listdir(tmp)) | {EXPORT_JSON})  # what --overwrite may delete later
+        with open(os.path.join(tmp, EXPORT_JSON), "w", encoding="utf-8") as f:
             json.dump({"checkpoint": os.path.abspath(step_dir), "model_config": cfg.to_dict(),
                        "train_state": _read_json(os.path.join(step_dir, MARKER)),
-                       "dtype": hf_cfg.dtype}, f, indent=1, default=str)
-        _publish(tmp, output, overwrite)
+                       "dtype": hf_cfg.dtype, "files": files}, f, indent=1, default=str)
+        if verify_tokens:
+            diff, tol = verify(model, tmp, cfg, eod, documents, verify_tokens, out_dtype, verify_atol)
+            log(f"verify: max |logits(Megatron) - logits(HF)| = {diff:.3e} on {verify_tokens} tokens "
+                f"(the export directory, loaded with trust_remote_code=True in a fresh process; "
+                f"tolerance {tol:.1e})")
+        publish_dir(tmp, output, own_files, overwrite, "--output")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir
         raise
     log(f"wrote {output} in {time.time() - t0:.1f} s "
         f"({sum(v.numel() for v in hf_sd.values()) / 1e6:.2f} M parameters, {hf_cfg.dtype})")
@@ -498,10 +498,15 @@ def _read_json(path):
 
 
 @torch.no_grad()
-def verify(model, hf, cfg, eod, documents, n_tokens: int) -> float:
-    """Max |logits| difference between the Megatron and HF models on random tokens (one EOD in
-    the middle when an EOD id is known), over the real vocabulary."""
+def verify(model, export_dir: str, cfg, eod, documents, n_tokens: int, out_dtype,
+           atol: Optional[float] = None) -> Tuple[float, float]:
+    """(max |logits| difference, tolerance) between the Megatron model and the export directory
+    loaded in a fresh process (hf/verify_export.py), on random tokens (one EOD in the middle when
+    an EOD id is known), over the real vocabulary. Raises ConversionError above the tolerance
+    (default 1e-3 for fp32 weights, else 5% of the largest reference logit)."""
     from megatron_ham.models import document_forward_kwargs
+
+    from .verify_export import VerifyError, export_logits
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (1, n_tokens), generator=g)
@@ -515,8 +520,21 @@ def verify(model, hf, cfg, eod, documents, n_tokens: int) -> float:
     ref = model(x, None, None, **kw).float()[..., : cfg.vocab_size]
     if ref.shape[0] != x.shape[0]:  # [s, b, v] on older megatron-core
         ref = ref.transpose(0, 1)
-    got = hf(x.to(hf.device), use_cache=False).logits.float()
-    return float((ref - got).abs().max())
+    try:
+        got, _info = export_logits(export_dir, x.numpy())
+    except VerifyError as e:
+        raise ConversionError(f"--verify: {e}") from None
+    got = torch.from_numpy(got)
+    if got.shape != ref.shape:
+        raise ConversionError(f"--verify: the export's logits have shape {list(got.shape)}, the Megatron "
+                              f"model's {list(ref.shape)}")
+    diff = float((ref - got).abs().max())
+    if atol is None:
+        atol = 1e-3 if out_dtype == torch.float32 else 0.05 * max(1.0, float(ref.abs().max()))
+    if not diff <= atol:  # also catches NaN
+        raise ConversionError(f"--verify: the export's logits differ from the Megatron model's by {diff:.3e} "
+                              f"(tolerance {atol:.1e}); nothing was written to {os.path.dirname(export_dir)}")
+    return diff, atol
 
 
 # ============================================================================ CLI
@@ -546,10 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML",
                    help="run config to read the model settings from (default: config.yaml in the "
                         "checkpoint dir, written by the trainer)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it holds an earlier export of this tool (only the files "
+                        "that export lists are deleted; a directory that is not an export is never replaced)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
-                   help="after converting, compare Megatron and HF logits on N random tokens and "
-                        "log the max difference (0 = skip)")
+                   help="before publishing, load the export directory itself with "
+                        "from_pretrained(trust_remote_code=True) in a fresh process without megatron_ham, "
+                        "compare its logits with the Megatron model's on N random tokens and fail "
+                        "(nothing written) above the tolerance (0 = skip)")
+    p.add_argument("--verify-atol", type=float, metavar="X",
+                   help="--verify tolerance (default 1e-3 for fp32 weights, else 5%% of the largest logit)")
+    p.add_argument("--allow-tokenizer-code", action="store_true",
+                   help="ship a tokenizer whose tokenizer_config.json has an auto_map, i.e. its own Python "
+                        "code (tokenization_*.py), which then runs on every from_pretrained(..., "
+                        "trust_remote_code=True) of the export. Off: such a tokenizer is refused. Only the "
+                        "allow-listed tokenizer data files are ever copied otherwise (never a .py)")
     return p
 
 
@@ -558,7 +587,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert(args.checkpoint, args.output, tokenizer=args.tokenizer, dtype=args.dtype,
-                config_path=args.config, overwrite=args.overwrite, verify_tokens=args.verify)
+                config_path=args.config, overwrite=args.overwrite, verify_tokens=args.verify,
+                allow_tokenizer_code=args.allow_tokenizer_code, verify_atol=args.verify_atol)
     except (ConversionError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2

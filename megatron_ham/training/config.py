@@ -94,8 +94,9 @@ class DataConfig:
     split: str = "98,2,0"  # train, valid, test fractions of each component's documents
     eod_id: Optional[int] = None  # default: from `tokenizer`, else the blend file's, else 0
     tokenizer: Optional[str] = None  # HF tokenizer directory (for the EOD id and the record)
-    cache_dir: Optional[str] = None  # GPTDataset index cache (default: <checkpoint.dir>/data_cache)
+    cache_dir: Optional[str] = None  # GPTDataset index cache (default: <checkpoint.dir>/../data_cache)
     urls: List[str] = field(default_factory=list)  # webdataset shards (brace patterns allowed)
+    allow_pipe_urls: bool = False  # let data.urls hold `pipe:` URLs (shell commands run on every rank)
     documents: bool = True  # respect EOD boundaries in the model (document_forward_kwargs)
 
 

@@ -18,6 +18,13 @@ Backends (recipe `data.backend`):
              built by BlendedMegatronDatasetBuilder (train/valid/test split by documents).
   webdataset token shards written by ham-prep-data --wds-out (see WebDatasetTokens).
   synthetic  seeded random tokens: sample i is a function of (seed, i) only (benchmarks).
+
+Untrusted files (docs/security.md): megatron-core reads its index cache with
+numpy.load(allow_pickle=True), so every `.npy` in the cache dir is checked to be a plain array
+(`check_index_cache`) before the builder runs; the cache lives outside the checkpoint dir by
+default (`default_cache_dir`). `pipe:` URLs (shell commands) in data.urls are refused unless the
+recipe sets data.allow_pipe_urls. `check_data_paths` names a missing blend / prefix / tokenizer
+/ shard (slurm/submit.sh runs it at submit time through megatron_ham.training.submit_check).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 
 from .config import ConfigError, RunConfig
 
@@ -37,9 +45,11 @@ def read_blend(path: str) -> Tuple[List[str], List[float], dict]:
     """A ham-prep-data blend file -> (prefixes, weights, extra info {eod_id, vocab_size, ...})."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f) if path.endswith(".json") else __import__("yaml").safe_load(f)
+            raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"data.blend: blend file {path!r} not found (run ham-prep-data first)") from None
+        raise ConfigError(f"key 'data.blend': blend file {path!r} not found (run ham-prep-data first)") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"key 'data.blend': {path}: cannot read the blend file ({e})") from None
     entries = raw["blend"] if isinstance(raw, dict) else raw
     info = {k: v for k, v in raw.items() if k != "blend"} if isinstance(raw, dict) else {}
     if not isinstance(entries, list) or not entries:
@@ -52,11 +62,22 @@ def read_blend(path: str) -> Tuple[List[str], List[float], dict]:
         p = e["prefix"] if os.path.isabs(e["prefix"]) else os.path.join(base, e["prefix"])
         if not os.path.exists(p + ".idx") and "relative_prefix" in e:
             p = os.path.join(base, e["relative_prefix"])
-        if not os.path.exists(p + ".idx"):
+        if not (os.path.isfile(p + ".idx") and os.path.isfile(p + ".bin")):
             raise ConfigError(f"{path}: blend[{i}]: no IndexedDataset at {p}(.idx/.bin)")
         prefixes.append(p)
         weights.append(float(e["weight"]))
     return prefixes, weights, info
+
+
+def tokenizer_json(path: str) -> str:
+    """The tokenizer.json of `data.tokenizer` (a HF tokenizer dir or the file itself); ConfigError
+    naming the key and the path when there is none."""
+    tj = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(tj):
+        what = "has no tokenizer.json" if os.path.isdir(path) else "no such file or directory"
+        raise ConfigError(f"key 'data.tokenizer': {path}: {what} (a Hugging Face tokenizer directory "
+                          "or its tokenizer.json)")
+    return tj
 
 
 def resolve_eod_id(cfg: RunConfig, info: Optional[dict] = None) -> int:
@@ -67,8 +88,11 @@ def resolve_eod_id(cfg: RunConfig, info: Optional[dict] = None) -> int:
     if d.tokenizer:
         from tokenizers import Tokenizer
 
-        tj = os.path.join(d.tokenizer, "tokenizer.json") if os.path.isdir(d.tokenizer) else d.tokenizer
-        tok = Tokenizer.from_file(tj)
+        tj = tokenizer_json(d.tokenizer)
+        try:
+            tok = Tokenizer.from_file(tj)
+        except Exception as e:  # noqa: BLE001 - the Rust loader raises plain Exception
+            raise ConfigError(f"key 'data.tokenizer': {tj}: not a tokenizers JSON file ({e})") from None
         for name in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>"):
             i = tok.token_to_id(name)
             if i is not None:
@@ -115,19 +139,10 @@ class WebDatasetTokens:
     Held in memory: meant for moderate shard sets; use the megatron backend for 50B tokens.
     """
 
-    def __init__(self, urls: Sequence[str], seq_length: int, num_samples: int):
+    def __init__(self, urls: Sequence[str], seq_length: int, num_samples: int, allow_pipe_urls: bool = False):
         import webdataset as wds
 
-        expanded: List[str] = []
-        for u in urls:
-            if os.path.isdir(u):  # a ham-prep-data --wds-out directory
-                import glob
-
-                expanded.extend(sorted(glob.glob(os.path.join(u, "*.tar"))))
-            else:
-                expanded.extend(sorted(wds.shardlists.expand_urls(u)))
-        if not expanded:
-            raise ConfigError(f"data.urls: no shards match {list(urls)}")
+        expanded = expand_shard_urls(urls, allow_pipe_urls)
         seqs = []
         # every rank indexes every shard (identity splitters): the sample order is global
         ds = wds.WebDataset(expanded, shardshuffle=False, empty_check=False,
@@ -136,8 +151,12 @@ class WebDatasetTokens:
             arr = None
             for key, value in sorted(sample.items()):
                 if key.endswith("npy") or key.endswith("tokens"):
-                    arr = np.load(__import__("io").BytesIO(value)) if key.endswith("npy") else \
-                        np.frombuffer(value, dtype=np.int32)
+                    try:  # never unpickle: a shard from elsewhere is data, not code
+                        arr = np.load(__import__("io").BytesIO(value), allow_pickle=False) if key.endswith("npy") \
+                            else np.frombuffer(value, dtype=np.int32)
+                    except ValueError as e:
+                        raise ConfigError(f"data.urls: {sample.get('__url__')}: sample {sample.get('__key__')!r}, "
+                                          f"{key}: not a plain array ({e})") from None
                     break
             if arr is None:
                 continue
@@ -159,6 +178,112 @@ class WebDatasetTokens:
         return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.s)}
 
 
+def _url_scheme(url: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url).scheme  # what webdataset's gopen dispatches on (lower-cased)
+
+
+def expand_shard_urls(urls: Sequence[str], allow_pipe_urls: bool = False) -> List[str]:
+    """`data.urls` -> the shard list (a --wds-out directory -> its *.tar as absolute paths; brace
+    patterns expanded). A `pipe:` URL is a shell command webdataset runs on every rank: refused
+    (ConfigError naming the entry) unless the recipe sets data.allow_pipe_urls: true."""
+    import glob
+
+    import webdataset as wds
+
+    expanded: List[str] = []
+    for i, u in enumerate(urls):
+        if os.path.isdir(u):  # a ham-prep-data --wds-out directory (absolute: no scheme to misread)
+            expanded.extend(sorted(os.path.abspath(p) for p in glob.glob(os.path.join(u, "*.tar"))))
+            continue
+        for x in [u] + sorted(wds.shardlists.expand_urls(u)):
+            if _url_scheme(x) == "pipe" and not allow_pipe_urls:
+                raise ConfigError(
+                    f"key 'data.urls[{i}]': {u!r} is a pipe: URL, i.e. a shell command that webdataset runs "
+                    "on every rank; refused unless the recipe sets `data.allow_pipe_urls: true` (only for "
+                    "recipes you trust; or list the shard files instead)")
+        expanded.extend(sorted(wds.shardlists.expand_urls(u)))
+    if not expanded:
+        raise ConfigError(f"key 'data.urls': no shards match {list(urls)}")
+    return expanded
+
+
+def check_data_paths(cfg: RunConfig) -> None:
+    """Every data path the run will open exists (blend file and its IndexedDatasets, prefixes,
+    tokenizer, local webdataset shards) and data.urls holds no refused pipe: URL; ConfigError
+    naming the key and the path otherwise. Cheap: reads the blend file only."""
+    d = cfg.data
+    if d.tokenizer:
+        tokenizer_json(d.tokenizer)
+    if d.backend == "megatron":
+        if d.blend:
+            read_blend(d.blend)
+        for i, p in enumerate(d.prefixes):
+            if not (os.path.isfile(p + ".idx") and os.path.isfile(p + ".bin")):
+                raise ConfigError(f"key 'data.prefixes[{i}]': no IndexedDataset at {p}(.idx/.bin)")
+        if d.cache_dir and os.path.exists(d.cache_dir) and not os.path.isdir(d.cache_dir):
+            raise ConfigError(f"key 'data.cache_dir': {d.cache_dir}: exists and is not a directory")
+    elif d.backend == "webdataset":
+        missing = [u for u in expand_shard_urls(d.urls, d.allow_pipe_urls) if not _url_scheme(u)
+                   and not os.path.isfile(u)]
+        if missing:
+            raise ConfigError(f"key 'data.urls': shard file(s) not found: {missing[:5]}")
+
+
+# ----------------------------------------------------------------------------- index cache
+def default_cache_dir(cfg: RunConfig) -> str:
+    """GPTDataset's index cache: data.cache_dir, else `data_cache` in the run's output root (the
+    parent of checkpoint.dir, next to the default tensorboard / metrics.jsonl), so that a
+    checkpoint dir from elsewhere never brings index files with it."""
+    if cfg.data.cache_dir:
+        return cfg.data.cache_dir
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint.dir)), "data_cache")
+
+
+def _npy_problem(path: str) -> Optional[str]:
+    """Why numpy.load(path, allow_pickle=True) could run code or fail (None for a plain array)."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = npy.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, dtype = npy.read_array_header_2_0(f)
+            else:
+                return f"NumPy format version {version} (megatron-core writes 1.0)"
+            data_start = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError) as e:
+        return f"not a NumPy .npy file ({e})"
+    if dtype.hasobject:
+        return f"dtype {dtype} holds Python objects (would be unpickled)"
+    need = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < need:
+        return f"truncated: {size} bytes, the header needs {need}"
+    return None
+
+
+def check_index_cache(cache_dir: str) -> None:
+    """Refuse to start when a `.npy` in `cache_dir` is not a plain array: megatron-core loads its
+    index cache with numpy.load(allow_pickle=True), which unpickles (runs) a file without the
+    NumPy magic or with an object dtype. ConfigError naming the file; nothing is loaded."""
+    if not os.path.isdir(cache_dir):
+        return
+    for name in sorted(os.listdir(cache_dir)):
+        path = os.path.join(cache_dir, name)
+        if not name.endswith(".npy"):
+            continue
+        why = _npy_problem(path)
+        if why:
+            raise ConfigError(
+                f"{path}: dataset index cache file refused: {why}. megatron-core would load it with "
+                "numpy.load(allow_pickle=True); delete it if you did not put it there (the cache is "
+                "rebuilt), or point data.cache_dir elsewhere")
+
+
 def _sizes(cfg: RunConfig) -> List[int]:
     G = cfg.train.global_batch_size
     n_valid = cfg.train.eval_iters * G if cfg.train.eval_interval > 0 else 0
@@ -177,7 +302,7 @@ def build_datasets(cfg: RunConfig, *, vocab_size: int) -> Tuple[object, Optional
         return train, valid, eod
     if d.backend == "webdataset":
         eod = resolve_eod_id(cfg)
-        train = WebDatasetTokens(d.urls, s, n_train)
+        train = WebDatasetTokens(d.urls, s, n_train, allow_pipe_urls=d.allow_pipe_urls)
         return train, None, eod
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -194,7 +319,13 @@ def build_datasets(cfg: RunConfig, *, vocab_size: int) -> Tuple[object, Optional
     if info.get("vocab_size") and int(info["vocab_size"]) > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
                           f"tokenizer vocabulary ({info['vocab_size']}, from {d.blend})")
-    cache = d.cache_dir or os.path.join(cfg.checkpoint.dir, "data_cache")
+    cache = default_cache_dir(cfg)
+    os.makedirs(cache, exist_ok=True)
+    check_index_cache(cache)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # every rank checked the cache before rank 0 starts writing to it
+        dist.barrier()
     gcfg = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=s,
