@@ -31,7 +31,7 @@ def slurm_cluster(tmp_path_factory):
 
 
 def _sh(args, env, **kw):
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, **kw)
 
 
 def _state(job, env):
