@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from megatron_ham.models.config import DTYPES
 
 from .config import RunConfig, dump_config
-from .data import BatchPlan, build_datasets, check_batch_plan, global_batch
+from .data import BatchPlan, build_datasets, check_batch_plan, check_data_paths, global_batch
 from .logging import MetricsWriter, model_flops_per_token, peak_flops
 from .logging.metrics import matmul_params, memory_gib
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopRequest
@@ -168,6 +168,7 @@ def setup(cfg: RunConfig, stop: Optional[StopRequest] = None) -> Trainer:
     log = MetricsWriter(is_log_rank, _tb_dir(cfg), _jsonl_path(cfg))
     _prepare_model_config(cfg, log.info)
     check_batch_plan(cfg, info.dp)
+    check_data_paths(cfg)  # a missing blend / prefix / tokenizer is named before the model is built
     params = _check_memory(cfg, info.dp)
     _prepare_checkpoint_dir(cfg, params, log.info)
     stop.check(device, "set-up (process groups)")
