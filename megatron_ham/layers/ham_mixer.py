@@ -14,6 +14,10 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
           ranks; routed values are scaled by r (router_weighted_values) so the LM loss trains it;
           dL/dr is all-reduced over TP (each rank only sees its heads), so the router's
           parameter gradient is the full one on every rank.
+      "random": the ablation: score_t = uniform_hash(router_seed, layer, sample, position) in (0, 1)
+          (ops.routing.random_router_scores), independent of the content; sample = 0 in eval
+          mode, in training a key of (optimizer step, data-parallel rank, row), the same in a
+          recomputed forward; position = index in the row. No gradient, values unscaled.
       routed_t = score_t >= tau, tau = this layer's KVFractionController buffer (in the checkpoint).
   - output: gated_combine(o_rnn, o_kv, gate_rnn, gate_kv, z, norm_weight) -> out_proj.
 
@@ -24,7 +28,7 @@ not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) up
 once per optimizer step from what was recorded. In eval mode nothing is recorded.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
+router_seed, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ class HAMMixer(GDNMixer):
 
         c = model_config
         self.router_kind = c.router
+        self.router_seed = int(c.router_seed)
         self.scratchpad_scale = float(c.scratchpad_scale) if c.scratchpad_scale > 0 else self.K ** 0.5
         self.scratchpad_impl = c.scratchpad_impl
         self.kv_controller = KVFractionController(
@@ -78,9 +83,27 @@ class HAMMixer(GDNMixer):
         self._recorded = []
         return out
 
+    def _random_scores(self, s: int, b: int, device) -> torch.Tensor:
+        """fp32 [b, s] scores of the random router (see the module docstring)."""
+        from megatron_ham.ops.routing import random_router_scores
+
+        rows = torch.zeros(b, dtype=torch.int64, device=device)
+        if self.training:  # a fresh draw per (step, DP rank, row); stable under recomputation
+            from megatron.core import parallel_state as ps
+
+            dp = ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+            rank = ps.get_data_parallel_rank() if dp > 1 else 0
+            key = (self.kv_controller.num_updates.to(device) + 1) * dp + rank  # 0-dim, no sync
+            rows = key * b + torch.arange(b, dtype=torch.int64, device=device) + 1
+        pos = torch.arange(s, dtype=torch.int64, device=device)
+        return random_router_scores(self.router_seed, int(self.layer_number) - 1, rows, pos)
+
     def _scores(self, hidden_states, t, err, cu, s, b):
         from megatron_ham.ops import min_over_heads
 
+        if self.router_kind == "random":
+            r = self._random_scores(s, b, hidden_states.device)
+            return (r.reshape(1, b * s) if cu is not None else r), None
         if self.router is None:
             grp = self.tp_group if self.tp > 1 else None
             return min_over_heads(err.float(), group=grp).detach(), None
@@ -109,7 +132,7 @@ class HAMMixer(GDNMixer):
         if inference_context is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("HAMMixer: Megatron inference contexts are not supported")
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
-        want_err = self.router is None
+        want_err = self.router_kind.startswith("error")
         metric = "cosine" if self.router_kind == "error_cosine" else "l2"
         o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
         scores, r = self._scores(hidden_states, t, err, cu, s, b)

@@ -11,6 +11,9 @@ KVFractionController.
   by r_j before the scratchpad (`router_weighted_values`), so every routed key passes the loss
   gradient to its r_j. The hard decision r_j >= tau itself carries no gradient; the controller
   keeps the routed fraction at its target.
+- Random router (the ablation): score = a uniform number in (0, 1) from a counter-based hash of
+  integer keys (`random_router_scores`: seed, layer, a sample key, the position), independent of
+  the content, so the controller's tau ~ 1 - f stores each token i.i.d. with probability f.
 """
 from __future__ import annotations
 
@@ -63,6 +66,64 @@ def router_weighted_values(v: torch.Tensor, r: torch.Tensor, routed: torch.Tenso
     check_tensor("routed", routed, [B, T], "[B,T]", floating=False)
     w = torch.where(routed, r, torch.ones_like(r))
     return v * w[:, :, None, None].to(v.dtype)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit halves)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the "lowbias32" xorshift-multiply finaliser), a bijection on
+    [0, 2^32); int64 tensors in, int64 out. Same bits on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_hash(*keys: Union[int, torch.Tensor], device=None) -> torch.Tensor:
+    """float32 uniform numbers in (0, 1), a deterministic function of the integer `keys`.
+
+    keys: non-negative ints or int64 tensors of non-negative values (broadcast together; each
+        key is absorbed as its low and high 32 bits). The result has the broadcast shape, with 24 random bits:
+        ((h >> 8) + 0.5) / 2^24, never 0 or 1. Counter-based: the same keys give the same
+        number on CPU and GPU, in any batch layout.
+    """
+    h = torch.tensor(0x9E3779B9, dtype=torch.int64, device=device)
+    for i, k in enumerate(keys):
+        if not isinstance(k, torch.Tensor):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"uniform_hash: key {i} must be a non-negative int or int64 tensor, got {k!r}")
+            k = torch.tensor(k, dtype=torch.int64, device=device)
+        elif k.dtype != torch.int64:
+            raise ValueError(f"uniform_hash: key {i} must be int64, got {k.dtype}")
+        h = _mix32(h.to(k.device) ^ (k & _M32))
+        h = _mix32(h ^ ((k >> 32) & _M32))
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def random_router_scores(seed: int, layer: int, sample: Union[int, torch.Tensor],
+                         positions: torch.Tensor) -> torch.Tensor:
+    """Scores `[B,T]` of the random router: uniform in (0, 1), i.i.d. over tokens, independent
+    of the content: uniform_hash(seed, layer, sample, position).
+
+    seed: the model's router_seed; layer: 0-based global layer index; sample: an int or int64
+    `[B]` (0 at inference; in training a key of the step, data-parallel rank and row, so every
+    sample of training gets a fresh draw); positions: int64 `[T]` or `[B,T]` (position in the
+    row, counted from the start of the sequence including cached tokens).
+    With tau at the 1 - f quantile (the controller), each token is routed with probability f.
+    """
+    if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
+        raise ValueError("positions must be an int tensor of shape [T] or [B,T]")
+    pos = positions if positions.dim() == 2 else positions[None, :]
+    s = torch.as_tensor(sample, dtype=torch.int64, device=pos.device).reshape(-1, 1)  # [B or 1, 1]
+    return uniform_hash(int(seed), int(layer), s, pos.to(torch.int64), device=pos.device)
 
 
 class LearnedRouter(nn.Module):
