@@ -5,6 +5,8 @@
 A tiny HAM with router=random: 40 training-mode forwards + controller updates, eval-mode routing
 on two different inputs, a checkpoint in the trainer's layout, ham-convert-hf's convert() (which
 verifies HF logits against Megatron's) and greedy generation with and without the cache.
+Then a learned router with router_score "logit" (the controller in linear space): its scores
+are the router's logits, the controller holds the target, and it exports with verified logits.
 Writes OUT_DIR/result.json.
 """
 import json
@@ -66,6 +68,34 @@ def main(root: str) -> None:
     with torch.no_grad():
         hf(x[:1], use_cache=False)
     hf_routed = hf.model.layers[0].mixer.last_routed[0]
+    # the learned router thresholding its logit
+    lcfg = ModelConfig(**dict(cfg.to_dict(), router="learned", router_score="logit"))
+    torch.manual_seed(1)
+    lmodel = build_model(lcfg)
+    lmixers = [layer.self_attention for layer in lmodel.decoder.layers]
+    lmodel.train()
+    logit_fractions = []
+    for _ in range(20):
+        lmodel(x, None, None)
+        kv = step_kv_controllers(lmodel)
+        logit_fractions.append([kv[i]["fraction"] for i in sorted(kv)])
+    lmodel.eval()
+    with torch.no_grad():
+        lmodel(x, None, None)
+        xh = lmodel.embedding(x, None).detach()  # layer 0's input is norm(embedding)
+        z = lmixers[0].router.logits(lmodel.decoder.layers[0].input_layernorm(xh)).transpose(0, 1)
+    lrun = os.path.join(root, "learned")
+    lstep = os.path.join(lrun, "step_00000020")
+    os.makedirs(lstep)
+    dist_checkpointing.save({"model": lmodel.sharded_state_dict()}, lstep)
+    with open(os.path.join(lstep, "config.yaml"), "w") as f:
+        yaml.safe_dump({"name": "learned", "model": lcfg.to_dict(),
+                        "data": {"backend": "synthetic", "eod_id": 0, "documents": True, "tokenizer": None}}, f)
+    with open(os.path.join(lstep, "train_state.json"), "w") as f:
+        json.dump({"step": 20, "consumed_samples": 80, "world_size": 1}, f)
+    with open(os.path.join(lrun, "latest"), "w") as f:
+        f.write("step_00000020\n")
+    convert(lrun, os.path.join(root, "learned_hf"), verify_tokens=48)
     result = {
         "fractions": fractions,
         "taus": [float(m.kv_controller.tau) for m in mixers],
@@ -78,6 +108,11 @@ def main(root: str) -> None:
         "hf_router": [hf.config.router, hf.config.router_seed],
         "hf_equals_megatron_routing": bool((hf_routed == eval_a[0][0]).all()),
         "cache_equals_no_cache": bool((with_cache == without).all()),
+        "logit_fractions": logit_fractions,
+        "logit_space": lmixers[0].kv_controller.space,
+        "logit_scores_are_logits": float((lmixers[0].last_scores - z).abs().max()),
+        "logit_scores_negative": bool((lmixers[0].last_scores < 0).any()),
+        "learned_hf_router_score": json.load(open(os.path.join(root, "learned_hf", "config.json")))["router_score"],
     }
     with open(os.path.join(root, "result.json"), "w") as f:
         json.dump(result, f)

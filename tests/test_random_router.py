@@ -1,5 +1,6 @@
 """The random router (`model.router: random`, the ablation): content-independent i.i.d. scores
-from a counter-based hash, driven to the target fraction by the controller, exported to HF."""
+from a counter-based hash, driven to the target fraction by the controller, exported to HF; and
+the learned router thresholding its logit (`model.router_score: logit`)."""
 import json
 import os
 import subprocess
@@ -73,3 +74,8 @@ def test_random_router_model_controller_and_export(tmp_path):
     assert r["train_steps_differ"] and r["train_rows_differ"]  # fresh draws in training
     assert r["hf_router"] == ["random", 5]
     assert r["hf_equals_megatron_routing"] and r["cache_equals_no_cache"]
+    # learned router, router_score "logit": scores are the logits (any sign), linear-space control
+    assert r["logit_space"] == "linear" and r["logit_scores_are_logits"] < 1e-5 and r["logit_scores_negative"]
+    for layer in range(2):
+        assert abs(sum(f[layer] for f in r["logit_fractions"][-5:]) / 5 - 0.25) < 0.06, r["logit_fractions"]
+    assert r["learned_hf_router_score"] == "logit"  # exported, and convert() verified the logits

@@ -365,12 +365,13 @@ class HAMMixer(GDNMixer):
         q, k, v = t["q"], t["k"], t["v"]
         if rand:
             pos = torch.arange(offset, offset + T, device=x.device)
-            scores, r = random_router_scores(getattr(self.config, "router_seed", 0), i, 0, pos).expand(B, T), None
+            scores, r = random_router_scores(self.config.router_seed, i, 0, pos).expand(B, T), None
         elif self.router is None:
             scores, r = min_over_heads(t["err"].float()), None
-        else:
-            r = self.router(x)
-            scores = r.detach().float()
+        else:  # router_score "logit" thresholds z; "sigmoid" (exports before the field) r
+            z = self.router.logits(x)
+            r = torch.sigmoid(z)
+            scores = (z if self.config.router_score == "logit" else r).detach().float()
         routed = route(scores, float(self.tau))
         self.last_scores, self.last_routed = scores, routed
         v_kv = v if r is None else router_weighted_values(v, r.to(v.dtype), routed)

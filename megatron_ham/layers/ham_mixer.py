@@ -10,10 +10,12 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
   - routing per token, identical on every TP rank:
       "error_l2" / "error_cosine": score_t = min over ALL heads of the state's prediction error,
           the local min all-reduced (MIN) over the TP group; no gradient through routing.
-      "learned": r_t = LearnedRouter(x_t) on the full (SP-gathered) layer input, replicated on TP
-          ranks; routed values are scaled by r (router_weighted_values) so the LM loss trains it;
-          dL/dr is all-reduced over TP (each rank only sees its heads), so the router's
-          parameter gradient is the full one on every rank.
+      "learned": r_t = sigmoid(z_t), z_t = LearnedRouter.logits(x_t) on the full (SP-gathered)
+          layer input, replicated on TP ranks; routed values are scaled by r
+          (router_weighted_values) so the LM loss trains it; dL/dr is all-reduced over TP (each
+          rank only sees its heads), so the router's parameter gradient is the full one on every
+          rank. The score is z (router_score "logit"; the controller then works in linear space)
+          or r ("sigmoid").
       "random": the ablation: score_t = uniform_hash(router_seed, layer, sample, position) in (0, 1)
           (ops.routing.random_router_scores), independent of the content; sample = 0 in eval
           mode, in training a key of (optimizer step, data-parallel rank, row), the same in a
@@ -28,7 +30,7 @@ not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) up
 once per optimizer step from what was recorded. In eval mode nothing is recorded.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
+router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
 """
 from __future__ import annotations
 
@@ -61,8 +63,10 @@ class HAMMixer(GDNMixer):
         self.router_seed = int(c.router_seed)
         self.scratchpad_scale = float(c.scratchpad_scale) if c.scratchpad_scale > 0 else self.K ** 0.5
         self.scratchpad_impl = c.scratchpad_impl
+        self.score_is_logit = c.router == "learned" and c.router_score == "logit"
         self.kv_controller = KVFractionController(
-            float(c.kv_fraction), gain=c.controller_gain, warmup=c.controller_warmup
+            float(c.kv_fraction), gain=c.controller_gain, warmup=c.controller_warmup,
+            space="linear" if self.score_is_logit else "log",
         )
         self.router = None
         if c.router == "learned":
@@ -115,11 +119,11 @@ class HAMMixer(GDNMixer):
             x = gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        r = self.router(x.to(self.router.fc1.weight.dtype)).transpose(0, 1)  # [s,b] -> [b,s]
-        r = all_reduce_backward(r, self.tp_group)
+        z = self.router.logits(x.to(self.router.fc1.weight.dtype)).transpose(0, 1)  # [s,b] -> [b,s]
+        r = all_reduce_backward(torch.sigmoid(z), self.tp_group)
         if cu is not None:
-            r = r.reshape(1, b * s)
-        return r.detach().float(), r
+            z, r = z.reshape(1, b * s), r.reshape(1, b * s)
+        return (z if self.score_is_logit else r).detach().float(), r
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,

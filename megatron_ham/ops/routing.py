@@ -6,8 +6,8 @@ KVFractionController.
 - Prediction-error routers: per-head scores `[B,T,H]` -> per-token score = min over heads
   (`min_over_heads`; with heads split over tensor-parallel ranks the min is all-reduced (MIN)
   over the TP group so every rank routes the same tokens).
-- Learned router: r = sigmoid(MLP(x)) `[B,T]` from the layer input (replicated on TP ranks).
-  It learns from the LM loss Mixture-of-Depths style: the values of routed keys are multiplied
+- Learned router: r = sigmoid(z), z = MLP(x) `[B,T]` from the layer input (replicated on TP
+  ranks); the routing score is z ("logit") or r ("sigmoid", checkpoints before the setting). It learns from the LM loss Mixture-of-Depths style: the values of routed keys are multiplied
   by r_j before the scratchpad (`router_weighted_values`), so every routed key passes the loss
   gradient to its r_j. The hard decision r_j >= tau itself carries no gradient; the controller
   keeps the routed fraction at its target.
@@ -127,14 +127,17 @@ def random_router_scores(seed: int, layer: int, sample: Union[int, torch.Tensor]
 
 
 class LearnedRouter(nn.Module):
-    """r = sigmoid(Linear(act(Linear(x)))) in (0, 1), one score per token.
+    """r = sigmoid(Linear(act(Linear(x)))) in (0, 1), one score per token; `logits(x)` is the
+    pre-sigmoid z (what the "logit" routing score thresholds: unlike r it never saturates to
+    equal values, see docs/design.md "Routing").
 
     Args:
         hidden_size: model hidden size (input last dim).
         router_hidden_size: MLP width, default max(1, hidden_size // 4).
         bias: biases in both Linears.
         activation: "silu" or "gelu".
-    forward: x `[..., hidden_size]` (full hidden, replicated on TP ranks) -> r `[...]`.
+    forward: x `[..., hidden_size]` (full hidden, replicated on TP ranks) -> r `[...]`;
+    logits: the same x -> z `[...]` with r = sigmoid(z).
     """
 
     def __init__(self, hidden_size: int, router_hidden_size: Optional[int] = None, bias: bool = True,
@@ -154,8 +157,11 @@ class LearnedRouter(nn.Module):
         self.act = acts[activation]()
         self.fc2 = nn.Linear(router_hidden_size, 1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {got}")
-        return torch.sigmoid(self.fc2(self.act(self.fc1(x)))).squeeze(-1)
+        return self.fc2(self.act(self.fc1(x))).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
