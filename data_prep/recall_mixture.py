@@ -355,47 +355,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args) -> dict:
+    """Build the mixture for parsed arguments (build_parser); returns the manifest. Raises
+    ValueError naming the argument for bad input."""
+    if not 0 <= args.seed <= MAX_SPLIT_SEED or not 0 <= args.heldout_seed <= MAX_SPLIT_SEED:
+        raise ValueError(f"--seed / --heldout-seed must be in [0, {MAX_SPLIT_SEED}]")
+    if args.seed == args.heldout_seed:
+        raise ValueError(f"--heldout-seed must differ from --seed ({args.seed}): held-out documents "
+                         "would repeat training ones")
+    if args.workers < 1 or args.key_len < 1 or args.value_len < 1:
+        raise ValueError("--workers, --key-len and --value-len must be >= 1")
+    if not 0 <= args.eod_id < args.vocab_size:
+        raise ValueError(f"--eod-id {args.eod_id} is outside the vocabulary [0, {args.vocab_size})")
+    text = _text_prefixes(args.text)
+    if args.haystack != "random" and not text:
+        raise ValueError(f"--haystack {args.haystack} needs --text")
+    spec = MixtureSpec(args.vocab_size, args.eod_id, args.mix, args.lengths, args.num_pairs,
+                       args.num_needles, args.key_len, args.value_len, args.haystack, text)
+    from megatron_ham.eval.recall import TokenSpace, min_length
+
+    TokenSpace(spec.vocab_size, exclude=(spec.eod_id,))
+    for k, _ in spec.mix:  # the largest sizes must fit the longest length
+        if k == "filler":
+            continue
+        big = {"mqar": {"num_pairs": max(spec.num_pairs)}}.get(
+            k, {"key_len": spec.key_len, "value_len": spec.value_len,
+                **({} if k == "niah_single" else {"num_needles": max(spec.num_needles)})})
+        need = min_length(k, **big)
+        if need > max(spec.lengths):
+            raise ValueError(f"--lengths: {k} with {big} needs {need} tokens, above the longest "
+                             f"length {max(spec.lengths)}")
+    return build(args.out, spec, seed=args.seed, heldout_seed=args.heldout_seed,
+                 train_tokens=args.train_tokens, heldout_tokens=args.heldout_tokens,
+                 workers=args.workers, tokenizer=args.tokenizer, progress=not args.no_progress)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-
-    def bad(msg: str) -> int:
-        print(f"recall_mixture: error: {msg}", file=sys.stderr)
-        return 2
-
-    if not 0 <= args.seed <= MAX_SPLIT_SEED or not 0 <= args.heldout_seed <= MAX_SPLIT_SEED:
-        return bad(f"--seed / --heldout-seed must be in [0, {MAX_SPLIT_SEED}]")
-    if args.seed == args.heldout_seed:
-        return bad(f"--heldout-seed must differ from --seed ({args.seed}): held-out documents would repeat training ones")
-    if args.workers < 1 or args.key_len < 1 or args.value_len < 1:
-        return bad("--workers, --key-len and --value-len must be >= 1")
-    if not 0 <= args.eod_id < args.vocab_size:
-        return bad(f"--eod-id {args.eod_id} is outside the vocabulary [0, {args.vocab_size})")
     try:
-        text = _text_prefixes(args.text)
-        if args.haystack != "random" and not text:
-            return bad(f"--haystack {args.haystack} needs --text")
-        spec = MixtureSpec(args.vocab_size, args.eod_id, args.mix, args.lengths, args.num_pairs,
-                           args.num_needles, args.key_len, args.value_len, args.haystack, text)
-        from megatron_ham.eval.recall import TokenSpace, min_length
-
-        TokenSpace(spec.vocab_size, exclude=(spec.eod_id,))
-        for k, _ in spec.mix:  # the largest sizes must fit the shortest length
-            if k == "filler":
-                continue
-            big = {"mqar": {"num_pairs": max(spec.num_pairs)}}.get(
-                k, {"key_len": spec.key_len, "value_len": spec.value_len,
-                    **({} if k == "niah_single" else {"num_needles": max(spec.num_needles)})})
-            need = min_length(k, **big)
-            if need > max(spec.lengths):
-                return bad(f"--lengths: {k} with {big} needs {need} tokens, above the longest length {max(spec.lengths)}")
-        manifest = build(args.out, spec, seed=args.seed, heldout_seed=args.heldout_seed,
-                         train_tokens=args.train_tokens, heldout_tokens=args.heldout_tokens,
-                         workers=args.workers, tokenizer=args.tokenizer, progress=not args.no_progress)
+        manifest = run(args)
     except ValueError as e:
-        return bad(str(e))
+        print(f"recall_mixture: error: {e}", file=sys.stderr)
+        return 2
     for name, c in manifest["splits"].items():
         kinds = ", ".join(f"{k} {v['documents']}" for k, v in c["by_kind"].items())
         print(f"{name}: {c['documents']} documents, {c['tokens']} tokens ({kinds})")
