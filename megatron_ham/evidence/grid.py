@@ -10,6 +10,11 @@ Steps:
      tokens in the same order), then one `run_eval` process on its checkpoints (ham-eval);
      up to --concurrency processes at a time, seed-major (all configurations of seed 0 first);
   3. OUT/grid.json (collect.py) rewritten as runs finish, copied to --export when given.
+Fitting the budget (--calibrate-steps N): first every configuration of the first seed trains N
+steps at once (OUT/calibration; this also compiles and caches every kernel the grid uses, the
+evaluation's lengths included); their step times and memory give how many runs fit at once and
+how many steps every run can take so that the grid ends within the budget (the same number for
+all: train.train_steps, with warm-up, checkpoints and validation scaled to it; fit.py).
 Resumable: a run whose run.json says "done" is skipped, an interrupted training resumes from its
 latest checkpoint, reports already written are not redone. Budget: after --budget-s minus
 --reserve-s no training starts and the running ones get SIGUSR1 (ham-train checkpoints and exits
@@ -78,6 +83,7 @@ class Run:
     recipe: str
     dir: str
     overrides: List[str]
+    steps: int = 0
     record: dict = field(default_factory=dict)
     proc: Optional[subprocess.Popen] = None
     phase: str = "pending"  # pending | training | trained | evaluating | done | stopped | failed
@@ -97,7 +103,9 @@ class Grid:
         self.args = args
         self.t0 = time.time()
         self.out = os.path.abspath(args.out)
+        self.data_dir = os.path.join(self.out, "data")
         self.runs: List[Run] = []
+        self.calibration: Optional[dict] = None
         self.last_write = 0.0
         self.device = self._device()
         self.env = self._env()
@@ -132,7 +140,7 @@ class Grid:
         need = max(int(t.train_steps * t.global_batch_size * s * 1.02) + 1, 300 * s)
         from data_prep import recall_mixture
 
-        argv = ["--out", os.path.join(self.out, "data"), "--vocab-size", str(recipe_cfg.model.vocab_size),
+        argv = ["--out", self.data_dir, "--vocab-size", str(recipe_cfg.model.vocab_size),
                 "--eod-id", str(a.eod_id), "--train-tokens", str(a.train_tokens or need), "--heldout-tokens",
                 str(a.heldout_tokens), "--workers", str(a.data_workers), "--no-progress", *a.data_arg]
         log(f"data: recall_mixture {' '.join(argv)}")
@@ -144,24 +152,26 @@ class Grid:
         tr = m["splits"]["train"]
         log(f"data ready in {time.time() - t0:.1f} s: {tr['documents']} training documents, {tr['tokens']} tokens")
 
-    def plan(self) -> None:
+    def plan(self, seeds=None, extra: Optional[List[str]] = None) -> None:
+        """The runs of `seeds` (default --seeds) with these extra overrides, records written."""
         from megatron_ham.models.accounting import count_parameters
         from megatron_ham.training.config import load_config
 
         a = self.args
-        blend = os.path.join(self.out, "data", "blend.json")
+        blend = os.path.join(self.data_dir, "blend.json")
         first = None
-        for seed in a.seeds:
+        self.runs = []
+        for seed in seeds if seeds is not None else a.seeds:
             for name in a.configs:
                 recipe = os.path.join(a.recipes, f"{name}.yaml")
                 d = os.path.join(self.out, name, f"seed{seed}")
                 ov = [f"data.blend={blend}", f"checkpoint.dir={d}/checkpoints", f"logging.jsonl={d}/metrics.jsonl",
                       f"logging.tensorboard_dir={d}/tb", f"train.seed={SEED_BASE + seed}",
-                      f"model.router_seed={seed}", *a.override]
+                      f"model.router_seed={seed}", *a.override, *(extra or [])]
                 cfg = load_config(recipe, ov)
                 first = first or cfg
                 m = cfg.model
-                r = Run(name, seed, recipe, d, ov)
+                r = Run(name, seed, recipe, d, ov, steps=cfg.train.train_steps)
                 old = {}
                 try:
                     old = json.load(open(os.path.join(d, "run.json"), encoding="utf-8"))
@@ -184,7 +194,6 @@ class Grid:
                 os.makedirs(d, exist_ok=True)
                 r.save()
                 self.runs.append(r)
-        self.make_data(first)  # does nothing when OUT/data holds this mixture already
 
     # ------------------------------------------------------------------ processes
     def _launch(self, r: Run, cmd: List[str], logname: str, extra_env: Optional[dict] = None) -> None:
@@ -207,7 +216,7 @@ class Grid:
     def start_eval(self, r: Run) -> None:
         a = self.args
         cmd = [sys.executable, "-m", "megatron_ham.evidence.run_eval", "--run", r.dir,
-               "--heldout", os.path.join(self.out, "data", "heldout"), "--seed", str(a.eval_seed),
+               "--heldout", os.path.join(self.data_dir, "heldout"), "--seed", str(a.eval_seed),
                "--samples", str(a.eval_samples), "--over-tasks", a.over_tasks, "--over-lengths", a.over_lengths,
                "--final-lengths", a.final_lengths, "--kv-tasks", a.over_tasks, "--kv-lengths", a.over_lengths,
                "--batch-size", str(a.eval_batch_size)]
@@ -300,6 +309,7 @@ class Grid:
         self.last_write = time.time()
         a = self.args
         settings = {k: (v if not isinstance(v, tuple) else list(v)) for k, v in vars(a).items()}
+        settings["calibration"] = self.calibration
         grid = collect(self.out, settings, self.elapsed(), self.device, [r.dir for r in self.runs])
         path = os.path.join(self.out, "grid.json")
         _atomic_json(path, grid)
@@ -324,10 +334,35 @@ class Grid:
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> int:
+    def calibrate(self) -> List[str]:
+        """Train every configuration of the first seed for --calibrate-steps steps at once, then
+        return the overrides that fit the grid into the budget (fit.py)."""
+        from .fit import fit_steps, measure
+
         a = self.args
-        self.plan()
-        soft = a.budget_s - a.reserve_s
+        out, self.out = self.out, os.path.join(self.out, "calibration")
+        n = a.calibrate_steps
+        self.plan(seeds=[a.seeds[0]], extra=[f"train.train_steps={n}", f"train.warmup_steps={max(1, n // 10)}",
+                                             "train.eval_interval=0", "checkpoint.interval=0"])
+        saved = (a.eval_samples, a.kv_sweep_configs, a.prune)
+        a.eval_samples, a.kv_sweep_configs, a.prune = 1, [], False  # compile the evaluation's shapes only
+        self.loop(a.budget_s - a.reserve_s)
+        a.eval_samples, a.kv_sweep_configs, a.prune = saved
+        m = measure([r.dir for r in self.runs])
+        self.out = out
+        runs = len(a.seeds) * len(a.configs)
+        self.calibration = fit_steps(m, runs=runs, concurrency=a.concurrency, left_s=a.budget_s - self.elapsed(),
+                                     reserve_s=a.reserve_s, gpu_mem_gib=a.gpu_mem_gib,
+                                     min_steps=a.min_steps, max_steps=a.max_steps)
+        c = self.calibration
+        log(f"calibration: {json.dumps(m)}")
+        log(f"fit: {c['steps']} steps, {c['concurrency']} at once, {c['waves']} wave(s), "
+            f"~{c['step_time_s']:.3f} s/step under load ({c['reason']})")
+        a.concurrency = c["concurrency"]
+        return c["overrides"]
+
+    def loop(self, soft: float) -> None:
+        a = self.args
         hard = a.budget_s - a.end_s
         while True:
             changed = self.reap()
@@ -352,6 +387,18 @@ class Grid:
                 break
             self.write(force=changed)
             time.sleep(a.poll_s)
+
+    def run(self) -> int:
+        from megatron_ham.training.config import load_config
+
+        a = self.args
+        cfg = load_config(os.path.join(a.recipes, f"{a.configs[0]}.yaml"), list(a.override))
+        if a.calibrate_steps:  # the data for the longest grid the fit may choose
+            cfg.train.train_steps = max(cfg.train.train_steps, a.max_steps)
+        self.make_data(cfg)  # does nothing when OUT/data holds this mixture already
+        extra = self.calibrate() if a.calibrate_steps else []
+        self.plan(extra=extra)
+        self.loop(a.budget_s - a.reserve_s)
         self.write(force=True)
         self.archive()
         counts: Dict[str, int] = {}
@@ -405,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-sweep-configs", default="ham_learned_f25,ham_random_f25",
                    help="configurations whose final models are swept")
     e.add_argument("--kv-sweep-seeds", default="0", help="seeds whose final models are swept (0)")
+    f = p.add_argument_group("fitting the budget (fit.py)")
+    f.add_argument("--calibrate-steps", type=int, default=0,
+                   help="train every configuration this many steps first and fit train.train_steps to "
+                        "the budget (0: use the recipes' steps)")
+    f.add_argument("--gpu-mem-gib", type=float, default=0.0, help="memory to share (default: the GPU's)")
+    f.add_argument("--min-steps", type=int, default=100, help="fewest steps to fit (100)")
+    f.add_argument("--max-steps", type=int, default=4000, help="most steps to fit (4000)")
     x = p.add_argument_group("loop")
     x.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     x.add_argument("--write-every-s", type=float, default=15.0, help="grid.json refresh interval (15)")
