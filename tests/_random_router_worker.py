@@ -84,6 +84,9 @@ def main(root: str) -> None:
         lmodel(x, None, None)
         xh = lmodel.embedding(x, None).detach()  # layer 0's input is norm(embedding)
         z = lmixers[0].router.logits(lmodel.decoder.layers[0].input_layernorm(xh)).transpose(0, 1)
+    bmodel = build_model(ModelConfig(**dict(lcfg.to_dict(), dtype="bf16")))
+    bf16_dtypes = sorted({str(p.dtype) for p in bmodel.parameters()})
+    bz = bmodel.decoder.layers[0].self_attention.router.logits(torch.randn(3, 32, dtype=torch.bfloat16))
     lrun = os.path.join(root, "learned")
     lstep = os.path.join(lrun, "step_00000020")
     os.makedirs(lstep)
@@ -112,6 +115,7 @@ def main(root: str) -> None:
         "logit_space": lmixers[0].kv_controller.space,
         "logit_scores_are_logits": float((lmixers[0].last_scores - z).abs().max()),
         "logit_scores_negative": bool((lmixers[0].last_scores < 0).any()),
+        "bf16_param_dtypes": bf16_dtypes, "bf16_router_logit_dtype": str(bz.dtype),
         "learned_hf_router_score": json.load(open(os.path.join(root, "learned_hf", "config.json")))["router_score"],
     }
     with open(os.path.join(root, "result.json"), "w") as f:

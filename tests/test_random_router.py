@@ -78,4 +78,7 @@ def test_random_router_model_controller_and_export(tmp_path):
     assert r["logit_space"] == "linear" and r["logit_scores_are_logits"] < 1e-5 and r["logit_scores_negative"]
     for layer in range(2):
         assert abs(sum(f[layer] for f in r["logit_fractions"][-5:]) / 5 - 0.25) < 0.06, r["logit_fractions"]
-    assert r["learned_hf_router_score"] == "logit"  # exported, and convert() verified the logits
+    assert r["learned_hf_router_score"] == "logit"
+    # a bf16 model holds one parameter dtype (the router too: the distributed optimizer cannot
+    # checkpoint fp32 parameters in a bf16 model); the router still computes fp32 logits
+    assert r["bf16_param_dtypes"] == ["torch.bfloat16"] and r["bf16_router_logit_dtype"] == "torch.float32"  # exported, and convert() verified the logits

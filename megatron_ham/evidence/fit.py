@@ -6,7 +6,9 @@ after the first steps (compilation excluded) with all of them running, the peak 
 process, the seconds before the first step (start-up and compilation).
 fit_steps(...) then decides, for `runs` runs of equal length:
   concurrency  min(--concurrency, runs, what fits in memory: 90 % of the device (or host)
-               memory over (peak + 1.5 GiB of context and fragmentation))
+               memory over (peak + 3 GiB): on the H200, 2026-12-02, a process held 2.5-3.2 GiB
+               beyond PyTorch's reserved peak (CUDA context, NCCL, the loaded Triton / TileLang
+               kernels); with 1.5 GiB assumed, 20 processes ran out of memory)
   waves        ceil(runs / concurrency)
   step time    the slowest configuration's calibrated step time, scaled up linearly when more
                processes share the device than in the calibration (a saturated GPU or CPU
@@ -64,7 +66,7 @@ def fit_steps(m: Dict, *, runs: int, concurrency: int, left_s: float, reserve_s:
     if not cfgs:
         raise ValueError("calibration: no run logged a step (see OUT/calibration/*/seed*/train.log)")
     total = gpu_mem_gib or _host_or_device_gib()
-    per_proc = max(c["mem_gib"] for c in cfgs.values()) + 1.5
+    per_proc = max(c["mem_gib"] for c in cfgs.values()) + 3.0
     c = max(1, min(concurrency, runs, int(0.9 * total // per_proc)))
     waves = math.ceil(runs / c)
     t_step = max(x["step_time_s"] for x in cfgs.values()) * max(1.0, c / max(1, m["n"]))

@@ -73,8 +73,10 @@ class HAMMixer(GDNMixer):
             hid = c.router_hidden_size or None
             # default RNG: identical on every TP rank (replicated module)
             self.router = LearnedRouter(config.hidden_size, hid)
-            # kept in fp32 (tiny): a bf16 sigmoid output would put many tokens exactly on tau
-            self.router.to(device=self.norm_weight.device, dtype=torch.float32)
+            # in the model's dtype (Megatron's distributed optimizer cannot checkpoint fp32
+            # parameters in a bf16 model: megatron-core 0.19.2 asserts in its dp_reshardable
+            # state); LearnedRouter computes its logits in fp32 whatever the dtype
+            self.router.to(device=self.norm_weight.device, dtype=config.params_dtype)
         self._recorded: List[torch.Tensor] = []
         self.last_routed: Optional[torch.Tensor] = None  # [b, s] bool of the last forward
 
@@ -119,7 +121,7 @@ class HAMMixer(GDNMixer):
             x = gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        z = self.router.logits(x.to(self.router.fc1.weight.dtype)).transpose(0, 1)  # [s,b] -> [b,s]
+        z = self.router.logits(x).transpose(0, 1)  # fp32 [s,b] -> [b,s]
         r = all_reduce_backward(torch.sigmoid(z), self.tp_group)
         if cu is not None:
             z, r = z.reshape(1, b * s), r.reshape(1, b * s)

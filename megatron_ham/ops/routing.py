@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_tensor
@@ -158,10 +159,18 @@ class LearnedRouter(nn.Module):
         self.fc2 = nn.Linear(router_hidden_size, 1, bias=bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 z `[...]`, computed in fp32 whatever the dtype of x and of the parameters (the
+        parameters share the model's dtype, so that the distributed optimizer holds one dtype;
+        a bf16 z would put many tokens exactly on tau)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {got}")
-        return self.fc2(self.act(self.fc1(x))).squeeze(-1)
+
+        def f32(t):
+            return None if t is None else t.float()
+
+        h = self.act(F.linear(x.float(), f32(self.fc1.weight), f32(self.fc1.bias)))
+        return F.linear(h, f32(self.fc2.weight), f32(self.fc2.bias)).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
