@@ -220,6 +220,8 @@ def plot_routing_layers(grid, path, extra: Optional[dict] = None):
     panels = [(LABEL.get(r["config"], r["config"]), r["curves"]["kv"], (r.get("model") or {}).get("kv_fraction"))
               for r in runs]
     for name, series in (extra or {}).items():
+        if name.startswith("_"):  # metadata
+            continue
         panels.append((name, series["kv"], series.get("target")))
     if not panels:
         return None
@@ -304,7 +306,7 @@ def table_summary(grid) -> str:
         rs = _runs(grid, c)
         done = [r for r in rs if r["status"] == "done"]
         m = rs[0].get("model") or {}
-        f = _kv_of(c) if c != "gdn_gsa" else 0.5
+        f = 0.5 if c == "gdn_gsa" else (m.get("kv_fraction") if m.get("kv_fraction") is not None else _kv_of(c))
         lines.append("| " + " | ".join([
             LABEL.get(c, c), f"{(m.get('parameters') or 0) / 1e6:.1f}M", "-" if f is None else f"{f:g}",
             f"{len(done)}/{len(rs)}",
