@@ -15,11 +15,27 @@ import sys
 import warnings
 
 
+def _save_run(run: str, model, cfg, step: int) -> str:
+    """`model` saved as ham-train lays out a run (step dir, config.yaml, train_state, latest)."""
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    d = os.path.join(run, f"step_{step:08d}")
+    os.makedirs(d)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, d)
+    with open(os.path.join(d, "config.yaml"), "w") as f:
+        yaml.safe_dump({"name": os.path.basename(run), "model": cfg.to_dict(),
+                        "data": {"backend": "synthetic", "eod_id": 0, "documents": True, "tokenizer": None}}, f)
+    with open(os.path.join(d, "train_state.json"), "w") as f:
+        json.dump({"step": step, "consumed_samples": 4 * step, "world_size": 1}, f)
+    with open(os.path.join(run, "latest"), "w") as f:
+        f.write(f"step_{step:08d}\n")
+    return run
+
+
 def main(root: str) -> None:
     warnings.filterwarnings("ignore")
     import torch
-    import yaml
-    from megatron.core import dist_checkpointing
 
     from megatron_ham.hf.convert import _init_single_process, convert
     from megatron_ham.models import ModelConfig, build_model, step_kv_controllers
@@ -47,17 +63,7 @@ def main(root: str) -> None:
         eval_a = [m.last_routed.clone() for m in mixers]
         model(torch.randint(1, 100, (4, 64), generator=g), None, None)
         eval_b = [m.last_routed.clone() for m in mixers]
-    run = os.path.join(root, "run")
-    step = os.path.join(run, "step_00000040")
-    os.makedirs(step)
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, step)
-    with open(os.path.join(step, "config.yaml"), "w") as f:
-        yaml.safe_dump({"name": "random", "model": cfg.to_dict(),
-                        "data": {"backend": "synthetic", "eod_id": 0, "documents": True, "tokenizer": None}}, f)
-    with open(os.path.join(step, "train_state.json"), "w") as f:
-        json.dump({"step": 40, "consumed_samples": 160, "world_size": 1}, f)
-    with open(os.path.join(run, "latest"), "w") as f:
-        f.write("step_00000040\n")
+    run = _save_run(os.path.join(root, "run"), model, cfg, 40)
     convert(run, os.path.join(root, "hf"), verify_tokens=48)  # raises if HF logits differ
     from megatron_ham.hf import HAMForCausalLM
 
@@ -87,17 +93,7 @@ def main(root: str) -> None:
     bmodel = build_model(ModelConfig(**dict(lcfg.to_dict(), dtype="bf16")))
     bf16_dtypes = sorted({str(p.dtype) for p in bmodel.parameters()})
     bz = bmodel.decoder.layers[0].self_attention.router.logits(torch.randn(3, 32, dtype=torch.bfloat16))
-    lrun = os.path.join(root, "learned")
-    lstep = os.path.join(lrun, "step_00000020")
-    os.makedirs(lstep)
-    dist_checkpointing.save({"model": lmodel.sharded_state_dict()}, lstep)
-    with open(os.path.join(lstep, "config.yaml"), "w") as f:
-        yaml.safe_dump({"name": "learned", "model": lcfg.to_dict(),
-                        "data": {"backend": "synthetic", "eod_id": 0, "documents": True, "tokenizer": None}}, f)
-    with open(os.path.join(lstep, "train_state.json"), "w") as f:
-        json.dump({"step": 20, "consumed_samples": 80, "world_size": 1}, f)
-    with open(os.path.join(lrun, "latest"), "w") as f:
-        f.write("step_00000020\n")
+    lrun = _save_run(os.path.join(root, "learned"), lmodel, lcfg, 20)
     convert(lrun, os.path.join(root, "learned_hf"), verify_tokens=48)
     result = {
         "fractions": fractions,

@@ -215,11 +215,12 @@ class Grid:
 
     def start_eval(self, r: Run) -> None:
         a = self.args
+        from .run_eval import EVAL_ARGUMENTS
+
         cmd = [sys.executable, "-m", "megatron_ham.evidence.run_eval", "--run", r.dir,
-               "--heldout", os.path.join(self.data_dir, "heldout"), "--seed", str(a.eval_seed),
-               "--samples", str(a.eval_samples), "--over-tasks", a.over_tasks, "--over-lengths", a.over_lengths,
-               "--final-lengths", a.final_lengths, "--kv-tasks", a.over_tasks, "--kv-lengths", a.over_lengths,
-               "--batch-size", str(a.eval_batch_size)]
+               "--heldout", os.path.join(self.data_dir, "heldout")]
+        for name in EVAL_ARGUMENTS:
+            cmd += ["--" + name.replace("_", "-"), str(getattr(a, name))]
         if r.config in a.kv_sweep_configs and (r.seed in a.kv_sweep_seeds):
             cmd += ["--kv-sweep", a.kv_sweep]
         if a.prune:
@@ -442,12 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-arg", action="append", default=[], metavar="ARG",
                    help="extra recall_mixture argument (repeatable), e.g. --data-arg=--lengths=256,512")
     e = p.add_argument_group("evaluation (ham-eval via megatron_ham.evidence.run_eval)")
-    e.add_argument("--eval-seed", type=int, default=7, help="recall seed (7)")
-    e.add_argument("--eval-samples", type=int, default=16, help="examples per task and length (16)")
-    e.add_argument("--eval-batch-size", type=int, default=4, help="sequences per forward (4)")
-    e.add_argument("--over-tasks", default="mqar,niah_multikey", help="recall tasks over training")
-    e.add_argument("--over-lengths", default="2k", help="lengths over training (2k)")
-    e.add_argument("--final-lengths", default="1k,2k,4k,8k", help="lengths of the final models (1k,2k,4k,8k)")
+    from .run_eval import add_eval_arguments
+
+    add_eval_arguments(e)
     e.add_argument("--kv-sweep", default="0.05,0.1,0.25,0.5,1", help="KV fractions of the sweep")
     e.add_argument("--kv-sweep-configs", default="ham_learned_f25,ham_random_f25",
                    help="configurations whose final models are swept")

@@ -9,8 +9,9 @@ RUN_DIR/eval (a report already there is not redone):
                       every document), the recall suite at --final-lengths (beyond the trained
                       context too), the routing report and its trace (HAM)
   kv_<f>.json         the newest checkpoint at other KV fractions (--kv-sweep, HAM only):
-                      ham-eval --kv-fraction f, calibrated on recall examples
-Recall examples come from --seed (ham-eval's generators); the training mixture's example seeds
+                      ham-eval --kv-fraction f, calibrated on recall examples (--over-tasks
+                      at --over-lengths)
+Recall examples come from --eval-seed (ham-eval's generators); the training mixture's example seeds
 are >= 2^41 (data_prep/recall_mixture.py), so none of them was trained on.
 --prune then deletes the run's checkpoints other than the newest (the runner's own files).
 Exit codes: 0 ok, 1 a ham-eval call failed (the others still ran), 2 bad arguments.
@@ -50,8 +51,8 @@ def evaluate_run(args) -> int:
         return 0
     ev = os.path.join(args.run, "eval")
     os.makedirs(ev, exist_ok=True)
-    common = ["--seed", str(args.seed), "--samples", str(args.samples), "--batch-size", str(args.batch_size),
-              "--no-plots", "--no-progress"]
+    common = ["--seed", str(args.eval_seed), "--samples", str(args.eval_samples), "--batch-size",
+              str(args.eval_batch_size), "--no-plots", "--no-progress"]
     failed = 0
     newest_step, newest = ck[-1]
     for step, path in ck:
@@ -71,8 +72,8 @@ def evaluate_run(args) -> int:
         for f in args.kv_sweep.split(","):
             out = os.path.join(ev, f"kv_{float(f):g}.json")
             if not os.path.exists(out):
-                failed += _ham_eval(["--checkpoint", newest, "--out", out, "--tasks", args.kv_tasks,
-                                     "--lengths", args.kv_lengths, "--kv-fraction", f, *common]) != 0
+                failed += _ham_eval(["--checkpoint", newest, "--out", out, "--tasks", args.over_tasks,
+                                     "--lengths", args.over_lengths, "--kv-fraction", f, *common]) != 0
     if args.prune and not failed:
         for step, path in ck[:-1]:
             shutil.rmtree(path, ignore_errors=True)
@@ -87,18 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--run", required=True, help="the run directory (holds checkpoints/)")
     p.add_argument("--heldout", help="held-out IndexedDataset prefix for the final perplexity")
-    p.add_argument("--seed", type=int, default=7, help="recall seed (7)")
-    p.add_argument("--samples", type=int, default=16, help="examples per task and length (16)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward (4)")
     p.add_argument("--ppl-samples", type=int, default=16, help="held-out sequences (16)")
-    p.add_argument("--over-tasks", default="mqar,niah_multikey", help="tasks over training (mqar,niah_multikey)")
-    p.add_argument("--over-lengths", default="2k", help="lengths over training (2k)")
-    p.add_argument("--final-lengths", default="1k,2k,4k,8k", help="lengths of the final model (1k,2k,4k,8k)")
     p.add_argument("--kv-sweep", default="", help="KV fractions to evaluate the final HAM at (e.g. 0.05,0.1,0.5,1)")
-    p.add_argument("--kv-tasks", default="mqar,niah_multikey", help="tasks of the KV sweep (mqar,niah_multikey)")
-    p.add_argument("--kv-lengths", default="2k", help="lengths of the KV sweep (2k)")
     p.add_argument("--prune", action="store_true", help="delete the checkpoints other than the newest afterwards")
+    add_eval_arguments(p)
     return p
+
+
+#: the evaluation settings the grid runner passes through by name
+EVAL_ARGUMENTS = ("eval_seed", "eval_samples", "eval_batch_size", "over_tasks", "over_lengths", "final_lengths")
+
+
+def add_eval_arguments(p) -> None:
+    """The recall settings of the evaluation (shared with the grid runner, which forwards them)."""
+    p.add_argument("--eval-seed", type=int, default=7, help="recall seed (7)")
+    p.add_argument("--eval-samples", type=int, default=16, help="examples per task and length (16)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="sequences per forward (4)")
+    p.add_argument("--over-tasks", default="mqar,niah_multikey",
+                   help="tasks over training and of the KV sweep (mqar,niah_multikey)")
+    p.add_argument("--over-lengths", default="2k", help="lengths over training and of the KV sweep (2k)")
+    p.add_argument("--final-lengths", default="1k,2k,4k,8k", help="lengths of the final model (1k,2k,4k,8k)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
