@@ -7,6 +7,10 @@
 # The sample corpus (for real-text filler) must be prepared beforehand in runs/sample
 # (ham-prep-data --manifest sample --out runs/sample; the GPU machine lacks zstandard).
 # What comes back (<= 8 files): OUT/gpu.txt, OUT/{grid,inst}/{runner.log,grid.json,evidence_runs.tar.gz}.
+# As run on 2026-12-02 (docs/results.md): the calibration's cold compilation (~160 s per GDN/HAM
+# process) left 200 steps. Next time fix the steps instead (no --calibrate-steps), e.g.
+# --seeds 0,1 --concurrency 16 --override train.train_steps=1500 --override checkpoint.interval=375
+# --override train.eval_interval=300 --override train.warmup_steps=75 (~7.5 GiB per process).
 set -u
 OUT=${1:?usage: evidence_device.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-520}
