@@ -29,6 +29,8 @@ from _dist import run_world
     (dict(vocab_size=200, make_vocab_size_divisible_by=100, mixer_num_heads=3), 3,
      "make_vocab_size_divisible_by"),
     (dict(hidden_size=0), 1, "hidden_size"),
+    (dict(router_score="probability"), 1, "router_score"),
+    (dict(controller_gain=1.5), 1, "controller_gain"),
 ])
 def test_bad_config_names_the_setting(kw, tp, setting):
     from megatron_ham.models import ModelConfig
@@ -44,7 +46,7 @@ def test_setting_error_names_key_expected_and_value():
     with pytest.raises(SettingError) as e:
         ModelConfig(router="oracle").validate()
     assert (e.value.key, e.value.got) == ("router", "oracle")
-    assert str(e.value) == ("key 'router': expected one of ['error_l2', 'error_cosine', 'learned'], "
+    assert str(e.value) == ("key 'router': expected one of ['error_l2', 'error_cosine', 'learned', 'random'], "
                             "got 'oracle'")
 
 

@@ -103,6 +103,40 @@ def test_controller_converges_uniform_scores(target):
     assert abs((1.0 - float(c.tau)) - target) < 0.01
 
 
+def _drifting_bimodal(t, n, g):
+    """Scores of a learned router during training (the issue-16 failure): a cluster of tokens
+    whose logits drift up (4 -> 16) while it grows from 15 % to 35 % of the tokens, crossing
+    the 25 % target; the others stay low. Returns (logits, positive scores exp(logit))."""
+    a = min(1.0, t / 300)
+    k = int((0.15 + 0.2 * a) * n)
+    z = torch.cat([torch.randn(k, generator=g) * 0.5 + 4 + 12 * a, torch.randn(n - k, generator=g) - 2])
+    return z, torch.exp(z)
+
+
+@pytest.mark.parametrize("space", ["log", "linear"])
+def test_controller_tracks_a_shifting_bimodal_distribution(space):
+    """The failure of the old integral law (its Newton step scaled by the local spread of the
+    scores overshot to f = 0 / f = 1 when the target quantile fell into the gap between the
+    clusters, then froze): quantile tracking holds the target all the way through."""
+    g = torch.Generator().manual_seed(5)
+    c = KVFractionController(0.25, gain=1.0, space=space)
+    fs = []
+    for t in range(400):
+        z, odds = _drifting_bimodal(t, 4096, g)
+        fs.append(c.update(odds if space == "log" else z))
+        assert math.isfinite(float(c.tau))
+    assert max(abs(f - 0.25) for f in fs[1:]) < 0.03, fs
+
+
+def test_controller_atom_is_stable():
+    """35 % of the scores exactly 1.0 (a saturated sigmoid): no threshold splits them; tau
+    settles on the atom and the fraction stays at 0.35 instead of oscillating."""
+    g = torch.Generator().manual_seed(6)
+    c = KVFractionController(0.25, gain=0.5)
+    fs = [c.update(torch.cat([torch.ones(1434), torch.rand(2662, generator=g) * 0.9])) for _ in range(50)]
+    assert all(abs(f - 0.35) < 0.01 for f in fs[1:]) and float(c.tau) == 1.0
+
+
 def test_controller_warmup_quantile_and_extremes():
     s = torch.arange(1, 101, dtype=torch.float32).view(4, 25)
     c = KVFractionController(0.3, warmup=1)
@@ -120,6 +154,11 @@ def test_controller_warmup_quantile_and_extremes():
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="target must be a KV fraction in"):
             KVFractionController(bad)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match=r"gain must be in \(0, 1\]"):
+            KVFractionController(0.5, gain=bad)
+    with pytest.raises(ValueError, match="space must be one of"):
+        KVFractionController(0.5, space="exp")
     with pytest.raises(ValueError, match="scores must be a non-empty floating-point"):
         c.update(torch.ones(3, dtype=torch.long))
 

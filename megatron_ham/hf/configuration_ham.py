@@ -54,7 +54,10 @@ class HAMConfig(PretrainedConfig):
     Attention ("*"): num_attention_heads, num_key_value_heads (GQA groups), head_dim, rope_theta.
     HAM / GDN ("H", "G"): mixer_num_heads, mixer_key_head_dim (K), mixer_value_head_dim (V),
         conv_kernel, mixer_norm_eps (gated per-head output RMSNorm).
-    HAM: router ("error_l2" | "error_cosine" | "learned"), router_hidden_size, scratchpad_scale
+    HAM: router ("error_l2" | "error_cosine" | "learned" | "random"), router_hidden_size,
+        router_seed (the random router's), router_score (learned router: "logit" thresholds its
+        pre-sigmoid output, "sigmoid" the output itself: exports written before the field),
+        scratchpad_scale
         (the softmax scale actually used; q, k are L2-normalised), kv_fraction (the training
         target, for the record), ham_taus (per layer), tau_override.
     Norms: normalization ("RMSNorm" | "LayerNorm"), rms_norm_eps.
@@ -90,6 +93,8 @@ class HAMConfig(PretrainedConfig):
         mixer_norm_eps: float = 1e-6,
         router: str = "error_l2",
         router_hidden_size: int = 16,
+        router_seed: int = 0,
+        router_score: str = "sigmoid",
         scratchpad_scale: float = 4.0,
         kv_fraction: float = 0.5,
         ham_taus=None,
@@ -123,6 +128,8 @@ class HAMConfig(PretrainedConfig):
         self.mixer_norm_eps = float(mixer_norm_eps)
         self.router = router
         self.router_hidden_size = router_hidden_size
+        self.router_seed = router_seed
+        self.router_score = router_score
         self.scratchpad_scale = float(scratchpad_scale)
         self.kv_fraction = float(kv_fraction)
         self.ham_taus = list(ham_taus) if ham_taus is not None else None

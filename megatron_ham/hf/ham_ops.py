@@ -7,12 +7,12 @@ so both load the same code.
 """
 from ..ops.gated_delta_rule import gated_delta_rule
 from ..ops.scratchpad import scratchpad_attention
-from ..ops.routing import LearnedRouter, min_over_heads, route, router_weighted_values
+from ..ops.routing import LearnedRouter, min_over_heads, random_router_scores, route, router_weighted_values
 from ..ops.combine import gated_combine, gated_rms_norm
 from ..ops.short_conv import causal_conv_silu
 from ..ops.gdn_activations import gdn_activations
 from ..ops.norm import hidden_norm
 
-__all__ = ["gated_delta_rule", "scratchpad_attention", "LearnedRouter", "min_over_heads", "route",
+__all__ = ["gated_delta_rule", "scratchpad_attention", "LearnedRouter", "min_over_heads", "random_router_scores", "route",
            "router_weighted_values", "gated_combine", "gated_rms_norm", "causal_conv_silu",
            "gdn_activations", "hidden_norm"]

@@ -51,6 +51,7 @@ from .ham_ops import (
     gdn_activations,
     hidden_norm,
     min_over_heads,
+    random_router_scores,
     route,
     router_weighted_values,
     scratchpad_attention,
@@ -359,13 +360,18 @@ class HAMMixer(GDNMixer):
     def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
         B, T, _ = x.shape
         i = self.layer_idx
-        t = self._state(x, doc, has_docs, cache, return_error=self.router is None)
+        rand = self.config.router == "random"  # content-independent: the row position's hash
+        t = self._state(x, doc, has_docs, cache, return_error=self.router is None and not rand)
         q, k, v = t["q"], t["k"], t["v"]
-        if self.router is None:
+        if rand:
+            pos = torch.arange(offset, offset + T, device=x.device)
+            scores, r = random_router_scores(self.config.router_seed, i, 0, pos).expand(B, T), None
+        elif self.router is None:
             scores, r = min_over_heads(t["err"].float()), None
-        else:
-            r = self.router(x)
-            scores = r.detach().float()
+        else:  # router_score "logit" thresholds z; "sigmoid" (exports before the field) r
+            z = self.router.logits(x)
+            r = torch.sigmoid(z)
+            scores = (z if self.config.router_score == "logit" else r).detach().float()
         routed = route(scores, float(self.tau))
         self.last_scores, self.last_routed = scores, routed
         v_kv = v if r is None else router_weighted_values(v, r.to(v.dtype), routed)

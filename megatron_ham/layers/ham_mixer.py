@@ -10,10 +10,16 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
   - routing per token, identical on every TP rank:
       "error_l2" / "error_cosine": score_t = min over ALL heads of the state's prediction error,
           the local min all-reduced (MIN) over the TP group; no gradient through routing.
-      "learned": r_t = LearnedRouter(x_t) on the full (SP-gathered) layer input, replicated on TP
-          ranks; routed values are scaled by r (router_weighted_values) so the LM loss trains it;
-          dL/dr is all-reduced over TP (each rank only sees its heads), so the router's
-          parameter gradient is the full one on every rank.
+      "learned": r_t = sigmoid(z_t), z_t = LearnedRouter.logits(x_t) on the full (SP-gathered)
+          layer input, replicated on TP ranks; routed values are scaled by r
+          (router_weighted_values) so the LM loss trains it; dL/dr is all-reduced over TP (each
+          rank only sees its heads), so the router's parameter gradient is the full one on every
+          rank. The score is z (router_score "logit"; the controller then works in linear space)
+          or r ("sigmoid").
+      "random": the ablation: score_t = uniform_hash(router_seed, layer, sample, position) in (0, 1)
+          (ops.routing.random_router_scores), independent of the content; sample = 0 in eval
+          mode, in training a key of (optimizer step, data-parallel rank, row), the same in a
+          recomputed forward; position = index in the row. No gradient, values unscaled.
       routed_t = score_t >= tau, tau = this layer's KVFractionController buffer (in the checkpoint).
   - output: gated_combine(o_rnn, o_kv, gate_rnn, gate_kv, z, norm_weight) -> out_proj.
 
@@ -24,7 +30,7 @@ not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) up
 once per optimizer step from what was recorded. In eval mode nothing is recorded.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
+router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
 """
 from __future__ import annotations
 
@@ -54,18 +60,23 @@ class HAMMixer(GDNMixer):
 
         c = model_config
         self.router_kind = c.router
+        self.router_seed = int(c.router_seed)
         self.scratchpad_scale = float(c.scratchpad_scale) if c.scratchpad_scale > 0 else self.K ** 0.5
         self.scratchpad_impl = c.scratchpad_impl
+        self.score_is_logit = c.router == "learned" and c.router_score == "logit"
         self.kv_controller = KVFractionController(
-            float(c.kv_fraction), gain=c.controller_gain, warmup=c.controller_warmup
+            float(c.kv_fraction), gain=c.controller_gain, warmup=c.controller_warmup,
+            space="linear" if self.score_is_logit else "log",
         )
         self.router = None
         if c.router == "learned":
             hid = c.router_hidden_size or None
             # default RNG: identical on every TP rank (replicated module)
             self.router = LearnedRouter(config.hidden_size, hid)
-            # kept in fp32 (tiny): a bf16 sigmoid output would put many tokens exactly on tau
-            self.router.to(device=self.norm_weight.device, dtype=torch.float32)
+            # in the model's dtype (Megatron's distributed optimizer cannot checkpoint fp32
+            # parameters in a bf16 model: megatron-core 0.19.2 asserts in its dp_reshardable
+            # state); LearnedRouter computes its logits in fp32 whatever the dtype
+            self.router.to(device=self.norm_weight.device, dtype=config.params_dtype)
         self._recorded: List[torch.Tensor] = []
         self.last_routed: Optional[torch.Tensor] = None  # [b, s] bool of the last forward
 
@@ -78,9 +89,27 @@ class HAMMixer(GDNMixer):
         self._recorded = []
         return out
 
+    def _random_scores(self, s: int, b: int, device) -> torch.Tensor:
+        """fp32 [b, s] scores of the random router (see the module docstring)."""
+        from megatron_ham.ops.routing import random_router_scores
+
+        rows = torch.zeros(b, dtype=torch.int64, device=device)
+        if self.training:  # a fresh draw per (step, DP rank, row); stable under recomputation
+            from megatron.core import parallel_state as ps
+
+            dp = ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+            rank = ps.get_data_parallel_rank() if dp > 1 else 0
+            key = (self.kv_controller.num_updates.to(device) + 1) * dp + rank  # 0-dim, no sync
+            rows = key * b + torch.arange(b, dtype=torch.int64, device=device) + 1
+        pos = torch.arange(s, dtype=torch.int64, device=device)
+        return random_router_scores(self.router_seed, int(self.layer_number) - 1, rows, pos)
+
     def _scores(self, hidden_states, t, err, cu, s, b):
         from megatron_ham.ops import min_over_heads
 
+        if self.router_kind == "random":
+            r = self._random_scores(s, b, hidden_states.device)
+            return (r.reshape(1, b * s) if cu is not None else r), None
         if self.router is None:
             grp = self.tp_group if self.tp > 1 else None
             return min_over_heads(err.float(), group=grp).detach(), None
@@ -92,11 +121,11 @@ class HAMMixer(GDNMixer):
             x = gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        r = self.router(x.to(self.router.fc1.weight.dtype)).transpose(0, 1)  # [s,b] -> [b,s]
-        r = all_reduce_backward(r, self.tp_group)
+        z = self.router.logits(x).transpose(0, 1)  # fp32 [s,b] -> [b,s]
+        r = all_reduce_backward(torch.sigmoid(z), self.tp_group)
         if cu is not None:
-            r = r.reshape(1, b * s)
-        return r.detach().float(), r
+            z, r = z.reshape(1, b * s), r.reshape(1, b * s)
+        return (z if self.score_is_logit else r).detach().float(), r
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
@@ -109,7 +138,7 @@ class HAMMixer(GDNMixer):
         if inference_context is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("HAMMixer: Megatron inference contexts are not supported")
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
-        want_err = self.router is None
+        want_err = self.router_kind.startswith("error")
         metric = "cosine" if self.router_kind == "error_cosine" else "l2"
         o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
         scores, r = self._scores(hidden_states, t, err, cu, s, b)

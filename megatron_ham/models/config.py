@@ -43,10 +43,15 @@ class ModelConfig:
     GDN / HAM layers: mixer_num_heads, mixer_key_head_dim, mixer_value_head_dim, conv_kernel,
         mixer_norm_eps (eps of the gated per-head output RMSNorm; 1e-6, the value every model
         trained before it was a setting used; `norm_eps` is the hidden-state norms').
-    HAM: kv_fraction (target in [0, 1]), router ("error_l2" | "error_cosine" | "learned"),
-        router_hidden_size (0 = hidden/4), scratchpad_scale (0 = sqrt(K)), scratchpad_impl
-        ("auto" | "reference" | "compact" | "flex" | "triton", megatron_ham.ops.scratchpad_attention),
-        controller_gain, controller_warmup.
+    HAM: kv_fraction (target in [0, 1]), router ("error_l2" | "error_cosine" | "learned" |
+        "random": the ablation, content-independent i.i.d. scores), router_seed (the random
+        router's seed), router_score (what the learned router's threshold cuts: "logit" = its
+        pre-sigmoid output, or "sigmoid" = r itself, the default only because checkpoints
+        written before the setting used it: r saturates to exactly 1.0 in fp32 and ties;
+        docs/design.md "Routing"), router_hidden_size (0 = hidden/4), scratchpad_scale (0 =
+        sqrt(K)), scratchpad_impl ("auto" | "reference" | "compact" | "flex" | "triton",
+        megatron_ham.ops.scratchpad_attention), controller_gain (in (0, 1]: the quantile-tracking
+        gain, 1 = tau is the last step's quantile), controller_warmup.
     backend: "local" | "te"; dtype: "fp32" | "bf16" | "fp16" (params and compute).
     sequence_parallel: Megatron sequence parallelism (needs TP > 1 to matter).
     impl: op implementation for tests ("auto" on GPU/CPU picks the right one).
@@ -83,6 +88,8 @@ class ModelConfig:
     kv_fraction: float = 0.5
     router: str = "error_l2"
     router_hidden_size: int = 0
+    router_seed: int = 0
+    router_score: str = "sigmoid"
     scratchpad_scale: float = 0.0
     scratchpad_impl: str = "auto"
     controller_gain: float = 1.0

@@ -24,7 +24,7 @@ def paper_800m(architecture: str, **overrides) -> ModelConfig:
         architecture=architecture, num_layers=_LAYERS[architecture], hidden_size=1536,
         ffn_hidden_size=4096, vocab_size=32000, seq_length=16384, num_attention_heads=12,
         kv_channels=128, mixer_num_heads=12, mixer_key_head_dim=128, mixer_value_head_dim=128,
-        dtype="bf16", kv_fraction=0.5, router="learned", gsa_attention_every=2,
+        dtype="bf16", kv_fraction=0.5, router="learned", router_score="logit", gsa_attention_every=2,
     )
     base.update(overrides)
     return ModelConfig(**base)

@@ -2,34 +2,40 @@
 
 State (buffers, saved in the state_dict): `tau` (float32, 0-dim) and `num_updates` (int64).
 
-Law (scores are non-negative: prediction errors, 1 - cos, or router outputs in (0, 1)):
-  1. warm-up, the first `warmup` updates (and whenever tau is not finite while 0 < target < 1):
-     tau = batch quantile of the scores at 1 - target (with `group`: geometric mean of the
-     ranks' quantiles), so the loop starts at the right place.
-  2. afterwards, integral control on log tau, with the error read in probit units and a
-     gain scaled by the local width of the score distribution:
-         log tau += gain * spread * (Phi^-1(f_measured) - Phi^-1(f_target))
-     Phi^-1 the standard normal quantile, f_measured clamped to [1/(2n), 1 - 1/(2n)] (n tokens),
-     spread = d log(score) / d z at the target quantile, read off the batch quantiles at
-     fractions target +- d (d = min(0.05, target/2, (1-target)/2); averaged over `group`).
-     Were the scores locally log-normal this is a damped Newton step: the loop gain is `gain`
-     whatever the target, the units or the shape of the score distribution, and a tau far off
-     (f = 0 or 1) still moves by about 2 spreads per update. gain 0.3 keeps the batch noise of
-     ~4k tokens well under 1 point of fraction. tau is floored at `min_tau` (scores may be 0).
+Law: quantile tracking. Every update reads the quantile q of the step's scores at 1 - target
+(the score above which a fraction `target` of them lies), pooled over `group` (the data-parallel
+group: each rank contributes a strided subsample of at most `max_samples` scores, all-gathered,
+so every rank computes the same q from the same numbers), and moves tau toward it:
+    space "log"    (non-negative scores: prediction errors, 1 - cos, (0, 1) outputs):
+                   log tau += gain * (log q - log tau)      (scores and q floored at `min_tau`)
+    space "linear" (real-valued scores, e.g. router logits):
+                   tau += gain * (q - tau)
+gain in (0, 1]: 1 sets tau to the last step's quantile (a one-step lag), smaller values average
+the quantile over ~(2 - gain) / gain steps. The first `warmup` updates (and any update where tau
+is not finite while 0 < target < 1, e.g. after overriding the target from 0 or 1) use gain 1.
   target == 1: tau = -inf (everything routed); target == 0: tau = +inf (nothing routed).
+
+Why this law (docs/design.md "KV-fraction control"): tau is always a convex combination of past
+quantiles of real scores, so it can neither overshoot past the observed scores nor freeze, whatever
+the shape of the score distribution. The integral law it replaces (log tau += gain * spread *
+(probit(f) - probit(target)), spread = the local width of the distribution at the target read
+off the quantiles at target +- 0.05) overshot by orders of magnitude when the target quantile fell
+into a gap between two modes of the scores (spread huge) and froze when it fell on a cluster of
+(nearly) equal scores (spread ~ 0): a learned router whose outputs split into a saturated and an
+unsaturated group swung 0.18 -> 0.04 -> 0.98 (tests/test_routing_controller.py reproduces both).
+Scores with an atom at the quantile (many exactly equal values) cannot be split by any threshold:
+tau settles on the atom and routes all of it, a stable fraction above the target.
 f_measured = mean(scores >= tau) with the tau used to route that batch, averaged over `group`
-(token-weighted all_reduce) so all data-parallel ranks hold the same tau.
+(token-weighted all_reduce); it is returned and logged, not fed back.
 """
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 
 import torch
 from torch import nn
 
-
-_PROBIT = NormalDist()
+SPACES = ("log", "linear")
 
 
 def _check_target(target) -> float:
@@ -43,25 +49,33 @@ class KVFractionController(nn.Module):
 
     Args:
         target: routed (KV) fraction in [0, 1].
-        gain: integral gain on log tau (scaled by the score spread, probit error), > 0.
-        warmup: number of first updates that set tau from the batch quantile (>= 0).
-        min_tau: floor of tau (> 0), scores at or below it count as log(min_tau).
+        gain: tracking gain in (0, 1] (1 = tau is the last step's quantile).
+        warmup: number of first updates that use gain 1 (>= 0).
+        min_tau: "log" space: floor of tau and of the scores (> 0).
         tau_init: tau before the first update (0.0 routes every non-negative score).
+        space: "log" for non-negative scores, "linear" for real-valued ones (module docstring).
+        max_samples: scores per rank pooled for the quantile (a strided subsample above it).
     """
 
     def __init__(self, target: float, gain: float = 0.3, warmup: int = 1, min_tau: float = 1e-8,
-                 tau_init: float = 0.0):
+                 tau_init: float = 0.0, space: str = "log", max_samples: int = 16384):
         super().__init__()
         self._target = _check_target(target)
-        if not isinstance(gain, (int, float)) or not gain > 0:
-            raise ValueError(f"gain must be > 0, got {gain!r}")
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0.0 < gain <= 1.0:
+            raise ValueError(f"gain must be in (0, 1], got {gain!r}")
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         if not isinstance(min_tau, (int, float)) or not min_tau > 0:
             raise ValueError(f"min_tau must be > 0, got {min_tau!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ValueError(f"max_samples must be an int >= 1, got {max_samples!r}")
         self.gain = float(gain)
         self.warmup = warmup
         self.min_tau = float(min_tau)
+        self.space = space
+        self.max_samples = max_samples
         self.register_buffer("tau", torch.tensor(float(tau_init), dtype=torch.float32))
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int64))
         self._apply_extreme_target()
@@ -97,80 +111,62 @@ class KVFractionController(nn.Module):
         if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.numel() == 0:
             raise ValueError("scores must be a non-empty floating-point tensor of any shape (e.g. [B,T])")
 
+    def _pooled_sample(self, s: torch.Tensor, group) -> torch.Tensor:
+        """This rank's strided subsample of the scores (<= max_samples), gathered over `group`."""
+        stride = -(-s.numel() // self.max_samples)
+        mine = s[::stride].contiguous()
+        if group is None:
+            return mine
+        size = torch.tensor([mine.numel()], dtype=torch.int64, device=s.device)
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX, group=group)
+        padded = torch.full((int(size),), float("nan"), dtype=mine.dtype, device=s.device)
+        padded[: mine.numel()] = mine
+        parts = [torch.empty_like(padded) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, padded, group=group)
+        pooled = torch.cat(parts)
+        return pooled[~torch.isnan(pooled)]
+
+    def _quantile(self, sample: torch.Tensor) -> float:
+        """The score above which a fraction `target` of `sample` lies (>=: it is routed)."""
+        n = sample.numel()
+        n_top = min(max(int(round(self._target * n)), 1), n)
+        return float(sample.kthvalue(n - n_top + 1).values)
+
     @torch.no_grad()
     def update(self, scores: torch.Tensor, *, group=None) -> float:
-        """Measure the routed fraction of `scores` at the current tau, move tau toward the target.
+        """Measure the routed fraction of `scores` at the current tau, move tau toward the
+        quantile at 1 - target (module docstring). Collective over `group` (every rank calls it).
 
         Returns the measured fraction (averaged over `group` when given).
         """
         self._check_scores(scores)
         s = scores.detach().reshape(-1).float()  # compared in fp32, as route() does
-        t = self._target
         tau = self.tau.to(device=s.device)
-        logs = s.clamp_min(self.min_tau).log()
-        pos = s > self.min_tau
-        lp = torch.where(pos, logs, torch.zeros_like(logs)).double()  # sums in float64
-        levels = self._levels()
-        lq = [self._local_log_quantile(s, p, self.min_tau) for p in levels]  # averaged below
-        stats = torch.stack([(s >= tau).sum().double(), lp.new_tensor(float(s.numel())),
-                             pos.sum().double(), lp.sum(), (lp * lp).sum(), *lq])
-        world = 1
+        counts = torch.stack([(s >= tau).sum().double(), torch.tensor(float(s.numel()), dtype=torch.float64,
+                                                                      device=s.device)])
         if group is not None:
-            torch.distributed.all_reduce(stats, group=group)
-            world = torch.distributed.get_world_size(group)
-        vals = stats.tolist()
-        n_routed, n, n_pos, sum_l, sum_l2 = vals[:5]
-        lq = [x / world for x in vals[5:]]  # mean over ranks of the log-quantiles
+            torch.distributed.all_reduce(counts, group=group)
+        n_routed, n = counts.tolist()
         f = n_routed / n
-
+        t = self._target
         if 0.0 < t < 1.0:
+            q = self._quantile(self._pooled_sample(s, group))
             cur = float(self.tau)
-            if int(self.num_updates) < self.warmup or not math.isfinite(cur):
-                log_tau = lq[1]  # warm-up: the batch quantile at 1 - target
+            g = 1.0 if int(self.num_updates) < self.warmup or not math.isfinite(cur) else self.gain
+            if self.space == "log":
+                lo = math.log(self.min_tau)
+                lq = math.log(q) if q > self.min_tau else lo
+                lt = math.log(cur) if math.isfinite(cur) and cur > self.min_tau else lo
+                new = math.exp(lt + g * (lq - lt))
+                new = max(new, self.min_tau)
             else:
-                spread = self._spread(levels, lq, n_pos, sum_l, sum_l2)
-                fc = min(max(f, 0.5 / n), 1.0 - 0.5 / n)
-                log_tau = math.log(max(cur, self.min_tau)) + self.gain * spread * (
-                    _PROBIT.inv_cdf(fc) - _PROBIT.inv_cdf(t))
-            self.tau.fill_(max(math.exp(log_tau), self.min_tau))
+                new = (cur + g * (q - cur)) if math.isfinite(cur) else q
+            self.tau.fill_(new)
         else:
             self._apply_extreme_target()
         self.num_updates += 1
         return f
 
-    def _levels(self):
-        """Fractions (t + d, t, t - d) whose quantiles give tau's start and the local spread."""
-        t = self._target
-        if not 0.0 < t < 1.0:
-            return []
-        d = min(0.05, t / 2, (1 - t) / 2)
-        return [t + d, t, t - d]
-
-    @staticmethod
-    def _local_log_quantile(s: torch.Tensor, frac: float, floor: float) -> torch.Tensor:
-        """log (float64) of the score above which a fraction `frac` of this rank's scores lies."""
-        n = s.numel()
-        n_top = min(max(int(round(frac * n)), 1), n)
-        return s.kthvalue(n - n_top + 1).values.double().clamp_min(floor).log()
-
-    def _spread(self, levels, lq, n_pos, sum_l, sum_l2) -> float:
-        """Local log-normal width at the target quantile: d log(score) / d z, in log units.
-
-        Read off the batch quantiles at fractions t +- d (one-sided if the lower one sits on the
-        zero floor); falls back to the std of the positive log-scores.
-        """
-        z = [_PROBIT.inv_cdf(1.0 - p) for p in levels]
-        floor = math.log(self.min_tau) + 1e-9
-        spread = 0.0
-        if lq[0] > floor:
-            spread = (lq[2] - lq[0]) / (z[2] - z[0])
-        elif lq[1] > floor:
-            spread = (lq[2] - lq[1]) / (z[2] - z[1])
-        if not spread > 0 and n_pos > 1:
-            mean = sum_l / n_pos
-            spread = math.sqrt(max(sum_l2 / n_pos - mean * mean, 0.0))
-        return max(spread, 1e-6)
-
     def extra_repr(self) -> str:
-        return (f"target={self._target}, gain={self.gain}, warmup={self.warmup}, "
+        return (f"target={self._target}, gain={self.gain}, warmup={self.warmup}, space={self.space}, "
                 f"tau={float(self.tau):.4g}, num_updates={int(self.num_updates)}")

@@ -6,17 +6,21 @@ KVFractionController.
 - Prediction-error routers: per-head scores `[B,T,H]` -> per-token score = min over heads
   (`min_over_heads`; with heads split over tensor-parallel ranks the min is all-reduced (MIN)
   over the TP group so every rank routes the same tokens).
-- Learned router: r = sigmoid(MLP(x)) `[B,T]` from the layer input (replicated on TP ranks).
-  It learns from the LM loss Mixture-of-Depths style: the values of routed keys are multiplied
+- Learned router: r = sigmoid(z), z = MLP(x) `[B,T]` from the layer input (replicated on TP
+  ranks); the routing score is z ("logit") or r ("sigmoid", checkpoints before the setting). It learns from the LM loss Mixture-of-Depths style: the values of routed keys are multiplied
   by r_j before the scratchpad (`router_weighted_values`), so every routed key passes the loss
   gradient to its r_j. The hard decision r_j >= tau itself carries no gradient; the controller
   keeps the routed fraction at its target.
+- Random router (the ablation): score = a uniform number in (0, 1) from a counter-based hash of
+  integer keys (`random_router_scores`: seed, layer, a sample key, the position), independent of
+  the content, so the controller's tau ~ 1 - f stores each token i.i.d. with probability f.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_tensor
@@ -65,15 +69,76 @@ def router_weighted_values(v: torch.Tensor, r: torch.Tensor, routed: torch.Tenso
     return v * w[:, :, None, None].to(v.dtype)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit halves)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the "lowbias32" xorshift-multiply finaliser), a bijection on
+    [0, 2^32); int64 tensors in, int64 out. Same bits on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_hash(*keys: Union[int, torch.Tensor], device=None) -> torch.Tensor:
+    """float32 uniform numbers in (0, 1), a deterministic function of the integer `keys`.
+
+    keys: non-negative ints or int64 tensors of non-negative values (broadcast together; each
+        key is absorbed as its low and high 32 bits). The result has the broadcast shape, with 24 random bits:
+        ((h >> 8) + 0.5) / 2^24, never 0 or 1. Counter-based: the same keys give the same
+        number on CPU and GPU, in any batch layout.
+    """
+    h = torch.tensor(0x9E3779B9, dtype=torch.int64, device=device)
+    for i, k in enumerate(keys):
+        if not isinstance(k, torch.Tensor):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"uniform_hash: key {i} must be a non-negative int or int64 tensor, got {k!r}")
+            k = torch.tensor(k, dtype=torch.int64, device=device)
+        elif k.dtype != torch.int64:
+            raise ValueError(f"uniform_hash: key {i} must be int64, got {k.dtype}")
+        h = _mix32(h.to(k.device) ^ (k & _M32))
+        h = _mix32(h ^ ((k >> 32) & _M32))
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def random_router_scores(seed: int, layer: int, sample: Union[int, torch.Tensor],
+                         positions: torch.Tensor) -> torch.Tensor:
+    """Scores `[B,T]` of the random router: uniform in (0, 1), i.i.d. over tokens, independent
+    of the content: uniform_hash(seed, layer, sample, position).
+
+    seed: the model's router_seed; layer: 0-based global layer index; sample: an int or int64
+    `[B]` (0 at inference; in training a key of the step, data-parallel rank and row, so every
+    sample of training gets a fresh draw); positions: int64 `[T]` or `[B,T]` (position in the
+    row, counted from the start of the sequence including cached tokens).
+    With tau at the 1 - f quantile (the controller), each token is routed with probability f.
+    """
+    if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
+        raise ValueError("positions must be an int tensor of shape [T] or [B,T]")
+    pos = positions if positions.dim() == 2 else positions[None, :]
+    s = torch.as_tensor(sample, dtype=torch.int64, device=pos.device).reshape(-1, 1)  # [B or 1, 1]
+    return uniform_hash(int(seed), int(layer), s, pos.to(torch.int64), device=pos.device)
+
+
 class LearnedRouter(nn.Module):
-    """r = sigmoid(Linear(act(Linear(x)))) in (0, 1), one score per token.
+    """r = sigmoid(Linear(act(Linear(x)))) in (0, 1), one score per token; `logits(x)` is the
+    pre-sigmoid z (what the "logit" routing score thresholds: unlike r it never saturates to
+    equal values, see docs/design.md "Routing").
 
     Args:
         hidden_size: model hidden size (input last dim).
         router_hidden_size: MLP width, default max(1, hidden_size // 4).
         bias: biases in both Linears.
         activation: "silu" or "gelu".
-    forward: x `[..., hidden_size]` (full hidden, replicated on TP ranks) -> r `[...]`.
+    forward: x `[..., hidden_size]` (full hidden, replicated on TP ranks) -> r `[...]`;
+    logits: the same x -> z `[...]` with r = sigmoid(z).
     """
 
     def __init__(self, hidden_size: int, router_hidden_size: Optional[int] = None, bias: bool = True,
@@ -93,8 +158,19 @@ class LearnedRouter(nn.Module):
         self.act = acts[activation]()
         self.fc2 = nn.Linear(router_hidden_size, 1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 z `[...]`, computed in fp32 whatever the dtype of x and of the parameters (the
+        parameters share the model's dtype, so that the distributed optimizer holds one dtype;
+        a bf16 z would put many tokens exactly on tau)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {got}")
-        return torch.sigmoid(self.fc2(self.act(self.fc1(x)))).squeeze(-1)
+
+        def f32(t):
+            return None if t is None else t.float()
+
+        h = self.act(F.linear(x.float(), f32(self.fc1.weight), f32(self.fc1.bias)))
+        return F.linear(h, f32(self.fc2.weight), f32(self.fc2.bias)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))

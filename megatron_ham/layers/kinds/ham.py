@@ -2,7 +2,7 @@
 the routed KV scratchpad; and the once-per-step KV-fraction controller update of its layers.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
+router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
 Fused parameters: GDN's, plus in_proj gate_rnn 1 and gate_kv 1 per head. Other tensors: GDN's,
 the learned router (router.fc1/fc2) and the controller's buffers (kv_controller.tau ->
 the HF config's ham_taus; num_updates is training state).
@@ -16,7 +16,8 @@ import torch
 from .gdn import GDNKind
 from .registry import Section, SettingError, register
 
-ROUTERS = ("error_l2", "error_cosine", "learned")
+ROUTERS = ("error_l2", "error_cosine", "learned", "random")
+ROUTER_SCORES = ("sigmoid", "logit")
 SCRATCHPAD_IMPLS = ("auto", "reference", "compact", "flex", "triton")
 
 
@@ -33,7 +34,9 @@ class HAMKind(GDNKind):
             raise SettingError("kv_fraction", "a float in [0, 1]", f)
         if cfg.router not in ROUTERS:
             raise SettingError("router", f"one of {list(ROUTERS)}", cfg.router)
-        for n in ("router_hidden_size", "controller_warmup"):
+        if cfg.router_score not in ROUTER_SCORES:
+            raise SettingError("router_score", f"one of {list(ROUTER_SCORES)}", cfg.router_score)
+        for n in ("router_hidden_size", "router_seed", "controller_warmup"):
             v = getattr(cfg, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise SettingError(n, "an int >= 0", v)
@@ -41,8 +44,8 @@ class HAMKind(GDNKind):
             raise SettingError("scratchpad_scale", "a float >= 0 (0 = sqrt(K))", cfg.scratchpad_scale)
         if cfg.scratchpad_impl not in SCRATCHPAD_IMPLS:
             raise SettingError("scratchpad_impl", f"one of {list(SCRATCHPAD_IMPLS)}", cfg.scratchpad_impl)
-        if not cfg.controller_gain > 0:
-            raise SettingError("controller_gain", "a float > 0", cfg.controller_gain)
+        if not 0 < cfg.controller_gain <= 1:
+            raise SettingError("controller_gain", "a float in (0, 1]", cfg.controller_gain)
 
     def module(self):
         from ..ham_mixer import HAMMixer
@@ -85,7 +88,8 @@ class HAMKind(GDNKind):
     def hf_settings(self, cfg):
         K = cfg.mixer_key_head_dim
         return {**super().hf_settings(cfg), "router": cfg.router,
-                "router_hidden_size": self.router_hidden(cfg),
+                "router_hidden_size": self.router_hidden(cfg), "router_seed": int(cfg.router_seed),
+                "router_score": cfg.router_score,
                 "scratchpad_scale": float(cfg.scratchpad_scale) if cfg.scratchpad_scale > 0 else K ** 0.5,
                 "kv_fraction": float(cfg.kv_fraction)}
 

@@ -1,0 +1,80 @@
+"""The evidence grid runner end to end on CPU at toy scale: two tiny configurations of
+recipes/evidence/ (a Transformer and the HAM with the learned router) through the recall mixture
+(an IndexedDataset), ham-train, checkpoints and ham-eval, into grid.json; a second invocation
+finds everything done; a budget that leaves no time starts nothing and says so."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
+        "model.kv_channels=16", "model.mixer_num_heads=2", "model.mixer_key_head_dim=16",
+        "model.mixer_value_head_dim=16", "model.seq_length=128", "model.dtype=fp32", "train.train_steps=6",
+        "train.global_batch_size=2", "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_interval=3",
+        "train.eval_iters=1", "checkpoint.interval=0", "logging.interval=1"]
+
+
+def _grid(out, configs, *extra, budget=600):
+    cmd = [sys.executable, "-m", "megatron_ham.evidence", "--out", out, "--configs", configs, "--seeds", "0",
+           "--concurrency", "2", "--budget-s", str(budget), "--reserve-s", "30", "--data-workers", "1",
+           "--heldout-tokens", "3000", "--data-arg=--lengths=128,256", "--data-arg=--num-pairs=8",
+           "--data-arg=--num-needles=2", "--final-lengths", "256,512", "--over-lengths", "256",
+           "--eval-samples", "2", "--kv-sweep", "1", "--kv-sweep-configs", "ham_learned_f25",
+           "--write-every-s", "2", "--export", os.path.join(out, "export"), *extra]
+    for o in TINY:
+        cmd += ["--override", o]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_grid_end_to_end(tmp_path):
+    out = str(tmp_path / "grid")
+    t0 = time.time()
+    p = _grid(out, "transformer,ham_learned_f25")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    first = time.time() - t0
+    g = json.load(open(os.path.join(out, "export", "grid.json")))
+    assert g["schema"] == "megatron-ham-evidence/1"
+    assert g["data"]["splits"]["train"]["documents"] > 100
+    runs = {r["config"]: r for r in g["runs"]}
+    assert set(runs) == {"transformer", "ham_learned_f25"} and all(r["status"] == "done" for r in runs.values())
+    for r in runs.values():
+        assert r["train"]["steps"] == 6 and r["train"]["rc"] == 0
+        assert len(r["curves"]["loss"]) == 6 and len(r["curves"]["valid"]) == 2
+        assert {x["step"] for x in r["recall_over_training"]} == {6}
+        fin = r["final"]
+        assert {(x["task"], x["length"]) for x in fin["recall"]} == {
+            (t, L) for t in ("mqar", "niah_single", "niah_multikey", "niah_multivalue") for L in (256, 512)}
+        assert all(0.0 <= x["accuracy"] <= 1.0 for x in fin["recall"])
+        assert 8.0 < fin["perplexity"]["loss"] < 10.0  # ~ln(8000): 6 steps learn next to nothing
+    ham = runs["ham_learned_f25"]
+    assert ham["model"]["pattern"] == "HH" and ham["model"]["router_score"] == "logit"
+    assert set(ham["curves"]["kv"]) == {"0", "1"}
+    assert all(0.0 < f < 1.0 for _, f, _ in ham["curves"]["kv"]["0"])
+    trace = ham["final"]["trace"]
+    assert trace and set(trace["layers"]) == {"0", "1"} and trace["marks"]["needles"]
+    assert [s["kv_fraction"] for s in ham["kv_sweep"]] == [1.0]
+    assert ham["kv_sweep"][0]["taus"] == {"0": "-inf", "1": "-inf"}
+    assert runs["transformer"]["curves"]["kv"] == {} and runs["transformer"]["final"]["trace"] is None
+    with tarfile.open(os.path.join(out, "export", "evidence_runs.tar.gz")) as tar:
+        names = tar.getnames()
+    assert "ham_learned_f25/seed0/eval/final.json" in names and "transformer/seed0/metrics.jsonl" in names
+    # resumable: everything is done, nothing is retrained or re-evaluated
+    log = os.path.join(out, "ham_learned_f25", "seed0", "train.log")
+    size = os.path.getsize(log)
+    p = _grid(out, "transformer,ham_learned_f25")
+    assert p.returncode == 0 and os.path.getsize(log) == size, p.stdout[-2000:]
+    assert "train " not in p.stdout and "eval " not in p.stdout
+    # a budget with no time for training: nothing starts, grid.json says so, exit 3
+    p = _grid(out, "gdn", budget=20)
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    g = json.load(open(os.path.join(out, "grid.json")))
+    assert [(r["config"], r["status"]) for r in g["runs"]] == [("gdn", "pending")]
+    print(f"first invocation {first:.0f} s")
