@@ -290,9 +290,8 @@ def test_registered_loading_without_remote_code(exported):
     cfg = json.load(open(os.path.join(resaved, "config.json")))
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_ham.HAMForCausalLM"
     assert cfg["tau_override"][0] == pytest.approx(taus[0])
-    with pytest.raises(ValueError, match="padding"):
-        m(x, attention_mask=torch.cat([torch.zeros(2, 1, dtype=torch.long),
-                                       torch.ones(2, 39, dtype=torch.long)], 1))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\] = \[2, 40\]"):
+        m(x, attention_mask=torch.ones(2, 39, dtype=torch.long))
     with pytest.raises(ValueError, match="one per layer"):
         m.set_tau([0.1])
 
