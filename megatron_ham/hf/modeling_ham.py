@@ -548,8 +548,7 @@ class HAMModel(HAMPreTrainedModel):
             raise ValueError("HAMModel.forward: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, hidden]")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         # transformers >= 5.2x passes the cache as `cache`, older versions as `past_key_values`
         cache = past_key_values if past_key_values is not None else cache
@@ -561,6 +560,10 @@ class HAMModel(HAMPreTrainedModel):
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows, input has {B}")
         mask = self._padding(attention_mask, B, T, cache.seen if cache is not None else 0)
+        if inputs_embeds is None:  # a pad id may lie outside the vocabulary: padding embeds id 0
+            x = self.embed_tokens(input_ids if mask is None else input_ids.masked_fill(~mask, 0))
+        else:
+            x = inputs_embeds
         eods = self._eods(input_ids, mask)
         doc, has_docs = self._documents(eods, B, T, x.device)
         start = torch.zeros(B, dtype=torch.long, device=x.device)

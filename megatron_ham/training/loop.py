@@ -184,7 +184,12 @@ def setup(cfg: RunConfig) -> Trainer:
     )
     if cfg.checkpoint.resume:
         path = ckpt.find_latest(cfg.checkpoint.dir)
-        if path is not None:
+        if path is not None and ckpt.is_model_only(path):  # an import: fine-tune from step 0
+            ckpt.load_model(path, model)
+            optimizer.reload_model_params()  # the main (fp32) params from the loaded weights
+            log.info(f"[checkpoint] initialised the model from {path} (a model-only checkpoint: "
+                     "optimizer, LR schedule and step start fresh, from the recipe)")
+        elif path is not None:
             st = ckpt.load(path, model, optimizer, scheduler)
             tr.step, tr.consumed_samples = int(st["step"]), int(st["consumed_samples"])
             log.info(f"[checkpoint] resumed from {path}: step {tr.step}, "
