@@ -222,6 +222,12 @@ def test_convert_log_and_files(exported):
             else:
                 assert cfg["ham_taus"][i] is None
         assert cfg["tie_word_embeddings"] == CASES[name][2]
+        # special ids: eos = the EOD; pad / bos = the shipped tokenizer's (the sample tokenizer
+        # pads with <|pad|> = 1, its BOS is <|endoftext|> = 0), else pad = EOD and no bos
+        gen = json.load(open(os.path.join(out, "generation_config.json")))
+        want = {"hybrid": (EOD, 1, 0), "ham": (EOD, EOD, None)}[name]
+        for doc in (cfg, gen):
+            assert (doc["eos_token_id"], doc["pad_token_id"], doc.get("bos_token_id")) == want, (name, doc)
         from safetensors import safe_open
 
         with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:

@@ -40,6 +40,8 @@ MARKER = "train_state.json"
 OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "short_conv.py",
              "gdn_activations.py", "norm.py", "_checks.py", "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
+#: a decoder layer's norms: (Megatron name, HF name)
+LAYER_NORMS = (("input_layernorm", "input_layernorm"), ("pre_mlp_layernorm", "post_attention_layernorm"))
 
 
 class ConversionError(RuntimeError):
@@ -239,8 +241,7 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Te
     taus: List[Optional[float]] = []
     for i, kind in enumerate(parse_pattern(cfg.resolved_pattern(), cfg.num_layers)):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for norm_m, norm_h in (("input_layernorm", "input_layernorm"),
-                               ("pre_mlp_layernorm", "post_attention_layernorm")):
+        for norm_m, norm_h in LAYER_NORMS:
             out[f"{h}{norm_h}.weight"] = take(f"{m}{norm_m}.weight")
             if f"{m}{norm_m}.bias" in sd:
                 out[f"{h}{norm_h}.bias"] = take(f"{m}{norm_m}.bias")

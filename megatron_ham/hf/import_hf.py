@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .convert import ConversionError, hf_config_from, megatron_to_hf
+from .convert import LAYER_NORMS, ConversionError, hf_config_from, megatron_to_hf
 
 PROG = "ham-import-hf"
 EXPORT_JSON = "megatron_ham_export.json"
@@ -265,11 +266,9 @@ def hf_to_megatron(hf: Dict[str, torch.Tensor], cfg, taus: List[Optional[float]]
     out["embedding.word_embeddings.weight"] = padded(take("model.embed_tokens.weight"))
     for i, kind in enumerate(parse_pattern(cfg.resolved_pattern(), cfg.num_layers)):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for norm_m, norm_h in (("input_layernorm", "input_layernorm"),
-                               ("pre_mlp_layernorm", "post_attention_layernorm")):
-            out[f"{m}{norm_m}.weight"] = take(f"{h}{norm_h}.weight")
-            if f"{h}{norm_h}.bias" in hf:
-                out[f"{m}{norm_m}.bias"] = take(f"{h}{norm_h}.bias")
+        for (norm_m, norm_h), part in itertools.product(LAYER_NORMS, ("weight", "bias")):
+            if part == "weight" or f"{h}{norm_h}.bias" in hf:  # a LayerNorm has a bias
+                out[f"{m}{norm_m}.{part}"] = take(f"{h}{norm_h}.{part}")
         out[f"{m}mlp.linear_fc1.weight"] = torch.cat([take(f"{h}mlp.gate_proj.weight"),
                                                       take(f"{h}mlp.up_proj.weight")])
         out[f"{m}mlp.linear_fc2.weight"] = take(f"{h}mlp.down_proj.weight")
@@ -402,20 +401,19 @@ def import_hf(hf_dir: str, output: str, config_path: Optional[str] = None, verif
 
 
 # ============================================================================ CLI
+DESCRIPTION = (
+    "Import a ham-convert-hf export (a Hugging Face model directory) back into a Megatron "
+    "checkpoint that ham-train fine-tunes from: a model-only checkpoint at step 0 (weights, "
+    "KV-controller taus, config.yaml). ham-train with checkpoint.dir=OUTPUT loads it at any TP/PP "
+    "layout and starts a fresh optimizer and LR schedule from its recipe. The export is read as "
+    "data only (JSON and safetensors; its code never runs). Runs on CPU in one process.")
+EPILOG = ("Example: ham-import-hf --hf exports/tiny --output runs/tiny-ft/checkpoints, then "
+          "ham-train recipes/tiny_cpu.yaml checkpoint.dir=runs/tiny-ft/checkpoints. "
+          "See docs/export.md (Import).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Import a ham-convert-hf export (a Hugging Face model directory) back into a Megatron "
-            "checkpoint that ham-train fine-tunes from: a model-only checkpoint at step 0 "
-            "(weights, KV-controller taus, config.yaml). ham-train with checkpoint.dir=OUTPUT loads "
-            "it at any TP/PP layout and starts a fresh optimizer and LR schedule from its recipe. "
-            "The export is read as data only (JSON and safetensors; its code never runs). Runs on "
-            "CPU in one process."),
-        epilog=("Example: ham-import-hf --hf exports/tiny --output runs/tiny-ft/checkpoints, then "
-                "ham-train recipes/tiny_cpu.yaml checkpoint.dir=runs/tiny-ft/checkpoints. "
-                "See docs/export.md (Import)."),
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--hf", required=True, metavar="HF_DIR", help="the export directory (ham-convert-hf output)")
     p.add_argument("--output", required=True, metavar="CHECKPOINT_DIR",
                    help="the run's checkpoint dir to create (must not exist, or be empty)")
