@@ -139,6 +139,16 @@ def test_bad_exports_are_refused(tmp_path, capsys):
     d = variant("norecord")
     os.remove(d / "megatron_ham_export.json")
     _fails(["--hf", str(d), "--output", out], capsys, "no megatron_ham_export.json", "--config")
+    # ... then the model comes from --config (a recipe), which must describe config.json's model
+    import yaml
+
+    rec = json.load(open(good / "megatron_ham_export.json"))["model_config"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": dict(rec, hidden_size=48), "data": {"backend": "synthetic"}}))
+    _fails(["--hf", str(d), "--output", out, "--config", str(recipe)], capsys,
+           "config.json: does not describe the model", "hidden_size: config.json has 32, the model config gives 48")
+    _fails(["--hf", str(d), "--output", out, "--config", str(tmp_path / "none.yaml")], capsys,
+           "--config", "none.yaml: no such file")
     d = variant("badrecord")
     rec = json.load(open(d / "megatron_ham_export.json"))
     rec["model_config"]["hidden_sise"] = 32

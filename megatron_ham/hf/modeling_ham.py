@@ -84,7 +84,7 @@ class HAMCache:
         generate's get_seq_length asks).
     positions: int [B], the real tokens each row has seen (the RoPE position of its next token).
     attention layer i: keys[i] [B, L, n_kv, d] (after RoPE), values[i] [B, L, n_kv, d],
-        valid[i] bool [B, L] (False for entries of a finished document).
+        valid[i] bool [B, L] (False for padding and for entries of a finished document).
     GDN / HAM layer i: conv[i] [B, conv_kernel - 1, C] (pre-conv q|k|v channels, C = H(2K + V);
         zero where the previous tokens belong to another document), state[i] fp32 [B, H, K, V].
     HAM layer i: keys[i] [B, N, H, K] / values[i] [B, N, H, V] are the ROUTED tokens only
