@@ -137,6 +137,18 @@ class HAMCache:
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
 
+    def advance(self, counts: torch.Tensor, eods: Optional[torch.Tensor]) -> None:
+        """After a chunk: counts int [B, T] (1 = a real token, 0 = padding), eods bool [B, T]
+        (the real EODs; None without documents). Counts the columns and each row's real tokens,
+        and starts a new document in the rows whose last real token is an EOD."""
+        B, T = counts.shape
+        self.seen += T
+        n = counts.sum(1)
+        self.positions = n if self.positions is None else self.positions + n
+        if eods is not None and T > 0:
+            last = (counts * torch.arange(1, T + 1, device=counts.device)).argmax(1)
+            self.reset_rows(eods.gather(1, last[:, None])[:, 0])
+
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Start a new document in the rows where `rows` (bool [B]) is True."""
         if not bool(rows.any()):
@@ -566,12 +578,11 @@ class HAMModel(HAMPreTrainedModel):
             x = inputs_embeds
         eods = self._eods(input_ids, mask)
         doc, has_docs = self._documents(eods, B, T, x.device)
-        start = torch.zeros(B, dtype=torch.long, device=x.device)
-        if cache is not None and cache.positions is not None:
-            start = cache.positions
-        # RoPE positions: the real tokens of the row before each token
         counts = torch.ones(B, T, dtype=torch.long, device=x.device) if mask is None else mask.long()
-        positions = start[:, None] + counts.cumsum(1) - counts
+        # RoPE positions: the real tokens of the row before each token (the cached ones first)
+        positions = counts.cumsum(1) - counts
+        if cache is not None and cache.positions is not None:
+            positions = positions + cache.positions[:, None]
         hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if hidden is not None:
@@ -583,11 +594,7 @@ class HAMModel(HAMPreTrainedModel):
         if hidden is not None:
             hidden.append(x)
         if cache is not None:
-            cache.seen += T
-            cache.positions = start + counts.sum(1)
-            if eods is not None and T > 0:  # rows whose last real token is an EOD
-                last = (counts * torch.arange(1, T + 1, device=x.device)).argmax(1)
-                cache.reset_rows(eods.gather(1, last[:, None])[:, 0])
+            cache.advance(counts, eods)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None},
                                        hidden_states=tuple(hidden) if hidden is not None else None)
 
