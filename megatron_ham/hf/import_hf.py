@@ -138,17 +138,25 @@ def read_model_config(hf_dir: str, config_path: Optional[str]):
 
 def check_structure(hf_doc: dict, derived, cfg, hf_dir: str) -> None:
     """config.json must have the structural fields of `derived`, the HAMConfig of ModelConfig
-    `cfg` (JSON-normalised comparison); ConversionError naming the key and both values."""
-    from megatron_ham.layers.kinds import kinds
+    `cfg`, for the layer kinds of its pattern (JSON-normalised comparison); ConversionError
+    naming the key and both values."""
+    from megatron_ham.layers.kinds import parse_pattern
 
+    used = {k.name: k for k in parse_pattern(cfg.resolved_pattern(), cfg.num_layers)}
     keys = set(STRUCTURE)
-    for k in kinds():
+    for k in used.values():
         keys |= set(k.hf_settings(cfg))
     want = json.loads(json.dumps(derived.to_dict()))
+    have = dict(hf_doc)
+    for key, pick in (("kind_symbols", lambda d: {s: n for s, n in d.items() if n in used}),
+                      ("fused_sections", lambda d: {n: t for n, t in d.items() if n in used})):
+        want[key] = pick(want[key])
+        if isinstance(have.get(key), dict):
+            have[key] = pick(have[key])
     bad = []
     for key in sorted(keys - set(FREE_SETTINGS)):
-        if key in want and hf_doc.get(key) != want[key]:
-            bad.append(f"{key}: config.json has {hf_doc.get(key)!r}, the model config gives {want[key]!r}")
+        if key in want and have.get(key) != want[key]:
+            bad.append(f"{key}: config.json has {have.get(key)!r}, the model config gives {want[key]!r}")
     if bad:
         raise ConversionError(f"{os.path.join(hf_dir, 'config.json')}: does not describe the model of the "
                               f"model config ({len(bad)} key(s)): " + "; ".join(bad[:6]))
