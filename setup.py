@@ -41,6 +41,7 @@ setup(
     },
     entry_points={"console_scripts": ["ham-prep-data = data_prep.cli:main",
                                      "ham-convert-hf = megatron_ham.hf.convert:main",
+                                     "ham-import-hf = megatron_ham.hf.import_hf:main",
                                      "ham-eval = megatron_ham.eval.cli:main",
                                      "ham-train = megatron_ham.train:main"]},
 )

@@ -12,8 +12,8 @@ What lm-eval 0.4.13 passes to the model (read from lm_eval/models/huggingface.py
 - generate_until: prompts LEFT-padded with the tokenizer's pad id and an attention_mask, then
   `model.generate(input_ids, attention_mask=..., pad_token_id=..., use_cache=True)`. With prompts
   of equal token length the mask is all ones and it works today (checked against row-by-row
-  greedy generation); prompts of different lengths give a mask with zeros, which the HF model
-  refuses (ValueError: padding is not supported) until issue 13 phase 2.
+  greedy generation); prompts of different lengths give a mask with zeros: the padding is
+  skipped by every layer, and each row equals its prompt generated alone.
 """
 from __future__ import annotations
 
@@ -136,10 +136,10 @@ def test_loglikelihood_and_generate_with_batch_4(trained, tmp_path):
         assert s["resps"][0][0] == _greedy(model, tok, s["doc"]["prompt"], 6), s
 
 
-@pytest.mark.xfail(strict=True, reason="needs padded batches (issue 13 phase 2)")
 def test_generate_until_with_prompts_of_different_lengths(trained, tmp_path):
-    """Today: lm-eval left-pads the batch and passes attention_mask with zeros; the HF model
-    raises ValueError('attention_mask: padding (zeros) is not supported ...')."""
+    """lm-eval left-pads the batch with the tokenizer's pad id (1, what the export's config and
+    generation_config also say) and passes attention_mask with zeros: every row's greedy
+    continuation equals the one generated for that prompt alone."""
     out = str(tmp_path / "samples.json")
     p = lm_eval_api(trained["hf"], "ham_local_gen", out, str(tmp_path / "hf_home"))
     assert p.returncode == 0, p.stderr[-2000:]

@@ -246,6 +246,32 @@ def test_cu_seqlens_restarts_state(impl, h0):
         assert not torch.allclose(o_flat[:, 6:], o[:, 6:], atol=1e-3)
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_mask_skips_tokens(impl, metric):
+    """mask False = no token: each row gives, at its real tokens, what its real tokens give alone
+    (o, err, and the final state); the error is 0 at the skipped tokens; padding anywhere."""
+    T, H, K, V = 90, 2, 8, 6
+    inp = make_inputs(2, T, H, K, V, h0=True, seed=5)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[0, :17] = False           # left padding
+    mask[1, 70:] = False           # right padding
+    mask[1, 30:33] = False         # and a gap
+    o, s, e = run(impl, inp, mask=mask, error_metric=metric)
+    for b in range(2):
+        real = {x: inp[x][b:b + 1, mask[b]] for x in ("q", "k", "v", "g", "beta")}
+        real["initial_state"] = inp["initial_state"][b:b + 1]
+        o_r, s_r, e_r = run("naive", real, error_metric=metric)
+        torch.testing.assert_close(o[b:b + 1, mask[b]], o_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(e[b:b + 1, mask[b]], e_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s[b:b + 1], s_r, atol=1e-5, rtol=1e-5)
+        assert not e[b, ~mask[b]].any()
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        run(impl, inp, mask=mask.long())
+    with pytest.raises(ValueError, match=r"mask must have shape \[B,T\]"):
+        run(impl, inp, mask=mask[:, 1:])
+
+
 def test_cu_seqlens_gradients_agree():
     lens = [3, 1, 9]
     inp = make_inputs(1, sum(lens), 1, 4, 4, h0=True, N=3, seed=37)

@@ -222,6 +222,12 @@ def test_convert_log_and_files(exported):
             else:
                 assert cfg["ham_taus"][i] is None
         assert cfg["tie_word_embeddings"] == CASES[name][2]
+        # special ids: eos = the EOD; pad / bos = the shipped tokenizer's (the sample tokenizer
+        # pads with <|pad|> = 1, its BOS is <|endoftext|> = 0), else pad = EOD and no bos
+        gen = json.load(open(os.path.join(out, "generation_config.json")))
+        want = {"hybrid": (EOD, 1, 0), "ham": (EOD, EOD, None)}[name]
+        for doc in (cfg, gen):
+            assert (doc["eos_token_id"], doc["pad_token_id"], doc.get("bos_token_id")) == want, (name, doc)
         from safetensors import safe_open
 
         with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
@@ -290,9 +296,8 @@ def test_registered_loading_without_remote_code(exported):
     cfg = json.load(open(os.path.join(resaved, "config.json")))
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_ham.HAMForCausalLM"
     assert cfg["tau_override"][0] == pytest.approx(taus[0])
-    with pytest.raises(ValueError, match="padding"):
-        m(x, attention_mask=torch.cat([torch.zeros(2, 1, dtype=torch.long),
-                                       torch.ones(2, 39, dtype=torch.long)], 1))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\] = \[2, 40\]"):
+        m(x, attention_mask=torch.ones(2, 39, dtype=torch.long))
     with pytest.raises(ValueError, match="one per layer"):
         m.set_tau([0.1])
 

@@ -38,7 +38,7 @@ class ToyMixerHF(nn.Module):
             self.add_module(f"{name}_proj", nn.Linear(config.hidden_size, rows, bias=False))
         self.o_proj = nn.Linear(table[0][1], config.hidden_size, bias=False)
 
-    def forward(self, x, doc, has_docs, cache, offset):
+    def forward(self, x, doc, has_docs, cache, positions, mask):
         return self.o_proj(self.u_proj(x) * torch.sigmoid(self.g_proj(x)))
 
 

@@ -26,6 +26,26 @@ def test_documents_restart_the_taps():
     assert not torch.allclose(got, causal_conv_silu(x, w))  # the boundaries matter
 
 
+def test_padding_is_no_tap():
+    """mask False = no token: each real token's taps are the real tokens before it (across the
+    padding), as if the padding were not there; padding outputs 0; documents still restart."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :4] = False   # left padding
+    mask[1, 5:7] = False  # a gap
+    doc = torch.zeros(2, 12, dtype=torch.long)
+    doc[1, 9:] = 1        # a document starts after the gap
+    got = causal_conv_silu(x, w, doc, mask=mask)
+    for b in range(2):
+        torch.testing.assert_close(got[b, mask[b]],
+                                   causal_conv_silu(x[b:b + 1, mask[b]], w, doc[b:b + 1, mask[b]])[0])
+        assert not got[b, ~mask[b]].any()
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        causal_conv_silu(x, w, mask=mask.long())
+
+
 def test_short_sequences_and_bad_input():
     x = torch.randn(1, 2, 3)
     w = torch.randn(3, 4)

@@ -47,6 +47,8 @@ OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py",
              "gdn_activations.py", "norm.py", "_checks.py", "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
 EXPORT_JSON = "megatron_ham_export.json"
+#: a decoder layer's norms: (Megatron name, HF name)
+LAYER_NORMS = (("input_layernorm", "input_layernorm"), ("pre_mlp_layernorm", "post_attention_layernorm"))
 
 
 class ConversionError(RuntimeError):
@@ -224,8 +226,7 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Te
     taus: List[Optional[float]] = []
     for i, kind in enumerate(parse_pattern(cfg.resolved_pattern(), cfg.num_layers)):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for norm_m, norm_h in (("input_layernorm", "input_layernorm"),
-                               ("pre_mlp_layernorm", "post_attention_layernorm")):
+        for norm_m, norm_h in LAYER_NORMS:
             out[f"{h}{norm_h}.weight"] = take(f"{m}{norm_m}.weight")
             if f"{m}{norm_m}.bias" in sd:
                 out[f"{h}{norm_h}.bias"] = take(f"{m}{norm_m}.bias")
@@ -255,10 +256,43 @@ def megatron_to_hf(sd: Dict[str, torch.Tensor], cfg) -> Tuple[Dict[str, torch.Te
     return out, taus
 
 
-def hf_config_from(cfg, taus, eod: Optional[int], documents: bool):
+def special_token_ids(tokenizer: Optional[str], eod: Optional[int]) -> Dict[str, Optional[int]]:
+    """The export's bos / eos / pad ids (config.json and generation_config.json alike):
+    eos = the EOD the model trained with (a row stops at the end of its document); pad = the
+    pad token of the tokenizer shipped (`tokenizer`: an HF tokenizer dir or a tokenizer.json),
+    else the EOD; bos = the tokenizer's BOS, else None. Padding is a "no token" to the model
+    (attention_mask 0), so the pad id only has to be the one the tokenizer pads with."""
+    ids = {"bos_token_id": None, "eos_token_id": eod, "pad_token_id": eod}
+    if not tokenizer or not os.path.exists(tokenizer):
+        return ids
+    try:
+        if os.path.isdir(tokenizer):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer)
+    except Exception as e:  # the copy fallback of write_tokenizer: ids from the EOD alone
+        log(f"warning: tokenizer {tokenizer} did not load ({type(e).__name__}: {e}); pad = eos = EOD {eod}")
+        return ids
+    if tok.pad_token_id is not None:
+        ids["pad_token_id"] = int(tok.pad_token_id)
+    if tok.bos_token_id is not None:
+        ids["bos_token_id"] = int(tok.bos_token_id)
+    if tok.eos_token_id is not None and eod is not None and tok.eos_token_id != eod:
+        log(f"warning: the tokenizer's EOS id {tok.eos_token_id} is not the EOD id {eod} the model "
+            f"trained with; eos_token_id = {eod}")
+    return ids
+
+
+def hf_config_from(cfg, taus, eod: Optional[int], documents: bool,
+                   special: Optional[Dict[str, Optional[int]]] = None):
     """The HAMConfig of ModelConfig `cfg` (the one derivation): the model-wide fields here, each
     registered layer kind's own (LayerKind.hf_settings), its section table (fused_sections)
-    and symbol; `taus` per layer from the checkpoint, the EOD id and whether documents reset."""
+    and symbol; `taus` per layer from the checkpoint, the EOD id and whether documents reset;
+    `special`: the bos / eos / pad ids (special_token_ids; default eos = pad = EOD)."""
     from megatron_ham.layers.kinds import kinds
 
     from .configuration_ham import HAMConfig
@@ -281,7 +315,7 @@ def hf_config_from(cfg, taus, eod: Optional[int], documents: bool):
         reset_at_eod=bool(documents and eod is not None),
         initializer_range=cfg.init_method_std,
         tie_word_embeddings=cfg.tie_embeddings,
-        eos_token_id=eod,
+        **(special or {"eos_token_id": eod, "pad_token_id": eod}),
         architectures=["HAMForCausalLM"],
         auto_map={"AutoConfig": "configuration_ham.HAMConfig",
                   "AutoModel": "modeling_ham.HAMModel",
@@ -439,7 +473,8 @@ def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype
     model = load_megatron_model(step_dir, cfg)
     log(f"loaded the Megatron model (TP=1, PP=1) in {time.time() - t0:.1f} s")
     hf_sd, taus = megatron_to_hf(model.state_dict(), cfg)
-    hf_cfg = hf_config_from(cfg, taus, eod, documents)
+    special = special_token_ids(tok_path, eod)
+    hf_cfg = hf_config_from(cfg, taus, eod, documents, special)
     ham_taus = {i: t for i, t in enumerate(taus) if t is not None}
     if ham_taus:
         log("per-layer tau: " + ", ".join(f"{i}: {t:.4g}" for i, t in ham_taus.items()))
@@ -462,7 +497,7 @@ def convert(checkpoint: str, output: str, tokenizer: Optional[str] = None, dtype
     tmp = temp_dir_for(output)
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
-        gen = GenerationConfig(eos_token_id=eod, pad_token_id=eod, do_sample=False)
+        gen = GenerationConfig(**special, do_sample=False)
         gen.save_pretrained(tmp)
         if tok_path:
             names = write_tokenizer(tok_path, tmp, reserved=os.listdir(tmp), allow_code=allow_tokenizer_code)

@@ -24,11 +24,19 @@ Documents: with config.reset_at_eod and config.eod_token_id set (as in training 
 data.documents), the token after an EOD starts a new document: the state, conv, scratchpad and
 attention restart there, as Megatron does with document_forward_kwargs.
 
+Padding: `attention_mask` zeros mark tokens that are not there (left, right or anywhere). Every
+layer skips them, so a row's real tokens give the logits they give alone: they are not routed,
+not attention keys and not conv taps (ops: causal_conv_silu's mask), the recurrent state passes
+them unchanged (ops: gated_delta_rule's mask, k = g = beta = 0), an EOD among them starts
+nothing, and RoPE positions count a row's real tokens only. A padding position outputs what the
+last real token before it output (so generate reads a right-padded row's next token at the last
+column); leading padding outputs something finite and meaningless.
+
 Cache (HAMCache, `past_key_values`): per layer, attention: the RoPE'd keys and values (+ a valid
 mask); GDN / HAM: the last conv_kernel - 1 pre-conv q/k/v inputs and the recurrent state
 [B, H, K, V] (fp32); HAM also the scratchpad: the routed keys / (router-weighted) values only,
 compacted per batch row (+ a valid mask). Its size therefore follows the KV fraction. generate()
-uses it (greedy / sampling; beam search and left padding are not supported).
+uses it: greedy, sampling and beam search (HAMCache.reorder_cache), on padded batches too.
 """
 from __future__ import annotations
 
@@ -73,9 +81,11 @@ except Exception:  # pragma: no cover
 class HAMCache:
     """Inference state of every layer, for one batch of rows generated in lock step.
 
-    seen: tokens processed so far (the RoPE position of the next token; same for every row).
+    seen: token columns processed so far, padding included (same for every row; what
+        generate's get_seq_length asks).
+    positions: int [B], the real tokens each row has seen (the RoPE position of its next token).
     attention layer i: keys[i] [B, L, n_kv, d] (after RoPE), values[i] [B, L, n_kv, d],
-        valid[i] bool [B, L] (False for entries of a finished document).
+        valid[i] bool [B, L] (False for padding and for entries of a finished document).
     GDN / HAM layer i: conv[i] [B, conv_kernel - 1, C] (pre-conv q|k|v channels, C = H(2K + V);
         zero where the previous tokens belong to another document), state[i] fp32 [B, H, K, V].
     HAM layer i: keys[i] [B, N, H, K] / values[i] [B, N, H, V] are the ROUTED tokens only
@@ -91,6 +101,7 @@ class HAMCache:
         self.kinds = config.layer_kinds()
         n = len(self.kinds)
         self.seen = 0
+        self.positions: Optional[torch.Tensor] = None
         self.keys: List[Optional[torch.Tensor]] = [None] * n
         self.values: List[Optional[torch.Tensor]] = [None] * n
         self.valid: List[Optional[torch.Tensor]] = [None] * n
@@ -118,6 +129,27 @@ class HAMCache:
             out.append(None if self.valid[i] is None else self.valid[i].sum(1))
         return out
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row r continues from row beam_idx[r] (int [B]) of every layer's cache."""
+        for store in (self.keys, self.values, self.valid, self.conv, self.state):
+            for i, x in enumerate(store):
+                if x is not None:
+                    store[i] = x.index_select(0, beam_idx.to(x.device))
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def advance(self, counts: torch.Tensor, eods: Optional[torch.Tensor]) -> None:
+        """After a chunk: counts int [B, T] (1 = a real token, 0 = padding), eods bool [B, T]
+        (the real EODs; None without documents). Counts the columns and each row's real tokens,
+        and starts a new document in the rows whose last real token is an EOD."""
+        B, T = counts.shape
+        self.seen += T
+        n = counts.sum(1)
+        self.positions = n if self.positions is None else self.positions + n
+        if eods is not None and T > 0:
+            last = (counts * torch.arange(1, T + 1, device=counts.device)).argmax(1)
+            self.reset_rows(eods.gather(1, last[:, None])[:, 0])
+
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Start a new document in the rows where `rows` (bool [B]) is True."""
         if not bool(rows.any()):
@@ -143,6 +175,17 @@ def _compact_cache(keys, values, valid):
         return x.gather(1, order.view(B, n, *([1] * (x.dim() - 2))).expand(B, n, *x.shape[2:]))
 
     return take(keys), take(values), valid.gather(1, order)
+
+
+def _after_last_real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, T, h] with each padding position (mask [B, T] False) holding the output of the last
+    real token before it (leading padding keeps its own): the logits at the last column of a
+    right-padded row are then the row's next-token prediction, as generate reads them."""
+    B, T = mask.shape
+    t = torch.arange(T, device=x.device).expand(B, T)
+    src = torch.where(mask, t, torch.full_like(t, -1)).cummax(1).values
+    src = torch.where(src < 0, t, src)
+    return x.gather(1, src[..., None].expand_as(x))
 
 
 # ====================================================================================== pieces
@@ -175,20 +218,20 @@ class HAMMLP(nn.Module):
 
 
 def _rope_cos_sin(head_dim: int, base: float, positions: torch.Tensor):
-    """cos, sin [T, head_dim] (fp32) for integer positions [T]; Megatron's RotaryEmbedding
+    """cos, sin [B, T, head_dim] (fp32) for integer positions [B, T]; Megatron's RotaryEmbedding
     (non-interleaved: frequencies repeated as [f, f])."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                             device=positions.device) / head_dim))
-    freqs = torch.outer(positions.to(torch.float32), inv_freq)
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def _apply_rope(x, cos, sin):
-    """x [B, T, n, d]; cos / sin [T, d] -> x * cos + rotate_half(x) * sin in x's dtype."""
+    """x [B, T, n, d]; cos / sin [B, T, d] -> x * cos + rotate_half(x) * sin in x's dtype."""
     x1, x2 = torch.chunk(x, 2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
-    c, s = cos.to(x.dtype)[None, :, None, :], sin.to(x.dtype)[None, :, None, :]
+    c, s = cos.to(x.dtype)[:, :, None, :], sin.to(x.dtype)[:, :, None, :]
     return x * c + rot * s
 
 
@@ -215,13 +258,14 @@ class HAMAttention(nn.Module):
                    lambda rows: nn.Linear(h, rows, bias=False))
         self.o_proj = nn.Linear(self.nh * self.d, h, bias=False)
 
-    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
-        """x [B, T, h]; doc int [B, T] document index within this chunk (0 = the cached one)."""
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], positions, mask):
+        """x [B, T, h]; doc int [B, T] document index within this chunk (0 = the cached one);
+        positions int [B, T] (RoPE); mask bool [B, T] (False: padding, never a key) or None."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.d)
         k = self.k_proj(x).view(B, T, self.nkv, self.d)
         v = self.v_proj(x).view(B, T, self.nkv, self.d)
-        cos, sin = _rope_cos_sin(self.d, self.base, torch.arange(offset, offset + T, device=x.device))
+        cos, sin = _rope_cos_sin(self.d, self.base, positions)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         i = self.layer_idx
         old = cache is not None and cache.keys[i] is not None and cache.keys[i].shape[1] > 0
@@ -231,18 +275,22 @@ class HAMAttention(nn.Module):
         kh = keys.transpose(1, 2).repeat_interleave(rep, dim=1)
         vh = vals.transpose(1, 2).repeat_interleave(rep, dim=1)
         scale = 1.0 / math.sqrt(self.d)
-        if not old and not has_docs:
+        if not old and not has_docs and mask is None:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=T > 1, scale=scale)
         else:
             t = torch.arange(T, device=x.device)
-            mask = (t[:, None] >= t[None, :])[None] & (doc[:, :, None] == doc[:, None, :])
+            seen = (t[:, None] >= t[None, :])[None] & (doc[:, :, None] == doc[:, None, :])  # [B, T, T]
+            if mask is not None:  # padding is no key; a padding query sees itself (no empty softmax)
+                seen = (seen & mask[:, None, :]) | ((t[:, None] == t[None, :])[None] & ~mask[:, :, None])
             if old:
                 m_old = cache.valid[i][:, None, :] & (doc == 0)[:, :, None]
-                mask = torch.cat([m_old, mask], dim=-1)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+                seen = torch.cat([m_old, seen], dim=-1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen[:, None], scale=scale)
         if cache is not None:
             last = doc[:, -1:]
             new_valid = doc == last  # tokens of the document that goes on
+            if mask is not None:
+                new_valid = new_valid & mask
             cache.keys[i], cache.values[i] = keys, vals
             cache.valid[i] = torch.cat([cache.valid[i] & (last == 0), new_valid], 1) if old else new_valid
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))
@@ -271,34 +319,41 @@ class GDNMixer(nn.Module):
         self.o_proj = nn.Linear(H * V, h, bias=False)
 
     # ------------------------------------------------------------------ conv
-    def _conv(self, x, doc, cache):
+    def _conv(self, x, doc, cache, mask):
         """x [B, T, C] pre-conv q|k|v -> SiLU(causal depthwise conv) [B, T, C]; taps never cross
-        documents; the cached conv inputs belong to document 0 (zeros elsewhere)."""
+        documents nor land on padding (mask False); the cached conv inputs (the last kern - 1
+        real ones) belong to document 0 (zeros elsewhere)."""
         B, T, C = x.shape
-        kern = self.config.conv_kernel
-        w = torch.cat([getattr(self, f"{n}_conv1d").weight for n in self.conv_names], 0)[:, 0, :]
+        n = self.config.conv_kernel - 1
+        w = torch.cat([getattr(self, f"{c}_conv1d").weight for c in self.conv_names], 0)[:, 0, :]
         i = self.layer_idx
         prev = cache.conv[i] if cache is not None and cache.conv[i] is not None else None
         if prev is None:
-            prev = x.new_zeros(B, kern - 1, C)
-        ext = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, kern-1+T, C]
-        ext_doc = torch.cat([doc.new_zeros(B, kern - 1), doc], dim=1)
+            prev = x.new_zeros(B, n, C)
+        ext = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, n+T, C]
+        ext_doc = torch.cat([doc.new_zeros(B, n), doc], dim=1)
+        ext_mask = None if mask is None else torch.cat([mask.new_ones(B, n), mask], dim=1)
         if cache is not None:
-            tail = ext[:, ext.shape[1] - (kern - 1):]
-            keep = ext_doc[:, ext.shape[1] - (kern - 1):] == doc[:, -1:]
+            L = ext.shape[1]
+            last = torch.arange(L - n, L, device=x.device).expand(B, n)
+            if ext_mask is not None:  # the last n real inputs (padding sorts first)
+                last = torch.argsort(ext_mask.to(torch.int8), dim=1, stable=True)[:, L - n:]
+            tail = ext.gather(1, last[..., None].expand(B, n, C))
+            keep = ext_doc.gather(1, last) == doc[:, -1:]
             cache.conv[i] = tail * keep[..., None].to(tail.dtype)
-        return causal_conv_silu(ext, w, ext_doc)[:, kern - 1:]
+        return causal_conv_silu(ext, w, ext_doc, ext_mask)[:, n:]
 
     # ------------------------------------------------------------------ the state
-    def _state(self, x, doc, has_docs, cache: Optional[HAMCache], return_error: bool = False):
+    def _state(self, x, doc, has_docs, cache: Optional[HAMCache], mask, return_error: bool = False):
         """x [B, T, h] -> dict of q, k [B,T,H,K], v, z, o_rnn [B,T,H,V] and err [B,T,H] (None
-        unless return_error); updates the cached conv and state."""
+        unless return_error); updates the cached conv and state. Padding (mask False) leaves
+        the conv taps and the state as they are."""
         B, T, _ = x.shape
         H, K, V = self.H, self.K, self.V
         cfg = self.config
         i = self.layer_idx
         qkv = torch.cat([getattr(self, f"{n}_proj")(x) for n in self.conv_names], dim=-1)
-        qkv = self._conv(qkv, doc, cache)
+        qkv = self._conv(qkv, doc, cache, mask)
         q, k, v, g, beta = gdn_activations(qkv, self.a_proj(x), self.b_proj(x), self.A_log,
                                            self.dt_bias, H, K, V)
         # documents -> one packed row [1, B*T] with cu_seqlens (as Megatron does)
@@ -321,7 +376,7 @@ class GDNMixer(nn.Module):
             pk(q), pk(k), pk(v), pk(g), pk(beta), initial_state=init,
             output_final_state=cache is not None, return_error=return_error,
             error_metric="cosine" if cfg.router == "error_cosine" else "l2",
-            cu_seqlens=cu, impl="naive" if T == 1 else cfg.ops_impl,
+            cu_seqlens=cu, mask=None if mask is None else pk(mask), impl="naive" if T == 1 else cfg.ops_impl,
         )
         if cache is not None:
             if cu is not None:  # last segment of each row
@@ -334,11 +389,12 @@ class GDNMixer(nn.Module):
             err = err.reshape(B, T, H) if err is not None else None
         return dict(q=q, k=k, v=v, z=self.z_proj(x).reshape(B, T, H, V), o_rnn=o_rnn, err=err)
 
-    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], positions, mask):
         """x [B, T, h] (normed layer input) -> [B, T, h]. doc int [B, T]: document index within
-        this chunk, 0 = the document the cache belongs to."""
+        this chunk, 0 = the document the cache belongs to; mask bool [B, T] (False: padding) or
+        None; positions (RoPE) unused."""
         B, T, _ = x.shape
-        t = self._state(x, doc, has_docs, cache)
+        t = self._state(x, doc, has_docs, cache, mask)
         y = gated_rms_norm(t["o_rnn"], t["z"], self.o_norm.weight, eps=self.config.mixer_norm_eps)
         return self.o_proj(y.to(x.dtype).reshape(B, T, self.H * self.V))
 
@@ -356,16 +412,17 @@ class HAMMixer(GDNMixer):
         self.tau = config.effective_tau(layer_idx)
         self.last_routed: Optional[torch.Tensor] = None  # bool [B, T] of the last forward
         self.last_scores: Optional[torch.Tensor] = None  # fp32 [B, T] of the last forward
+        self.last_mask: Optional[torch.Tensor] = None  # bool [B, T] real tokens (None: all)
 
-    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], offset: int):
+    def forward(self, x, doc, has_docs, cache: Optional[HAMCache], positions, mask):
         B, T, _ = x.shape
         i = self.layer_idx
         rand = self.config.router == "random"  # content-independent: the row position's hash
-        t = self._state(x, doc, has_docs, cache, return_error=self.router is None and not rand)
+        t = self._state(x, doc, has_docs, cache, mask, return_error=self.router is None and not rand)
         q, k, v = t["q"], t["k"], t["v"]
         if rand:
-            pos = torch.arange(offset, offset + T, device=x.device)
-            scores, r = random_router_scores(self.config.router_seed, i, 0, pos).expand(B, T), None
+            # positions count a row's real tokens, so padding does not change a row's draws
+            scores, r = random_router_scores(self.config.router_seed, i, 0, positions), None
         elif self.router is None:
             scores, r = min_over_heads(t["err"].float()), None
         else:  # router_score "logit" thresholds z; "sigmoid" (exports before the field) r
@@ -373,7 +430,9 @@ class HAMMixer(GDNMixer):
             r = torch.sigmoid(z)
             scores = (z if self.config.router_score == "logit" else r).detach().float()
         routed = route(scores, float(self.tau))
-        self.last_scores, self.last_routed = scores, routed
+        if mask is not None:  # padding is never stored
+            routed = routed & mask
+        self.last_scores, self.last_routed, self.last_mask = scores, routed, mask
         v_kv = v if r is None else router_weighted_values(v, r.to(v.dtype), routed)
         old = cache is not None and cache.keys[i] is not None and bool(cache.valid[i].any())
         past = (cache.keys[i], cache.values[i], cache.valid[i]) if old else None
@@ -408,9 +467,9 @@ class HAMDecoderLayer(nn.Module):
         self.post_attention_layernorm = HAMNorm(config.hidden_size, eps, norm)
         self.mlp = HAMMLP(config)
 
-    def forward(self, x, doc, has_docs, cache, offset):
+    def forward(self, x, doc, has_docs, cache, positions, mask):
         mix = getattr(self, self.slot)
-        x = x + mix(self.input_layernorm(x), doc, has_docs, cache, offset)
+        x = x + mix(self.input_layernorm(x), doc, has_docs, cache, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -470,29 +529,44 @@ class HAMModel(HAMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _documents(self, input_ids, B, T, device):
-        """(doc int [B, T], has_docs): document index of each token within this chunk."""
+    def _eods(self, input_ids, mask):
+        """bool [B, T]: the real EOD tokens (None when documents do not reset)."""
         eod = self.config.eod_token_id
-        if input_ids is None or eod is None or not self.config.reset_at_eod or T < 2:
+        if input_ids is None or eod is None or not self.config.reset_at_eod:
+            return None
+        return input_ids == eod if mask is None else (input_ids == eod) & mask
+
+    @staticmethod
+    def _documents(eods, B, T, device):
+        """(doc int [B, T], has_docs): document index of each token within this chunk, the real
+        EODs before it (padding belongs to the document of the real token before it)."""
+        if eods is None:
             return torch.zeros(B, T, dtype=torch.long, device=device), False
-        starts = torch.zeros(B, T, dtype=torch.long, device=device)
-        starts[:, 1:] = (input_ids[:, :-1] == eod).long()
-        if not bool(starts.any()):
-            return starts, False
-        return starts.cumsum(1), True
+        ends = eods.long()
+        doc = ends.cumsum(1) - ends
+        return doc, bool(doc[:, -1].any())
+
+    @staticmethod
+    def _padding(attention_mask, B: int, T: int, seen: int):
+        """bool [B, T]: the chunk's real tokens from attention_mask [B, T] or [B, seen + T] (the
+        columns before the chunk are the cache's); None when every token is real."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, seen + T):
+            raise ValueError(f"attention_mask must have shape [B, T] = [{B}, {T}] or [B, past + T] = "
+                             f"[{B}, {seen + T}] (1 = token, 0 = padding), got {list(attention_mask.shape)}")
+        mask = attention_mask[:, attention_mask.shape[1] - T:] != 0
+        return None if bool(mask.all()) else mask
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, output_hidden_states=None, return_dict=None, cache=None, **kwargs):
+        """input_ids int [B, T] (or inputs_embeds [B, T, hidden]); attention_mask [B, T] or
+        [B, past + T], 0 = padding (skipped by every layer, see the module docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HAMModel.forward: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, hidden]")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
-        if attention_mask is not None and not bool((attention_mask != 0).all()):
-            raise ValueError("attention_mask: padding (zeros) is not supported by the HAM model; "
-                             "the recurrent state has no padding semantics. Generate unpadded rows "
-                             "(one prompt at a time, or prompts of equal length).")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         # transformers >= 5.2x passes the cache as `cache`, older versions as `past_key_values`
         cache = past_key_values if past_key_values is not None else cache
@@ -503,21 +577,30 @@ class HAMModel(HAMPreTrainedModel):
             cache = HAMCache(self.config, B)
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows, input has {B}")
-        offset = cache.seen if cache is not None else 0
-        doc, has_docs = self._documents(input_ids, B, T, x.device)
+        mask = self._padding(attention_mask, B, T, cache.seen if cache is not None else 0)
+        if inputs_embeds is None:  # a pad id may lie outside the vocabulary: padding embeds id 0
+            x = self.embed_tokens(input_ids if mask is None else input_ids.masked_fill(~mask, 0))
+        else:
+            x = inputs_embeds
+        eods = self._eods(input_ids, mask)
+        doc, has_docs = self._documents(eods, B, T, x.device)
+        counts = torch.ones(B, T, dtype=torch.long, device=x.device) if mask is None else mask.long()
+        # RoPE positions: the real tokens of the row before each token (the cached ones first)
+        positions = counts.cumsum(1) - counts
+        if cache is not None and cache.positions is not None:
+            positions = positions + cache.positions[:, None]
         hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if hidden is not None:
                 hidden.append(x)
-            x = layer(x, doc, has_docs, cache, offset)
+            x = layer(x, doc, has_docs, cache, positions, mask)
         x = self.norm(x)
+        if mask is not None:
+            x = _after_last_real(x, mask)
         if hidden is not None:
             hidden.append(x)
         if cache is not None:
-            cache.seen += T
-            eod = self.config.eod_token_id
-            if self.config.reset_at_eod and eod is not None and input_ids is not None:
-                cache.reset_rows(input_ids[:, -1] == eod)
+            cache.advance(counts, eods)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None},
                                        hidden_states=tuple(hidden) if hidden is not None else None)
 
@@ -608,7 +691,8 @@ class HAMForCausalLM(HAMPreTrainedModel, GenerationMixin):
         out = [None] * self.config.num_hidden_layers
         for i, m in self.ham_mixers():
             if m.last_routed is not None:
-                out[i] = float(m.last_routed.float().mean())
+                routed = m.last_routed if m.last_mask is None else m.last_routed[m.last_mask]
+                out[i] = float(routed.float().mean())
         return out
 
     # ------------------------------------------------------------------ saving

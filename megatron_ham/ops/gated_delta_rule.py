@@ -47,6 +47,7 @@ def gated_delta_rule(
     return_error: bool = False,
     error_metric: str = "l2",
     cu_seqlens: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
     impl: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     r"""Gated delta rule over a sequence, optionally returning each token's prediction error.
@@ -60,6 +61,10 @@ def gated_delta_rule(
         cu_seqlens:    integer ``[N+1]``, ``0 = c_0 <= c_1 <= ... <= c_N = T``; only with ``B == 1``.
                        Document n is tokens ``c_n .. c_{n+1}-1``; the state restarts at each
                        document (from zero or from ``initial_state[n]``).
+        mask:          bool ``[B, T]`` or None; False marks a token that is not there (padding):
+                       its k, g and beta are taken as 0, so the state passes it unchanged (the
+                       rule the op uses for its own padding), its o is the state's readout and
+                       its err is 0.
 
     Returns ``(o, final_state, err)``:
         o:           ``[B, T, H, V]`` in ``v.dtype``
@@ -92,14 +97,17 @@ def gated_delta_rule(
     mismatched B/T/H/K/V, ``g > 0``, bad ``cu_seqlens``, unknown ``impl`` or ``error_metric``.
     """
     B, T, H, K, V, N = _validate(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric, mask
     )
+    if mask is not None:
+        k, g, beta = _no_token(mask, k, g, beta)
     resolved = _resolve_impl(impl, q)
     if resolved == "fla":  # GPU path (megatron_ham.kernels.gdn); err is returned detached
         fla = load_kernels("gdn").gdn_with_error
-        return fla(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                   output_final_state=output_final_state, return_error=return_error,
-                   error_metric=error_metric, cu_seqlens=cu_seqlens)
+        o, final_state, err = fla(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                  output_final_state=output_final_state, return_error=return_error,
+                                  error_metric=error_metric, cu_seqlens=cu_seqlens)
+        return o, final_state, _zero_at(err, mask)
     if scale is None:
         scale = K ** -0.5
     scale = float(scale)
@@ -123,7 +131,21 @@ def gated_delta_rule(
         vf = vf[valid].unsqueeze(0)
 
     err = _error(e, vf, error_metric) if return_error else None
-    return o.to(v.dtype), (final_state if output_final_state else None), err
+    return o.to(v.dtype), (final_state if output_final_state else None), _zero_at(err, mask)
+
+
+def _no_token(mask: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor):
+    """k, g, beta with 0 where mask [B,T] is False: no decay and no write, the token is skipped."""
+    off = ~mask.to(device=k.device)
+    return (k.masked_fill(off[..., None, None], 0.0), g.masked_fill(off[..., None], 0.0),
+            beta.masked_fill(off[..., None], 0.0))
+
+
+def _zero_at(err: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """err [B,T,H] with 0 where mask [B,T] is False (no token, no prediction error)."""
+    if err is None or mask is None:
+        return err
+    return err.masked_fill(~mask.to(device=err.device)[..., None], 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +177,7 @@ def _resolve_impl(impl: str, q: torch.Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric):
+def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric, mask=None):
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     if not isinstance(error_metric, str) or error_metric not in ERROR_METRICS:
@@ -204,6 +226,10 @@ def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_me
         check_tensor("initial_state", initial_state, [N, H, K, V], f"[{lead},H,K,V]")
         if initial_state.device != q.device:
             raise ValueError(f"initial_state must be on q's device {q.device}, got {initial_state.device}")
+    if mask is not None:
+        check_tensor("mask", mask, [B, T], "[B,T]", floating=False)
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape [B,T], got dtype {mask.dtype}")
     return B, T, H, K, V, N
 
 

@@ -33,6 +33,11 @@ tau / num_updates), the distributed optimizer (fp32 main params + Adam moments, 
 format), the LR scheduler, every rank's RNG states (CPU, CUDA, Megatron's tracker), and
 train_state (step, consumed_samples, consumed_valid). Resuming needs the same tp x pp x dp layout
 for the RNG states (a different layout loads everything else and reseeds; a warning says so).
+
+A MODEL-ONLY checkpoint (`save` without optimizer and scheduler; train_state has
+"model_only": true; ham-import-hf writes one, at step 0) holds the model and the RNG states:
+ham-train starts from it with `load_model` (weights and buffers, any tp x pp layout) and a fresh
+optimizer, schedule and step count, the recipe's.
 """
 from __future__ import annotations
 
@@ -306,10 +311,12 @@ def _sharded_state(model_chunks, optimizer, scheduler, train_state: dict, is_loa
         for i, c in enumerate(model_chunks):
             sd[f"model{i}"] = _unwrap(c).sharded_state_dict()
     model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-    sd["optimizer"] = optimizer.sharded_state_dict(
-        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
-    ) if _is_distributed_optimizer(optimizer) else optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-    sd["scheduler"] = scheduler.state_dict()
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        ) if _is_distributed_optimizer(optimizer) else optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = dict(train_state)
     rank, world = dist.get_rank(), dist.get_world_size()
     sd["rng_state"] = ShardedObject(
@@ -375,6 +382,8 @@ def _describe_save_error(what: str, e: BaseException) -> str:
 def save(root: str, step: int, model_chunks, optimizer, scheduler, train_state: dict,
          config_yaml: str = "", keep_last: int = 0) -> str:
     """Save a checkpoint for `step` and publish it atomically (collective). Returns its path.
+    optimizer = scheduler = None: a model-only checkpoint (train_state should say
+    "model_only": true, see the module docstring).
     Raises CheckpointSaveError on every rank when any rank failed (temp dir removed)."""
     from megatron.core import dist_checkpointing
 
@@ -433,12 +442,17 @@ def save(root: str, step: int, model_chunks, optimizer, scheduler, train_state: 
 def resume(root: str, model_chunks, optimizer, scheduler,
            warn: Callable[[str], None] = _warn) -> Optional[Tuple[str, dict]]:
     """Load the best usable checkpoint under `root` (collective): (path, train_state), or None
-    when there is none. Corrupt checkpoints -- found by verification or by a failed load -- are
+    when there is none. A model-only checkpoint (train_state "model_only", written by
+    ham-import-hf) loads the model's weights and buffers only. Corrupt checkpoints -- found by verification or by a failed load -- are
     reported and the next older one is tried; see usable_checkpoints for the errors."""
     for path in usable_checkpoints(root, verify_step_collective, warn):
         try:
             err = None
-            st = load(path, model_chunks, optimizer, scheduler)
+            if is_model_only(path):  # an import (ham-import-hf): weights only, the rest fresh
+                st = load_model(path, model_chunks)
+                optimizer.reload_model_params()  # the main (fp32) params from the loaded weights
+            else:
+                st = load(path, model_chunks, optimizer, scheduler)
         except (Exception, CheckpointException) as e:
             err = describe_load_failure(path, e)
         first = agree_error(err)
@@ -478,6 +492,27 @@ def load(path: str, model_chunks, optimizer, scheduler) -> dict:
         print(f"[checkpoint] world size changed ({saved_world} -> {dist.get_world_size()}): "
               "RNG states not restored", flush=True)
     return train_state
+
+
+def is_model_only(path: str) -> bool:
+    """The checkpoint holds only a model (no optimizer / scheduler state): an import."""
+    return bool(read_train_state(path).get("model_only"))
+
+
+def load_model(path: str, model_chunks) -> dict:
+    """Load only the model part of checkpoint `path` (weights and buffers, e.g. the KV-fraction
+    controllers' tau) into this rank's model chunks, at any tp x pp layout; returns its
+    train_state. The optimizer, scheduler and RNG are left as they are."""
+    from megatron.core import dist_checkpointing
+
+    if len(model_chunks) == 1:
+        state = {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    else:
+        state = {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+    loaded = dist_checkpointing.load(state, path)
+    for i, c in enumerate(model_chunks):
+        _unwrap(c).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+    return read_train_state(path)
 
 
 def _prime_optimizer_state(optimizer) -> None:

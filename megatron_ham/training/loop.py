@@ -197,7 +197,10 @@ def setup(cfg: RunConfig, stop: Optional[StopRequest] = None) -> Trainer:
     )
     if cfg.checkpoint.resume:
         found = ckpt.resume(cfg.checkpoint.dir, model, optimizer, scheduler, warn=log.info)
-        if found is not None:
+        if found is not None and found[1].get("model_only"):  # an import: fine-tune from step 0
+            log.info(f"[checkpoint] initialised the model from {found[0]} (a model-only checkpoint: "
+                     "optimizer, LR schedule and step start fresh, from the recipe)")
+        elif found is not None:
             path, st = found
             tr.step, tr.consumed_samples = int(st["step"]), int(st["consumed_samples"])
             tr.saved_step = tr.step

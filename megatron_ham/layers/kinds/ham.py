@@ -99,6 +99,17 @@ class HAMKind(GDNKind):
         state.pop("kv_controller.num_updates")  # training state
         return out, {"tau": tau}
 
+    def from_hf(self, tensors, entries, cfg):
+        """+ the controller: tau from the export (0.0, the controller's start, when it has
+        none); num_updates = the exported checkpoint's steps (one update per step), else
+        controller_warmup, so a finite tau is not reset by a warm-up."""
+        out = super().from_hf(tensors, entries, cfg)
+        tau, steps = entries.get("tau"), entries.get("steps")
+        out["kv_controller.tau"] = torch.tensor(0.0 if tau is None else float(tau), dtype=torch.float32)
+        updates = steps if steps is not None else (cfg.controller_warmup if tau is not None else 0)
+        out["kv_controller.num_updates"] = torch.tensor(int(updates), dtype=torch.int64)
+        return out
+
 
 HAM = register(HAMKind())
 

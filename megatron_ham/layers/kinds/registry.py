@@ -18,6 +18,8 @@ code asks of a kind:
                           classes of the shipped modeling code) and the attribute that holds it
   hf_settings(cfg)        the HAMConfig fields its HF module reads
   to_hf(state, cfg)       its Megatron -> HF key map (default: `fused` split + `renames`)
+  from_hf(tensors, ...)   the inverse map, HF -> Megatron (ham-import-hf; default: `fused`
+                          join + `renames` reversed)
 
 The rest of the code iterates the registry: layers/specs.py, models/{config,accounting}.py,
 training/logging/metrics.py, hf/{convert,modeling_ham}.py. CONTRIBUTING.md "How to add a layer
@@ -111,6 +113,24 @@ class Fused:
             parts = torch.split(t, self.widths(self.units), dim=0)
         return {self.hf.format(s.hf): p for s, p in zip(self.sections, parts)}
 
+    def join(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of `split`: {HF key: its rows} (takes, pops, every section's key) -> the
+        whole (TP=1) tensor [rows, ...]. ValueError naming a missing key or a wrong row count."""
+        blocks = []
+        for s in self.sections:
+            key = self.hf.format(s.hf)
+            if key not in parts:
+                raise ValueError(f"{key}: missing (section {s.name!r} of {self.param})")
+            t = parts.pop(key)
+            if t.shape[0] != s.width * self.units:
+                raise ValueError(f"{key}: {t.shape[0]} rows, expected {s.width * self.units} "
+                                 f"({self.units} x {s.width})")
+            blocks.append(t)
+        if self.interleaved:  # unit-major: each unit's rows of every section
+            per_unit = [b.reshape(self.units, -1, *b.shape[1:]) for b in blocks]
+            return torch.cat(per_unit, dim=1).reshape(self.rows, *blocks[0].shape[1:])
+        return torch.cat(blocks, dim=0)
+
 
 class LayerKind:
     """What the code asks of one layer kind (see the module docstring). Subclass it in the
@@ -176,6 +196,19 @@ class LayerKind:
         for m, h in self.renames(cfg).items():
             out[h] = state.pop(m)
         return out, {}
+
+    def from_hf(self, tensors: Dict[str, torch.Tensor], entries: Dict[str, Any], cfg) -> Dict[str, torch.Tensor]:
+        """The inverse of `to_hf`: HF tensors relative to the HF module (takes, pops, what it
+        maps) and the layer's HF config entries (to_hf's second result, e.g. {"tau": x}, plus
+        "steps": the optimizer steps of the exported checkpoint, None when unknown) -> the
+        Megatron mixer tensors (TP=1). A kind that overrides `to_hf` overrides this too
+        (ham-import-hf checks that to_hf maps the result back exactly)."""
+        out = {f.param: f.join(tensors) for f in self.fused(cfg)}
+        for m, h in self.renames(cfg).items():
+            if h not in tensors:
+                raise ValueError(f"{h}: missing")
+            out[m] = tensors.pop(h)
+        return out
 
 
 _KINDS: Dict[str, LayerKind] = {}
