@@ -180,7 +180,7 @@ def test_bad_exports_are_refused(tmp_path, capsys):
     os.rename(d / "model.safetensors", tmp_path / "outside.safetensors")
     json.dump({"weight_map": {"model.norm.weight": "../outside.safetensors"}},
               open(d / "model.safetensors.index.json", "w"))
-    _fails(["--hf", str(d), "--output", out], capsys, "names '../outside.safetensors', not a file name inside")
+    _fails(["--hf", str(d), "--output", out], capsys, "a file name inside the export: '../outside.safetensors' contains a '/'")
     d = variant("link")
     os.remove(d / "model.safetensors")
     os.symlink(tmp_path / "outside.safetensors", d / "model.safetensors")

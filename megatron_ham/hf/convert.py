@@ -269,7 +269,7 @@ def special_token_ids(tokenizer: Optional[str], eod: Optional[int]) -> Dict[str,
         if os.path.isdir(tokenizer):
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(tokenizer)
+            tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
         else:
             from transformers import PreTrainedTokenizerFast
 
@@ -533,15 +533,11 @@ def _read_json(path):
 
 
 @torch.no_grad()
-def verify(model, export_dir: str, cfg, eod, documents, n_tokens: int, out_dtype,
-           atol: Optional[float] = None) -> Tuple[float, float]:
-    """(max |logits| difference, tolerance) between the Megatron model and the export directory
-    loaded in a fresh process (hf/verify_export.py), on random tokens (one EOD in the middle when
-    an EOD id is known), over the real vocabulary. Raises ConversionError above the tolerance
-    (default 1e-3 for fp32 weights, else 5% of the largest reference logit)."""
+def megatron_reference_logits(model, cfg, eod, documents, n_tokens: int):
+    """(tokens int [1, n_tokens], the Megatron model's fp32 logits [1, n_tokens, vocab_size]):
+    seeded random tokens with one EOD in the middle when an EOD id is known (documents reset
+    there when `documents`), the real vocabulary only."""
     from megatron_ham.models import document_forward_kwargs
-
-    from .verify_export import VerifyError, export_logits
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (1, n_tokens), generator=g)
@@ -555,6 +551,19 @@ def verify(model, export_dir: str, cfg, eod, documents, n_tokens: int, out_dtype
     ref = model(x, None, None, **kw).float()[..., : cfg.vocab_size]
     if ref.shape[0] != x.shape[0]:  # [s, b, v] on older megatron-core
         ref = ref.transpose(0, 1)
+    return x, ref
+
+
+@torch.no_grad()
+def verify(model, export_dir: str, cfg, eod, documents, n_tokens: int, out_dtype,
+           atol: Optional[float] = None) -> Tuple[float, float]:
+    """(max |logits| difference, tolerance) between the Megatron model and the export directory
+    loaded in a fresh process (hf/verify_export.py), on random tokens (one EOD in the middle when
+    an EOD id is known), over the real vocabulary. Raises ConversionError above the tolerance
+    (default 1e-3 for fp32 weights, else 5% of the largest reference logit)."""
+    from .verify_export import VerifyError, export_logits
+
+    x, ref = megatron_reference_logits(model, cfg, eod, documents, n_tokens)
     try:
         got, _info = export_logits(export_dir, x.numpy())
     except VerifyError as e:

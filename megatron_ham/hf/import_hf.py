@@ -40,10 +40,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .convert import LAYER_NORMS, ConversionError, hf_config_from, megatron_to_hf
+from .convert import EXPORT_JSON, LAYER_NORMS, ConversionError, hf_config_from, megatron_to_hf
 
 PROG = "ham-import-hf"
-EXPORT_JSON = "megatron_ham_export.json"
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 MAX_JSON_BYTES = 64 << 20
 #: safetensors dtype names accepted as weights
@@ -62,8 +61,12 @@ def log(msg: str) -> None:
 # ============================================================================ reading the export
 def _inside(hf_dir: str, name: str, what: str) -> str:
     """The path of file `name` of the export: a plain file name, resolving inside `hf_dir`."""
-    if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
-        raise ConversionError(f"--hf {hf_dir}: {what} names {name!r}, not a file name inside the export")
+    from megatron_ham.safe_names import check_name
+
+    try:
+        check_name(name, f"--hf {hf_dir}: {what}: a file name inside the export")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     root = os.path.realpath(hf_dir)
     real = os.path.realpath(os.path.join(root, name))
     if os.path.dirname(real) != root:
@@ -347,7 +350,7 @@ def import_hf(hf_dir: str, output: str, config_path: Optional[str] = None, verif
     from megatron_ham.training import checkpoint as ckpt
     from megatron_ham.training.config import DataConfig, RunConfig, dump_config
 
-    from .convert import _init_single_process, verify
+    from .convert import _init_single_process, megatron_reference_logits
     from .modeling_ham import HAMForCausalLM
 
     t0 = time.time()
@@ -387,12 +390,14 @@ def import_hf(hf_dir: str, output: str, config_path: Optional[str] = None, verif
                               f"weights: {bad[:6]}")
     model.load_state_dict(meg, strict=False)
     model.eval()
-    if verify_tokens:
+    if verify_tokens:  # this package's HF model on the export's tensors (never the export's code)
         hf = HAMForCausalLM(hf_cfg)
         hf.load_state_dict({k: v.to(torch.float32) for k, v in hf_sd.items()}, strict=not cfg.tie_embeddings)
         if cfg.tie_embeddings:
             hf.tie_weights()
-        diff = verify(model, hf.eval(), cfg, eod, documents, verify_tokens)
+        x, ref = megatron_reference_logits(model, cfg, eod, documents, verify_tokens)
+        with torch.no_grad():
+            diff = float((ref - hf.eval()(x, use_cache=False).logits.float()).abs().max())
         log(f"verify: max |logits(Megatron) - logits(HF)| = {diff:.3e} on {verify_tokens} tokens")
 
     if run is None:

@@ -451,8 +451,8 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
             f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if t.warmup_steps < 0 or t.warmup_steps > t.train_steps:
         bad("train.warmup_steps", f"must be in [0, train.train_steps={t.train_steps}], got {t.warmup_steps}")
-    if not t.lr > 0:
-        bad("train.lr", f"must be > 0, got {t.lr}")
+    if not 0 <= t.lr < float("inf"):  # 0 freezes the weights (a dry run of the step)
+        bad("train.lr", f"must be finite and >= 0, got {t.lr}")
     if not 0 <= t.min_lr <= t.lr:
         bad("train.min_lr", f"must be in [0, train.lr={t.lr}], got {t.min_lr}")
     for k in ("adam_beta1", "adam_beta2"):
