@@ -104,6 +104,48 @@ def test_signal_after_the_last_save_is_not_fatal(blend, tmp_path):
     assert open(f"{d}/log.rank0").read().count("[checkpoint] saved step 2") == 1
 
 
+def test_sigterm_to_every_process_of_the_job_still_saves_and_exits_75(blend, tmp_path):
+    """Slurm signals every process of a job step, Megatron's checkpoint-writer helpers too: the
+    save the signal asks for must still work (it failed with BrokenPipeError, exit 1)."""
+    import psutil
+
+    d = str(tmp_path)
+    procs = launch(2, _ov(blend, d, "train.train_steps=500"), f"{d}/log", new_session=True)
+    _wait_for(_log_has(f"{d}/log.rank0", "saved step 2"), 240, "two saves")
+    helpers = [c for p in procs for c in psutil.Process(p.pid).children(recursive=True)]
+    assert helpers  # the writer's queue server: it must get the signal too, as under Slurm
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    assert wait(procs, 240) == [EXIT_REQUEUE] * 2, logs(f"{d}/log", 2)
+    out = logs(f"{d}/log", 2)
+    assert "checkpoint save failed" not in out and "exit 75 (requeue)" in out, out
+    last = int(open(f"{d}/checkpoints/latest").read().strip()[5:])
+    assert f"[train] stopped by signal 15 at step {last} (saved)" in out, out
+    ckpt.verify_step(f"{d}/checkpoints/step_{last:08d}")
+
+
+def test_kill_9_leaves_no_checkpoint_helper_behind(blend, tmp_path):
+    import psutil
+
+    d = str(tmp_path)
+    (p,) = launch(1, _ov(blend, d, "train.train_steps=500"), f"{d}/log", new_session=True)
+    _wait_for(_log_has(f"{d}/log.rank0", "saved step 1"), 240, "the first save")
+    helpers = psutil.Process(p.pid).children(recursive=True)
+    assert helpers
+    p.kill()
+    p.wait()
+
+    def gone():
+        return all(not h.is_running() or h.status() == psutil.STATUS_ZOMBIE for h in helpers)
+
+    try:
+        _wait_for(gone, 15, "the rank's helpers to die with it")
+    finally:
+        for h in helpers:
+            with contextlib.suppress(psutil.Error):
+                h.kill()
+
+
 _FORKER = """
 import multiprocessing as mp, sys, time
 if sys.argv[1] == "guard":

@@ -64,10 +64,11 @@ def base_overrides(blend: str, run_dir: str) -> List[str]:
 
 
 def launch(n: int, overrides: List[str], log_path: str, env: Optional[Dict[str, str]] = None,
-           preempt_after: Optional[int] = None):
+           preempt_after: Optional[int] = None, new_session: bool = False):
     """Start `n` ranks of `python -m megatron_ham.train RECIPE overrides`; returns the Popens.
     preempt_after=k: every rank gets SIGUSR1 right after step k (tests/_preempted.py), so the
-    run saves and exits 75 there, as a preempted job does."""
+    run saves and exits 75 there, as a preempted job does. new_session: each rank leads its own
+    process group (os.killpg(p.pid, ...) then signals it and every process it started)."""
     cmd = ["-m", "megatron_ham.train"]
     if preempt_after is not None:
         cmd = [os.path.join(REPO, "tests", "_preempted.py"), str(preempt_after)]
@@ -80,7 +81,8 @@ def launch(n: int, overrides: List[str], log_path: str, env: Optional[Dict[str, 
                  MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
         out = open(f"{log_path}.rank{r}", "w")
         procs.append(subprocess.Popen([sys.executable, *cmd, RECIPE, *overrides],
-                                      cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT))
+                                      cwd=REPO, env=e, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=new_session))
     return procs
 
 

@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from . import manifest as mf
 from .atomic import atomic_write_text, fsync_dir
+from .signals import start_writer_results_queue
 from .safe_checkpoint import CheckpointError, CorruptCheckpoint, diagnose_items, inspect_step_dir
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -400,6 +401,7 @@ def save(root: str, step: int, model_chunks, optimizer, scheduler, train_state: 
             os.makedirs(tmp)
 
     _on_all_ranks(prepare, f"{tmp} (creating the temp dir)", drop_tmp)
+    start_writer_results_queue()  # a stop signal to the whole job must not kill Megatron's writer
     state = _sharded_state(model_chunks, optimizer, scheduler, train_state, is_loading=False)
     _on_all_ranks(lambda: dist_checkpointing.save(state, tmp), f"{tmp} (writing step {step})", drop_tmp)
 

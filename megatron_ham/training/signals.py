@@ -14,6 +14,12 @@ sbatch script requeues it and the next run resumes from `latest`.
 writer forks one process per file bucket) get SIGKILL when its parent dies, so a rank killed
 with -9 leaves no writer behind (prctl PR_SET_PDEATHSIG, Linux).
 
+`start_writer_results_queue()` starts the one process Megatron-Core *spawns* for its checkpoint
+writer (a multiprocessing Manager serving the write-results queue) ignoring the stop signals and
+dying with us. Slurm signals every process of a job step, torchrun its workers' process groups:
+left to Megatron, that server died of the very SIGTERM / SIGUSR1 that asked for a save, and the
+save failed (BrokenPipeError / EOFError, exit 1 instead of 75; seen on an H200 and on CPU).
+
 Exit codes of ham-train (documented in docs/training.md):
     0   EXIT_OK        finished train_steps
     1   uncaught error (Python traceback), or a checkpoint save that failed (message names the path)
@@ -115,3 +121,47 @@ def die_with_parent() -> None:
         return
     os.register_at_fork(before=_remember_parent, after_in_child=_set_pdeathsig)
     _installed[0] = True
+
+
+STOP_SIGNALS = HANDLED + (signal.SIGINT,)
+
+
+def _writer_server_init(parent_pid: int) -> None:
+    """(in the spawned queue server) ignore the stop signals, die with the rank."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)  # also drops one that arrived while blocked
+    _parent_pid[0] = parent_pid
+    _set_pdeathsig()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_writer_manager = []  # the SyncManager serving Megatron's write-results queue (kept alive here)
+
+
+def start_writer_results_queue() -> bool:
+    """Start Megatron-Core's checkpoint write-results queue in a server process that ignores
+    SIGTERM / SIGUSR1 / SIGINT and gets SIGKILL when this process dies; idempotent. Call before
+    the first dist_checkpointing.save (checkpoint.save does). The stop signals are blocked in
+    this thread while the server starts (the server inherits the mask until it ignores them), so
+    one arriving then is delivered to our handler afterwards, not lost. Returns False when this
+    megatron-core has no such queue (nothing to do) or it was already started by Megatron."""
+    if _writer_manager:
+        return True
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return False
+    if getattr(fa, "_results_queue", False) is not None:  # absent (other version) or started
+        return False
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))  # as Megatron starts it
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        manager.start(_writer_server_init, (os.getpid(),))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    _writer_manager.append(manager)
+    fa._results_queue = manager.Queue()
+    return True
