@@ -128,3 +128,17 @@ def test_missing_tokenizer_is_named(tmp_path):
     for f in (check_data_paths, lambda c: build_datasets(c, vocab_size=128)):
         with pytest.raises(ConfigError, match=f"data.tokenizer': {tmp_path}/no-such-tokenizer: no such file"):
             f(cfg)
+
+
+def test_a_split_without_tokens_is_refused_not_looped_on(tmp_path):
+    """GPTDataset loops forever on an empty split: ham-train must say which one instead."""
+    from megatron_ham.training.config import ConfigError
+    from megatron_ham.training.data import build_datasets
+
+    cfg = _cfg(tmp_path, "data.split=100,0,0", "train.eval_interval=2")
+    with pytest.raises(ConfigError, match=r"key 'data.split' \('100,0,0'\): the valid split of .*arith"
+                                          r".* holds 0 of its 60 documents and no tokens.*eval_interval=0"):
+        build_datasets(cfg, vocab_size=128)
+    cfg = _cfg(tmp_path / "b", "data.split=100,0,0")  # validation off: nothing read from it
+    train, valid, _ = build_datasets(cfg, vocab_size=128)
+    assert valid is None and len(train) >= 4 * cfg.train.global_batch_size

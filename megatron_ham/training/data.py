@@ -284,6 +284,47 @@ def check_index_cache(cache_dir: str) -> None:
                 "rebuilt), or point data.cache_dir elsewhere")
 
 
+#: the most index entries (epochs x documents) one split may need: megatron-core builds the
+#: document index in memory, and loops forever for a split without tokens
+MAX_INDEX_ENTRIES = 1 << 31
+
+
+def check_split_sizes(prefixes: List[str], weights: List[float], split: str, seq_length: int,
+                      sizes: List[int]) -> None:
+    """Every split the run samples from holds tokens in every blended dataset, few enough epochs
+    to index: ConfigError naming the prefix, the split and the numbers otherwise. GPTDataset
+    would loop forever on a split without tokens (e.g. `data.split=100,0,0` with validation on)
+    and build an index of unbounded size for a nearly empty one. Reads each `.idx` (mmap)."""
+    import math
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = [float(x) for x in split.split(",")]
+    bounds = [sum(parts[:i]) / sum(parts) for i in range(len(parts) + 1)]
+    total_w = sum(weights)
+    for prefix, w in zip(prefixes, weights):
+        ds = IndexedDataset(prefix, mmap=True)
+        docs, lengths = ds.document_indices, ds.sequence_lengths
+        n_docs = docs.shape[0] - 1
+        for i, (name, n) in enumerate(zip(("train", "valid", "test"), sizes)):
+            if not n or not w:
+                continue
+            beg, end = (int(round(b * float(n_docs))) for b in bounds[i:i + 2])
+            tokens = int(lengths[docs[beg]:docs[end]].sum(dtype="int64")) if end > beg else 0
+            need = math.ceil(n * w / total_w * 1.005) * seq_length + 1  # the builder's surplus
+            fix = ("turn validation off (train.eval_interval=0) or give data.split a valid share"
+                   if name == "valid" else "give data.split a larger share or add data")
+            if tokens == 0:
+                raise ConfigError(f"key 'data.split' ({split!r}): the {name} split of {prefix} holds "
+                                  f"{end - beg} of its {n_docs} documents and no tokens, but the run "
+                                  f"samples {n} sequences from it: {fix}")
+            epochs = math.ceil(need / tokens)
+            if epochs * (end - beg) > MAX_INDEX_ENTRIES:
+                raise ConfigError(f"key 'data.split' ({split!r}): the {name} split of {prefix} holds "
+                                  f"{tokens} tokens; {n} sequences of {seq_length} would repeat it "
+                                  f"{epochs} times (an index too large to build): {fix}")
+
+
 def _sizes(cfg: RunConfig) -> List[int]:
     G = cfg.train.global_batch_size
     n_valid = cfg.train.eval_iters * G if cfg.train.eval_interval > 0 else 0
@@ -326,6 +367,7 @@ def build_datasets(cfg: RunConfig, *, vocab_size: int) -> Tuple[object, Optional
 
     if dist.is_initialized():  # every rank checked the cache before rank 0 starts writing to it
         dist.barrier()
+    check_split_sizes(prefixes, weights, d.split, s, [n_train, n_valid, 0])
     gcfg = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=s,
