@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import List
 
 SCHEMA = "megatron-ham-eval/1"
@@ -54,21 +53,11 @@ def jsonable(x):
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic: a temp file in the same directory, fsync, os.replace."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{os.path.basename(path)}_", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(jsonable(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Atomic (training.atomic): a temp file beside `path`, fsync, os.replace."""
+    from megatron_ham.training.atomic import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 def _f(x, fmt="{:.3f}") -> str:

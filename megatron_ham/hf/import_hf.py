@@ -77,18 +77,12 @@ def _inside(hf_dir: str, name: str, what: str) -> str:
 
 
 def _read_json(hf_dir: str, name: str, what: str) -> dict:
-    path = _inside(hf_dir, name, what)
-    size = os.path.getsize(path)
-    if size > MAX_JSON_BYTES:
-        raise ConversionError(f"{path}: {size} bytes, more than the {MAX_JSON_BYTES} a {what} may have")
+    from .tokenizer_files import read_json_object
+
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: not readable as JSON ({e})") from e
-    if not isinstance(doc, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    return doc
+        return read_json_object(_inside(hf_dir, name, what), what, MAX_JSON_BYTES)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def read_hf_config(hf_dir: str) -> dict:

@@ -36,16 +36,18 @@ TOKENIZER_FILES = (
 MAX_CONFIG_BYTES = 16 << 20
 
 
-def _read_config(path: str) -> dict:
-    if os.path.getsize(path) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a tokenizer config")
+def read_json_object(path: str, what: str = "tokenizer config", max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from a file from elsewhere, at most `max_bytes`; ValueError naming the path."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size} bytes, more than the {max_bytes} a {what} may have")
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON tokenizer config ({e})") from None
+        raise ValueError(f"{path}: not readable as a JSON {what} ({e})") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ValueError(f"{path}: expected a JSON object ({what}), got {type(doc).__name__}")
     return doc
 
 
@@ -101,7 +103,7 @@ def check_tokenizer(src: str, allow_code: bool = False) -> List[str]:
             raise ValueError(f"{where}: expected a tokenizer directory or a tokenizer.json file")
         return []
     cfg_path = os.path.join(src, "tokenizer_config.json")
-    config = _read_config(cfg_path) if os.path.isfile(cfg_path) else {}
+    config = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
     mods = code_modules(config, cfg_path)
     if config.get("auto_map") and not allow_code:
         raise ValueError(
