@@ -131,14 +131,16 @@ def test_missing_tokenizer_is_named(tmp_path):
 
 
 def test_a_split_without_tokens_is_refused_not_looped_on(tmp_path):
-    """GPTDataset loops forever on an empty split: ham-train must say which one instead."""
+    """GPTDataset loops forever building a split that holds no tokens (a small share of few
+    documents rounds to none), even when nothing is sampled from it: ham-train must say which."""
     from megatron_ham.training.config import ConfigError
     from megatron_ham.training.data import build_datasets
 
-    cfg = _cfg(tmp_path, "data.split=100,0,0", "train.eval_interval=2")
-    with pytest.raises(ConfigError, match=r"key 'data.split' \('100,0,0'\): the valid split of .*arith"
-                                          r".* holds 0 of its 60 documents and no tokens.*eval_interval=0"):
-        build_datasets(cfg, vocab_size=128)
-    cfg = _cfg(tmp_path / "b", "data.split=100,0,0")  # validation off: nothing read from it
+    for i, extra in enumerate((["train.eval_interval=2"], [])):  # validation on, then off
+        cfg = _cfg(tmp_path / str(i), "data.split=99.5,0.5,0", *extra)  # 0.5% of 60 documents
+        with pytest.raises(ConfigError, match=r"key 'data.split' \('99.5,0.5,0'\): the valid split of "
+                                              r".*arith holds 0 of its 60 documents and no tokens"):
+            build_datasets(cfg, vocab_size=128)
+    cfg = _cfg(tmp_path / "b", "data.split=100,0,0")  # a 0 share: no dataset, nothing to refuse
     train, valid, _ = build_datasets(cfg, vocab_size=128)
     assert valid is None and len(train) >= 4 * cfg.train.global_batch_size

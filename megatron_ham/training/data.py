@@ -293,8 +293,9 @@ def check_split_sizes(prefixes: List[str], weights: List[float], split: str, seq
                       sizes: List[int]) -> None:
     """Every split the run samples from holds tokens in every blended dataset, few enough epochs
     to index: ConfigError naming the prefix, the split and the numbers otherwise. GPTDataset
-    would loop forever on a split without tokens (e.g. `data.split=100,0,0` with validation on)
-    and build an index of unbounded size for a nearly empty one. Reads each `.idx` (mmap)."""
+    would loop forever on a split without tokens 
+    and build an index of unbounded size for a nearly empty one (a small share of few documents
+    rounds to none: `data.split=99.5,0.5,0` of 60 documents). Reads each `.idx` (mmap)."""
     import math
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -307,22 +308,23 @@ def check_split_sizes(prefixes: List[str], weights: List[float], split: str, seq
         docs, lengths = ds.document_indices, ds.sequence_lengths
         n_docs = docs.shape[0] - 1
         for i, (name, n) in enumerate(zip(("train", "valid", "test"), sizes)):
-            if not n or not w:
+            if parts[i] == 0:  # a 0 share: megatron-core builds no dataset for it
                 continue
             beg, end = (int(round(b * float(n_docs))) for b in bounds[i:i + 2])
             tokens = int(lengths[docs[beg]:docs[end]].sum(dtype="int64")) if end > beg else 0
-            need = math.ceil(n * w / total_w * 1.005) * seq_length + 1  # the builder's surplus
-            fix = ("turn validation off (train.eval_interval=0) or give data.split a valid share"
-                   if name == "valid" else "give data.split a larger share or add data")
-            if tokens == 0:
+            if tokens == 0:  # built even when nothing is sampled from it (then: 0 samples)
+                fix = ("turn validation off (train.eval_interval=0) and give it a 0 share, or give "
+                       "it a larger one" if name == "valid" and n else "give it a 0 share or a larger one")
                 raise ConfigError(f"key 'data.split' ({split!r}): the {name} split of {prefix} holds "
-                                  f"{end - beg} of its {n_docs} documents and no tokens, but the run "
-                                  f"samples {n} sequences from it: {fix}")
+                                  f"{end - beg} of its {n_docs} documents and no tokens (megatron-core "
+                                  f"would loop forever building it): {fix}")
+            need = math.ceil(n * w / total_w * 1.005) * seq_length + 1  # the builder's surplus
             epochs = math.ceil(need / tokens)
-            if epochs * (end - beg) > MAX_INDEX_ENTRIES:
+            if w and epochs * (end - beg) > MAX_INDEX_ENTRIES:
                 raise ConfigError(f"key 'data.split' ({split!r}): the {name} split of {prefix} holds "
                                   f"{tokens} tokens; {n} sequences of {seq_length} would repeat it "
-                                  f"{epochs} times (an index too large to build): {fix}")
+                                  f"{epochs} times (an index too large to build): give it a larger "
+                                  "share or add data")
 
 
 def _sizes(cfg: RunConfig) -> List[int]:
