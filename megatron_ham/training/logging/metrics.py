@@ -95,3 +95,13 @@ def memory_gib() -> Dict[str, float]:
     import psutil
 
     return {"mem_rss_gib": psutil.Process().memory_info().rss / 2**30}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the OS's start time: interpreter start-up and imports
+    included)."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
