@@ -44,6 +44,12 @@ def test_recipe_load_leaves_compilers_unimported():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_unusable_cache_dir_exits_2():
+    p = subprocess.run([sys.executable, "-m", "megatron_ham.train", TINY, "train.compile_cache_dir=/proc/no/cc"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "train.compile_cache_dir" in p.stderr and "/proc/no" in p.stderr, p.stderr
+
+
 def test_node_local_copy_and_sync_back(tmp_path, monkeypatch):
     for var in (*compile_cache.CACHE_DIRS, *compile_cache.SWITCHES):
         monkeypatch.delenv(var, raising=False)  # restored after the test
@@ -119,3 +125,47 @@ def test_profile_step_cpu(tmp_path):
     assert "% of step" in p.stdout and "host gaps" in p.stdout
     bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
+
+
+def _profile_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", os.path.join(REPO, "tools", "profile_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name, parents, cat", [
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT", ["aten::mm", "aten::matmul", "LinearWithGradAccumulation"], "GEMM"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", ["aten::addmm"], "GEMM"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", ["aten::_scaled_dot_product_cudnn_attention"],
+     "attention/mixer"),
+    ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", ["cuLaunchKernel", "ChunkGatedDeltaRuleFunction"], "attention/mixer"),
+    ("_fwd_kernel", ["cuLaunchKernelEx", "_StaircaseAttention"], "attention/mixer"),
+    ("main_kernel", ["cuLaunchKernel", "_GDNWithError"], "attention/mixer"),  # a TileLang kernel
+    ("triton_red_fused_exp_log_max_sub_sum_0", ["Torch-Compiled Region: 2/0", "_VocabParallelCrossEntropy"],
+     "cross-entropy"),
+    ("triton_poi_fused_mul_silu_0", ["Torch-Compiled Region: 1/0", "CompiledFunction"], "norms/elementwise"),
+    ("multi_tensor_apply_kernel", ["aten::_foreach_mul_", "Optimizer.step#Adam.step"], "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel", ["aten::copy_", "Optimizer.step#Adam.step"], "optimizer"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", ["c10d::reduce_scatter_tensor_coalesced_"], "communication"),
+    ("Memcpy DtoD (Device -> Device)", ["aten::copy_"], "norms/elementwise"),
+])
+def test_profile_categories(name, parents, cat):
+    assert _profile_tool().classify(name, parents) == cat
+
+
+def test_profile_busy_union():
+    union = _profile_tool()._union_us
+    assert union([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # overlaps counted once
+    assert union([]) == 0
+
+
+@pytest.mark.parametrize("name, parents", [
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", ["ScaledDotProductFlashAttentionBackward0"]),
+    ("triton_poi_fused_0", ["FlexAttentionBackward"]),
+    ("void at::native::elementwise_kernel", ["aten::mul", "_StaircaseAttentionBackward"]),
+])
+def test_profile_categories_backward(name, parents):
+    assert _profile_tool().classify(name, parents) == "attention/mixer"

@@ -41,7 +41,7 @@ sys.path.insert(0, REPO)
 
 from megatron_ham.models.presets import PAPER_ARCHITECTURES  # noqa: E402
 from megatron_ham.training.atomic import atomic_write_text  # noqa: E402
-from megatron_ham.training.config import load_config  # noqa: E402
+from megatron_ham.training.config import ConfigError, load_config  # noqa: E402
 
 DEFAULT = [f"recipes/{a}_800m.yaml" for a in PAPER_ARCHITECTURES]
 
@@ -128,6 +128,12 @@ def main(argv=None) -> int:
     for k in ("warmup", "recipe_warmup"):
         if getattr(args, k) < 0:
             ap.error(f"--{k.replace('_', '-')} must be >= 0")
+    for r in args.recipes:  # every recipe and override checked before the first (long) run
+        try:
+            load_config(os.path.join(REPO, r), list(args.set))
+        except ConfigError as e:
+            print(f"bench_recipes: config error: {e}", file=sys.stderr)
+            return 2
     modes = MODES if args.mode == "both" else (args.mode,)
     plan = {"mbs1": (args.steps, args.warmup), "recipe": (args.recipe_steps, args.recipe_warmup)}
     results = []

@@ -38,18 +38,17 @@ sys.path.insert(0, REPO)
 #: operators it ran under, or None). First match wins; the last row takes everything else
 #: (Inductor's fused elementwise/reduction kernels, norms, copies, memsets, casts).
 CATEGORIES: Tuple[Tuple[str, str, Optional[str]], ...] = (
-    ("communication", r"nccl|gloo|c10d|all_?reduce|reduce_?scatter|all_?gather|broadcast",
-     r"c10d::|nccl:|gloo:"),
+    ("communication", r"nccl|gloo|c10d|all_?reduce|reduce_?scatter|all_?gather", r"c10d::|nccl:|gloo:"),
     ("optimizer", r"adam|multi_tensor|foreach", r"Optimizer\.(step|zero_grad)|clip_grad"),
-    ("cross-entropy", r"cross_?entropy|nll_loss|log_softmax", r"CrossEntropy|cross_entropy|nll_loss"),
+    ("cross-entropy", r"cross_?entropy|nll_loss|log_softmax", r"cross_?entropy|nll_loss"),
     ("attention/mixer",
-     r"flash|fmha|sdpa|attention|attn|flex|staircase|delta_rule|chunk_|solve_tril|kkt|recompute_w_u"
-     r"|tilelang|triton_tem|_error_kernel|_compaction_kernel",
-     r"scaled_dot_product|flex_attention|ChunkGatedDeltaRule|_GDNWithError|_StaircaseAttention"),
+     r"flash|fmha|sdpa|attention|attn|flex|staircase|delta_rule|chunk_(gated|fwd|bwd|local|scaled)"
+     r"|solve_tril|kkt|recompute_w_u|wy_repr|tilelang|triton_tem|_error_kernel|_compaction_kernel",
+     r"scaled_?dot_?product|flex_?attention|ChunkGatedDeltaRule|_GDNWithError|_StaircaseAttention"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|^aten::(mm|addmm|bmm|baddbmm|_addmm_activation)$", None),
     ("norms/elementwise", r".", None),
 )
-_COMPILED = [(c, re.compile(n, re.I), re.compile(x) if x else None) for c, n, x in CATEGORIES]
+_COMPILED = [(c, re.compile(n, re.I), re.compile(x, re.I) if x else None) for c, n, x in CATEGORIES]
 
 
 def classify(name: str, parents: List[str]) -> str:
