@@ -180,6 +180,7 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
     finally:
         tr.log.close()
         dist.destroy_process_group()
+        compile_cache.sync_back(cache)  # a node-local copy's new entries (nothing without one)
     t = cfg.train
     summary.update(recipe=recipe, overrides=overrides, device=str(tr.device),
                    device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
