@@ -12,6 +12,7 @@ loss or grad norm (stopped before saving), 75 preempted (anything new saved; req
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -43,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ".*torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor).*"):
         warnings.filterwarnings("ignore", message=msg)
     from megatron_ham.training.config import ConfigError, dump_config, load_config
-    from megatron_ham.training.signals import EXIT_CONFIG, EXIT_OK, EXIT_REQUEUE, Preempted
+    from megatron_ham.training.signals import EXIT_CONFIG
 
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -53,7 +54,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    # Before megatron, Inductor, Triton or TileLang is imported (only torch is, by now): the
+    # compilers read their cache directories from the environment (training/compile_cache.py).
+    from megatron_ham.training import compile_cache
+
+    try:
+        cache = compile_cache.configure(cfg.train.compile_cache_dir, cfg.train.compile_cache_local)
+    except OSError as e:
+        print(f"ham-train: config error: train.compile_cache_dir / train.compile_cache_local: {e}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(cache.describe(), flush=True)
+    try:
+        return _run(cfg, stop)
+    finally:
+        try:
+            n = compile_cache.sync_back(cache)
+            if n:
+                print(f"[compile-cache] copied {n} new entries back to {cache.shared}", flush=True)
+        except OSError as e:  # the run's own result stands; the next start compiles what is missing
+            print(f"[compile-cache] warning: copying new entries back to {cache.shared} failed: {e}",
+                  file=sys.stderr, flush=True)
+
+
+def _run(cfg, stop) -> int:
+    """Set-up, the loop, and the exit code (process groups torn down)."""
     from megatron_ham.training.checkpoint import CheckpointSaveError
+    from megatron_ham.training.config import ConfigError
+    from megatron_ham.training.signals import EXIT_CONFIG, EXIT_OK, EXIT_REQUEUE, Preempted
     from megatron_ham.training.loop import setup, train
     from megatron_ham.training.safe_checkpoint import CheckpointError
 

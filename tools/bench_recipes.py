@@ -1,17 +1,29 @@
 """Throughput and MFU of the four 800M recipes, side by side, on one GPU in one session.
 
-    python tools/bench_recipes.py                      # H100/H200: ~1-2 min per recipe (HAM: +~2 min compile)
-    python tools/bench_recipes.py --steps 30 --warmup 5 --out bench.json
+    python tools/bench_recipes.py                      # H100/H200: both modes, ~4-6 min per recipe (HAM: + compile)
+    python tools/bench_recipes.py --mode mbs1 --steps 30 --warmup 5 --out bench.json
+    python tools/bench_recipes.py --set train.compile_cache_dir=/tmp/cc   # cold, then warm compile
     python tools/bench_recipes.py --recipes recipes/tiny_cpu.yaml --set model.seq_length=128 \
-        --steps 3 --warmup 1                           # CPU smoke test of the tool itself
+        --steps 3 --warmup 1 --recipe-steps 1 --recipe-warmup 1   # CPU smoke test of the tool itself
 
 Each recipe runs the real training loop (`python -m megatron_ham.train`, one process, world
-size 1) at its own context (16,384 for the 800M recipes) with micro-batch 1 and global batch 1
-(one 16k sequence per step), synthetic tokens, no checkpoints, for warmup + steps steps. The
-warm-up steps (kernel compilation, allocator growth) are excluded; tokens/s/GPU and MFU are
-the mean over the measured steps as logged by the loop (MFU formula: docs/training.md, the HAM
-scratchpad counted at its measured KV fraction). Ratios are against the Transformer measured in
-the same session. Targets (issue #5): HAM MFU >= 40 %, HAM tokens/s >= 1.0 x Transformer.
+size 1) at its own context (16,384 for the 800M recipes), synthetic tokens, no checkpoints, in
+one or both modes (`--mode`):
+
+- `mbs1`: micro-batch 1 and global batch 1 (one 16k sequence per optimizer step), for
+  `--warmup` + `--steps` steps: the kernels' speed, an optimizer step per sequence;
+- `recipe`: the recipe's own global batch and micro-batch (the 800M recipes: 32 sequences per
+  step = 32 micro-batches of 1 accumulated on one GPU), for `--recipe-warmup` +
+  `--recipe-steps` steps: the throughput of the run as it trains.
+
+The warm-up steps (kernel compilation, allocator growth) are excluded; tokens/s/GPU and MFU
+(per optimizer step) are the mean over the measured steps as logged by the loop (MFU formula:
+docs/training.md, the HAM scratchpad counted at its measured KV fraction). Each run also reports
+its time from process start to the end of its first step (`ttfs`), split into set-up and the
+first step, and whether the compile cache was warm (with `--set train.compile_cache_dir=DIR`
+the first run of a recipe fills DIR and its second mode starts warm). Ratios are against the
+Transformer of the same mode measured in the same session. Targets (issue #15): MFU >= 40 %,
+HAM tokens/s >= 1.3 x Transformer.
 """
 from __future__ import annotations
 
@@ -28,17 +40,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megatron_ham.models.presets import PAPER_ARCHITECTURES  # noqa: E402
-from megatron_ham.training.config import load_config  # noqa: E402
+from megatron_ham.training.atomic import atomic_write_text  # noqa: E402
+from megatron_ham.training.config import ConfigError, load_config  # noqa: E402
 
 DEFAULT = [f"recipes/{a}_800m.yaml" for a in PAPER_ARCHITECTURES]
 
 
-def run_one(recipe: str, steps: int, warmup: int, extra, workdir: str, timeout: float) -> dict:
+MODES = ("mbs1", "recipe")
+
+
+def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float) -> dict:
     name = os.path.splitext(os.path.basename(recipe))[0]
-    d = os.path.join(workdir, name)
+    d = os.path.join(workdir, name, mode)
     os.makedirs(d, exist_ok=True)
+    batch = ["train.global_batch_size=1", "train.micro_batch_size=1"] if mode == "mbs1" else []
     ov = [
-        "data.backend=synthetic", "train.global_batch_size=1", "train.micro_batch_size=1",
+        "data.backend=synthetic", *batch,
         f"train.train_steps={steps + warmup}", "train.warmup_steps=1", "train.eval_interval=0",
         f"checkpoint.dir={d}/ckpt", "checkpoint.resume=false", "checkpoint.save_at_end=false",
         "checkpoint.interval=0", f"logging.jsonl={d}/metrics.jsonl", f"logging.tensorboard_dir={d}/tb",
@@ -55,12 +72,21 @@ def run_one(recipe: str, steps: int, warmup: int, extra, workdir: str, timeout: 
         rc, log = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         rc, log = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-    res = {"recipe": recipe, "architecture": load_config(os.path.join(REPO, recipe), list(extra)).model.architecture,
-           "rc": rc, "wall_s": round(time.time() - t0, 1)}
+    cfg = load_config(os.path.join(REPO, recipe), [*batch, *extra])
+    t = cfg.train
+    res = {"recipe": recipe, "mode": mode, "architecture": cfg.model.architecture, "rc": rc,
+           "wall_s": round(time.time() - t0, 1), "global_batch_size": t.global_batch_size,
+           "micro_batch_size": t.micro_batch_size,
+           "micro_batches_per_step": t.global_batch_size // t.micro_batch_size}
     rows = []
     if os.path.exists(f"{d}/metrics.jsonl"):
         with open(f"{d}/metrics.jsonl") as f:
             rows = [json.loads(l) for l in f if l.strip()]
+    start = next((r for r in rows if r.get("kind") == "startup"), None)
+    if start:
+        res.update(ttfs_s=start["time_to_first_step_s"], setup_s=start["setup_s"],
+                   first_step_s=start["first_step_s"], cache_warm=start["compile_cache"]["warm"],
+                   compile_counters=start["compile_counters"])
     rows = [r for r in rows if r.get("kind") == "train" and r["step"] > warmup]
     if not rows:
         res["error"] = log[-3000:]
@@ -81,47 +107,74 @@ def run_one(recipe: str, steps: int, warmup: int, extra, workdir: str, timeout: 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=DEFAULT)
-    ap.add_argument("--steps", type=int, default=30, help="measured steps per recipe (>= 30 for the report)")
-    ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
+    ap.add_argument("--mode", choices=(*MODES, "both"), default="both",
+                    help="mbs1: micro-batch = global batch = 1; recipe: the recipe's own batch (default: both)")
+    ap.add_argument("--steps", type=int, default=30, help="mbs1 mode: measured steps per recipe (>= 30 for the report)")
+    ap.add_argument("--warmup", type=int, default=5, help="mbs1 mode: unmeasured steps first")
+    ap.add_argument("--recipe-steps", type=int, default=2,
+                    help="recipe mode: measured optimizer steps (each one is a whole global batch)")
+    ap.add_argument("--recipe-warmup", type=int, default=1, help="recipe mode: unmeasured steps first")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
     ap.add_argument("--timeout", type=float, default=420,
-                    help="seconds per recipe (the first HAM step compiles TileLang + Inductor kernels: ~100 s)")
+                    help="seconds per run (the first HAM step compiles TileLang + Inductor kernels: ~5 min cold)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    for k in ("steps", "recipe_steps"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    for k in ("warmup", "recipe_warmup"):
+        if getattr(args, k) < 0:
+            ap.error(f"--{k.replace('_', '-')} must be >= 0")
+    for r in args.recipes:  # every recipe and override checked before the first (long) run
+        try:
+            load_config(os.path.join(REPO, r), list(args.set))
+        except ConfigError as e:
+            print(f"bench_recipes: config error: {e}", file=sys.stderr)
+            return 2
+    modes = MODES if args.mode == "both" else (args.mode,)
+    plan = {"mbs1": (args.steps, args.warmup), "recipe": (args.recipe_steps, args.recipe_warmup)}
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_recipes_") as work:
         for r in args.recipes:
-            res = run_one(r, args.steps, args.warmup, args.set, work, args.timeout)
-            results.append(res)
-            brief = {k: v for k, v in res.items() if k != "error"}
-            print(json.dumps(brief), flush=True)
-            if "error" in res:
-                print(f"--- {r} failed (rc {res['rc']}) ---\n{res['error']}", flush=True)
-    base = next((x for x in results if x["architecture"] == "transformer" and "tokens_per_s_per_gpu" in x), None)
+            for mode in modes:
+                res = run_one(r, mode, *plan[mode], args.set, work, args.timeout)
+                results.append(res)
+                brief = {k: v for k, v in res.items() if k != "error"}
+                print(json.dumps(brief), flush=True)
+                if "error" in res:
+                    print(f"--- {r} ({mode}) failed (rc {res['rc']}) ---\n{res['error']}", flush=True)
     print()
-    print(f"{'recipe':<32} {'tok/s/GPU':>10} {'vs transf.':>10} {'MFU':>7} {'step s':>8} {'mem GiB':>8} {'KV frac':>8}")
-    for x in results:
-        if "tokens_per_s_per_gpu" not in x:
-            print(f"{x['recipe']:<32} {'FAILED (rc ' + str(x['rc']) + ')':>10}")
-            continue
-        ratio = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
-        x["vs_transformer"] = ratio
-        mfu = "n/a" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%"
-        kv = "-" if x["kv_fraction_mean"] is None else f"{x['kv_fraction_mean']:.2f}"
-        print(f"{x['recipe']:<32} {x['tokens_per_s_per_gpu']:>10.0f} {ratio:>9.2f}x {mfu:>7} "
-              f"{x['step_time_s']:>8.3f} {x['mem_alloc_gib']:>8.1f} {kv:>8}")
-    ham = next((x for x in results if x["architecture"] == "ham" and "tokens_per_s_per_gpu" in x), None)
-    if ham and base:
-        ok_mfu = ham["mfu"] is not None and ham["mfu"] >= 0.40
-        ok_tps = ham["vs_transformer"] >= 1.0
-        print(f"\ntargets: HAM MFU >= 40%: {'PASS' if ok_mfu else 'FAIL'}; "
-              f"HAM tokens/s >= 1.0x Transformer: {'PASS' if ok_tps else 'FAIL'}")
+    print(f"{'recipe':<28} {'mode':<7} {'gbs/mbs':>8} {'tok/s/GPU':>10} {'vs transf.':>10} {'MFU':>7} "
+          f"{'step s':>8} {'mem GiB':>8} {'KV frac':>8} {'ttfs s':>7} {'(set-up+step)':>14} {'cache':>6}")
+    for mode in modes:
+        base = next((x for x in results if x["mode"] == mode and x["architecture"] == "transformer"
+                     and "tokens_per_s_per_gpu" in x), None)
+        for x in (x for x in results if x["mode"] == mode):
+            ttfs = (f"{x['ttfs_s']:>7.1f} {x['setup_s']:>6.1f}+{x['first_step_s']:<7.1f} "
+                    f"{'warm' if x['cache_warm'] else 'cold':>6}") if "ttfs_s" in x else ""
+            head = f"{x['recipe']:<28} {mode:<7} {x['global_batch_size']:>4}/{x['micro_batch_size']:<3}"
+            if "tokens_per_s_per_gpu" not in x:
+                print(f"{head} {'FAILED (rc ' + str(x['rc']) + ')':>10}")
+                continue
+            ratio = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
+            x["vs_transformer"] = ratio
+            mfu = "n/a" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%"
+            kv = "-" if x["kv_fraction_mean"] is None else f"{x['kv_fraction_mean']:.2f}"
+            print(f"{head} {x['tokens_per_s_per_gpu']:>10.0f} {ratio:>9.2f}x {mfu:>7} "
+                  f"{x['step_time_s']:>8.3f} {x['mem_alloc_gib']:>8.1f} {kv:>8} {ttfs}")
+        ham = next((x for x in results if x["mode"] == mode and x["architecture"] == "ham"
+                    and "tokens_per_s_per_gpu" in x), None)
+        if ham and base:
+            ok_mfu = ham["mfu"] is not None and ham["mfu"] >= 0.40
+            ok_tps = ham["vs_transformer"] >= 1.3
+            print(f"targets ({mode}): HAM MFU >= 40%: {'PASS' if ok_mfu else 'FAIL'}; "
+                  f"HAM tokens/s >= 1.3x Transformer: {'PASS' if ok_tps else 'FAIL'}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write_text(args.out, json.dumps(results, indent=1))
     return 0 if all("tokens_per_s_per_gpu" in x for x in results) else 1
 
 

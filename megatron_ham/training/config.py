@@ -74,6 +74,11 @@ class TrainConfig:
     # the per-rank memory the start-up check compares its lower bound with (training/memory.py):
     # null = the device (GPU memory, or RAM / ranks on the host); a number of GiB; 0 = no check
     memory_budget_gib: Optional[float] = None
+    # persistent compilation caches (training/compile_cache.py): one directory for Inductor,
+    # Triton and TileLang that survives the job (null = the compilers' own defaults), and
+    # optionally a node-local copy of it (copied in at start, new entries copied back at exit)
+    compile_cache_dir: Optional[str] = None
+    compile_cache_local: Optional[str] = None
 
 
 @dataclass
@@ -466,6 +471,7 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
         bad("train.eval_interval", f"must be >= 0, got {t.eval_interval}")
     if t.memory_budget_gib is not None and t.memory_budget_gib < 0:
         bad("train.memory_budget_gib", f"must be >= 0 (0 = no check; null = the device), got {t.memory_budget_gib}")
+    _check_compile_cache(t, bad)
     if cfg.parallel.tp < 1:
         bad("parallel.tp", f"must be >= 1, got {cfg.parallel.tp}")
     if cfg.parallel.pp < 1:
@@ -497,6 +503,22 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
         cfg.model.validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     except SettingError as e:
         bad(f"model.{e.key}", f"expected {e.expected}, got {e.got!r}")
+
+
+def _check_compile_cache(t: TrainConfig, bad) -> None:
+    """train.compile_cache_dir / compile_cache_local: usable paths, the local copy distinct from
+    (and not nested with) the shared directory. Writability is checked at start-up."""
+    for k in ("compile_cache_dir", "compile_cache_local"):
+        v = getattr(t, k)
+        if v is not None and (not v.strip() or any(c in v for c in "\0\n\r")):
+            bad(f"train.{k}", f"expected a directory path (or null), got {v!r}")
+    if t.compile_cache_local is not None:
+        if t.compile_cache_dir is None:
+            bad("train.compile_cache_local", "a node-local copy needs train.compile_cache_dir (the shared cache)")
+        a, b = (os.path.abspath(x) for x in (t.compile_cache_dir, t.compile_cache_local))
+        if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+            bad("train.compile_cache_local",
+                f"must be a directory apart from train.compile_cache_dir={t.compile_cache_dir!r}, got {t.compile_cache_local!r}")
 
 
 def _check_size_bounds(cfg: RunConfig, src) -> None:

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import compile_cache
 from megatron_ham.models.config import DTYPES
 
 from .config import RunConfig, dump_config
 from .data import BatchPlan, build_datasets, check_batch_plan, check_data_paths, global_batch
 from .logging import MetricsWriter, model_flops_per_token, peak_flops
-from .logging.metrics import matmul_params, memory_gib
+from .logging.metrics import matmul_params, memory_gib, process_age_s
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopRequest
 
 
@@ -417,6 +418,7 @@ def train(tr: Trainer, stop: Optional[StopRequest] = None) -> int:
     world = dist.get_world_size()
     peak = peak_flops(cfg.logging.peak_tflops)
     code = EXIT_OK
+    first = True  # this process's first step: its time from process start is logged
     if tr.step >= last:
         tr.log.info(f"[train] nothing to do: at step {tr.step} >= {last}")
     try:
@@ -428,6 +430,10 @@ def train(tr: Trainer, stop: Optional[StopRequest] = None) -> int:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            if first:
+                first = False
+                tr.log.first_step(tr.step, process_age_s(), dt, compile_cache.current().summary(),
+                                  compile_cache.counters())
             kv = m.pop("kv")
             m["step_time_s"] = dt
             m["tokens_per_s"] = tokens_per_step / dt

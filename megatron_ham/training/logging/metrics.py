@@ -27,6 +27,8 @@ name (PEAK_TFLOPS), else MFU is reported as n/a (CPU).
 """
 from __future__ import annotations
 
+import os
+
 from typing import Dict, Optional
 
 import torch
@@ -95,3 +97,20 @@ def memory_gib() -> Dict[str, float]:
     import psutil
 
     return {"mem_rss_gib": psutil.Process().memory_info().rss / 2**30}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the OS's start time: interpreter start-up and imports
+    included). psutil when installed, else Linux's /proc (start ticks after boot + boot time)."""
+    import time
+
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except ImportError:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))

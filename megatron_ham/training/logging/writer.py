@@ -72,6 +72,23 @@ class MetricsWriter:
                 self.tb.add_scalar(f"kv/layer_{l:02d}_tau", v["tau"], step)
             self.tb.flush()
 
+    def first_step(self, step: int, seconds: float, step_s: float, cache: dict, compiles: Dict[str, int]):
+        """The time from process start to the end of this process's first step (set-up, imports
+        and compilation included), with the compile cache's state and Inductor's cache counters."""
+        if not self.enabled:
+            return
+        where = "no compile cache set" if cache.get("dir") is None else (
+            f"compile cache {'warm' if cache['warm'] else 'cold'} at start")
+        hits = (f"; Inductor FX graph cache {compiles['fxgraph_cache_hit']} hits / "
+                f"{compiles['fxgraph_cache_miss']} misses, AOTAutograd cache "
+                f"{compiles['autograd_cache_hit']} hits / {compiles['autograd_cache_miss']} misses"
+                if compiles else "")
+        print(f"[train] first step done {seconds:.1f} s after process start (set-up "
+              f"{seconds - step_s:.1f} s, step {step:d} {step_s:.1f} s); {where}{hits}", flush=True)
+        self._record({"kind": "startup", "step": step, "time_to_first_step_s": seconds,
+                      "setup_s": seconds - step_s, "first_step_s": step_s, "compile_cache": cache,
+                      "compile_counters": compiles})
+
     def validation(self, step: int, loss: float) -> None:
         if not self.enabled:
             return

@@ -1,0 +1,171 @@
+"""Issue 15's tools on CPU: the persistent compile cache (config keys, node-local copy, a cold
+then a warm run of the real loop through tools/bench_recipes.py in both batch modes), and
+tools/profile_step.py's category table."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ham.training import compile_cache
+from megatron_ham.training.config import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "recipes", "tiny_cpu.yaml")
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.compile_cache_local=/tmp/x"], "train.compile_cache_local"),  # no shared dir
+    (["train.compile_cache_dir=/tmp/cc", "train.compile_cache_local=/tmp/cc"], "train.compile_cache_local"),
+    (["train.compile_cache_dir=/tmp/cc", "train.compile_cache_local=/tmp/cc/local"], "train.compile_cache_local"),
+    (["train.compile_cache_dir=' '"], "train.compile_cache_dir"),
+])
+def test_compile_cache_keys_refused(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, overrides)
+
+
+def test_recipe_load_leaves_compilers_unimported():
+    """The premise of applying the cache after the recipe is read: nothing that reads the cache
+    variables is imported by then."""
+    code = ("import sys; from megatron_ham.training.config import load_config; "
+            f"load_config({TINY!r}, ['train.compile_cache_dir=/tmp/x']); "
+            "print([m for m in ('triton', 'tilelang', 'torch._inductor', 'torch._dynamo', 'megatron.core') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_unusable_cache_dir_exits_2():
+    p = subprocess.run([sys.executable, "-m", "megatron_ham.train", TINY, "train.compile_cache_dir=/proc/no/cc"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "train.compile_cache_dir" in p.stderr and "/proc/no" in p.stderr, p.stderr
+
+
+def test_node_local_copy_and_sync_back(tmp_path, monkeypatch):
+    for var in (*compile_cache.CACHE_DIRS, *compile_cache.SWITCHES):
+        monkeypatch.delenv(var, raising=False)  # restored after the test
+    monkeypatch.setattr(compile_cache, "_STATE", compile_cache.CacheState())
+    shared, local, outside = tmp_path / "shared", tmp_path / "local", tmp_path / "outside"
+    (shared / "triton" / "abc").mkdir(parents=True)
+    (shared / "triton" / "abc" / "k.cubin").write_bytes(b"x" * 100)
+    outside.mkdir()
+    (outside / "secret").write_text("no")
+    os.symlink(outside / "secret", shared / "triton" / "link")
+    os.symlink(outside, shared / "linkdir")
+
+    st = compile_cache.configure(str(shared), str(local))
+    assert st.copied_in == 1 and st.warm and st.files_at_start == 1 and st.bytes_at_start == 100
+    assert (local / "triton" / "abc" / "k.cubin").read_bytes() == b"x" * 100
+    assert not (local / "triton" / "link").exists() and not (local / "linkdir").exists()
+    assert os.environ["TRITON_CACHE_DIR"] == str(local / "triton")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(local / "inductor")
+    assert os.environ["TILELANG_CACHE_DIR"] == str(local / "tilelang")
+    assert "warm: 1 files" in st.describe()
+    # a second rank of the node finds nothing to copy; a new entry goes back at exit, once
+    assert compile_cache.copy_missing(str(shared), str(local)) == 0
+    (local / "inductor" / "fx").mkdir(parents=True)
+    (local / "inductor" / "fx" / "entry").write_text("graph")
+    assert compile_cache.sync_back(st) == 1 and compile_cache.sync_back(st) == 0
+    assert (shared / "inductor" / "fx" / "entry").read_text() == "graph"
+    assert not [p for p in shared.rglob("*") if p.name.startswith(".ham-sync-")]
+
+
+@pytest.mark.slow
+def test_bench_recipes_both_modes_cold_then_warm_cache(tmp_path):
+    """tools/bench_recipes.py on CPU, both modes, with a compile cache and Megatron's compiled
+    SwiGLU (model.fusions on): the first run compiles into the empty cache, the second (same
+    micro-batch shape) loads every graph from it."""
+    cache, out = tmp_path / "cc", tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "bench_recipes.py"), "--recipes", "recipes/tiny_cpu.yaml",
+           "--set", "model.seq_length=64", "model.num_layers=1", "model.architecture=transformer",
+           'model.fusions="on"', "train.micro_batch_size=1", f"train.compile_cache_dir={cache}",
+           "--steps", "1", "--warmup", "0", "--recipe-steps", "1", "--recipe-warmup", "0", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    mbs1, recipe = json.loads(out.read_text())
+    assert (mbs1["mode"], mbs1["micro_batches_per_step"]) == ("mbs1", 1)
+    assert (recipe["mode"], recipe["micro_batches_per_step"]) == ("recipe", 8)  # tiny_cpu: 8 sequences/step
+    assert mbs1["tokens_per_s_per_gpu"] > 0 and recipe["tokens_per_s_per_gpu"] > 0
+    assert not mbs1["cache_warm"] and recipe["cache_warm"]
+    c1, c2 = mbs1["compile_counters"], recipe["compile_counters"]
+    assert c1["fxgraph_cache_miss"] > 0 and c1["fxgraph_cache_hit"] == 0
+    assert c2["fxgraph_cache_hit"] > 0 and c2["fxgraph_cache_miss"] == 0
+    assert list((cache / "inductor").rglob("*")), "the Inductor cache stayed empty"
+    assert 0 < mbs1["setup_s"] < mbs1["ttfs_s"]
+    assert "recipe" in p.stdout and "cold" in p.stdout and "warm" in p.stdout
+
+
+@pytest.mark.slow
+def test_profile_step_cpu(tmp_path):
+    out = tmp_path / "prof.json"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",
+           "model.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
+           "--steps", "1", "--warmup", "1", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.loads(out.read_text())
+    cats = {r["category"]: r for r in s["categories"]}
+    assert list(cats) == ["communication", "optimizer", "cross-entropy", "attention/mixer", "GEMM",
+                          "norms/elementwise", "host gaps"]
+    for c in ("optimizer", "cross-entropy", "GEMM", "norms/elementwise"):
+        assert cats[c]["ms_per_step"] > 0 and cats[c]["top"], c
+    assert any(n == "aten::mm" for n, _ in cats["GEMM"]["top"])
+    assert any(n.startswith("Optimizer.step#") for n, _ in cats["optimizer"]["top"])
+    total = sum(r["percent"] for r in s["categories"])
+    assert 99.0 < total < 101.0, total  # CPU: one thread of operators + the time outside them
+    assert "% of step" in p.stdout and "host gaps" in p.stdout
+    bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
+
+
+def _profile_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", os.path.join(REPO, "tools", "profile_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name, parents, cat", [
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT", ["aten::mm", "aten::matmul", "LinearWithGradAccumulation"], "GEMM"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", ["aten::addmm"], "GEMM"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", ["aten::_scaled_dot_product_cudnn_attention"],
+     "attention/mixer"),
+    ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", ["cuLaunchKernel", "ChunkGatedDeltaRuleFunction"], "attention/mixer"),
+    ("_fwd_kernel", ["cuLaunchKernelEx", "_StaircaseAttention"], "attention/mixer"),
+    ("main_kernel", ["cuLaunchKernel", "_GDNWithError"], "attention/mixer"),  # a TileLang kernel
+    ("triton_red_fused_exp_log_max_sub_sum_0", ["Torch-Compiled Region: 2/0", "_VocabParallelCrossEntropy"],
+     "cross-entropy"),
+    ("triton_poi_fused_mul_silu_0", ["Torch-Compiled Region: 1/0", "CompiledFunction"], "norms/elementwise"),
+    ("multi_tensor_apply_kernel", ["aten::_foreach_mul_", "Optimizer.step#Adam.step"], "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel", ["aten::copy_", "Optimizer.step#Adam.step"], "optimizer"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", ["c10d::reduce_scatter_tensor_coalesced_"], "communication"),
+    ("Memcpy DtoD (Device -> Device)", ["aten::copy_"], "norms/elementwise"),
+])
+def test_profile_categories(name, parents, cat):
+    assert _profile_tool().classify(name, parents) == cat
+
+
+def test_profile_busy_union():
+    union = _profile_tool()._union_us
+    assert union([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # overlaps counted once
+    assert union([]) == 0
+
+
+@pytest.mark.parametrize("name, parents", [
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", ["ScaledDotProductFlashAttentionBackward0"]),
+    ("triton_poi_fused_0", ["FlexAttentionBackward"]),
+    ("void at::native::elementwise_kernel", ["aten::mul", "_StaircaseAttentionBackward"]),
+])
+def test_profile_categories_backward(name, parents):
+    assert _profile_tool().classify(name, parents) == "attention/mixer"

@@ -1,0 +1,233 @@
+"""Where a training step's time goes: torch.profiler over steps of a recipe, by category.
+
+    python tools/profile_step.py recipes/ham_800m.yaml --set train.global_batch_size=4 --out ham.json
+    python tools/profile_step.py recipes/transformer_800m.yaml --steps 1 --warmup 2 --trace tr.json.gz
+    python tools/profile_step.py recipes/tiny_cpu.yaml --set model.seq_length=128 --steps 1 --warmup 1  # CPU
+
+Runs in this process at world size 1 (or under torchrun: every rank profiles, rank 0 reports):
+set-up exactly as ham-train (training.loop.setup; the recipe's compile cache, synthetic tokens,
+no checkpoints), `--warmup` unprofiled steps (compilation, autotuning, allocator growth), then
+`--steps` steps of training.loop.train_step under torch.profiler (CPU and CUDA activities).
+
+What is summed: on CUDA, every kernel, copy and memset the GPU ran (its duration); on CPU, every
+operator's self time. Each item goes to the first category of CATEGORIES whose name pattern
+matches the item's own name or whose context pattern matches one of the operators it ran under
+(the launching op and its parents: autograd Functions such as _VocabParallelCrossEntropy or
+ChunkGatedDeltaRuleFunction, `Optimizer.step#...`, c10d collectives). "host gaps" is the rest
+of the wall time: on CUDA the time the GPU was idle (the profiled wall time minus the union of
+its busy intervals: launch overhead, Python, synchronisation); on CPU the time outside every
+operator. Percentages are of the wall time; with overlapping streams (communication beside
+compute) the categories can sum past 100 %. The table prints ms per step, the percentage and
+each category's biggest items; --out writes the same as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+#: (category, pattern on the kernel's / operator's own name, pattern on the names of the
+#: operators it ran under, or None). First match wins; the last row takes everything else
+#: (Inductor's fused elementwise/reduction kernels, norms, copies, memsets, casts).
+CATEGORIES: Tuple[Tuple[str, str, Optional[str]], ...] = (
+    ("communication", r"nccl|gloo|c10d|all_?reduce|reduce_?scatter|all_?gather", r"c10d::|nccl:|gloo:"),
+    ("optimizer", r"adam|multi_tensor|foreach", r"Optimizer\.(step|zero_grad)|clip_grad"),
+    ("cross-entropy", r"cross_?entropy|nll_loss|log_softmax", r"cross_?entropy|nll_loss"),
+    ("attention/mixer",
+     r"flash|fmha|sdpa|attention|attn|flex|staircase|delta_rule|chunk_(gated|fwd|bwd|local|scaled)"
+     r"|solve_tril|kkt|recompute_w_u|wy_repr|tilelang|triton_tem|_error_kernel|_compaction_kernel",
+     r"scaled_?dot_?product|flex_?attention|ChunkGatedDeltaRule|_GDNWithError|_StaircaseAttention"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|^aten::(mm|addmm|bmm|baddbmm|_addmm_activation)$", None),
+    ("norms/elementwise", r".", None),
+)
+_COMPILED = [(c, re.compile(n, re.I), re.compile(x, re.I) if x else None) for c, n, x in CATEGORIES]
+
+
+def classify(name: str, parents: List[str]) -> str:
+    """The category of an item called `name` that ran under the operators `parents`."""
+    for cat, own, ctx in _COMPILED:
+        if own.search(name) or (ctx is not None and any(ctx.search(p) for p in parents)):
+            return cat
+    return CATEGORIES[-1][0]  # pragma: no cover - the last pattern matches everything
+
+
+def _parents(e) -> List[str]:
+    out = []
+    while e is not None:
+        out.append(e.name)
+        e = e.cpu_parent
+    return out
+
+
+def _union_us(intervals: List[Tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
+    """The category table of a profiler's events (prof.events()) over `wall_s` seconds."""
+    from torch.autograd import DeviceType
+
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    items: List[Tuple[str, float, List[str]]] = []  # (name, us, parent names)
+    if device:
+        cpu_by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.id > 0}
+        for e in device:
+            launcher = cpu_by_id.get(e.linked_correlation_id)
+            items.append((e.name, e.time_range.elapsed_us(), _parents(launcher)))
+        busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+    else:
+        for e in events:
+            if e.device_type == DeviceType.CPU and not e.is_async and e.self_cpu_time_total > 0:
+                items.append((e.name, e.self_cpu_time_total, _parents(e.cpu_parent)))
+        busy_us = sum(us for _, us, _ in items)
+    wall_us = wall_s * 1e6
+    by_cat: Dict[str, Dict[str, float]] = {c: {} for c, _, _ in CATEGORIES}
+    for name, us, parents in items:
+        names = by_cat[classify(name, parents)]
+        names[name] = names.get(name, 0.0) + us
+    rows = []
+    for cat, names in by_cat.items():
+        us = sum(names.values())
+        biggest = sorted(names.items(), key=lambda kv: -kv[1])[:top]
+        rows.append({"category": cat, "ms_per_step": us / 1e3 / steps, "percent": 100 * us / wall_us,
+                     "top": [[n[:120], u / 1e3 / steps] for n, u in biggest]})
+    gap_us = max(0.0, wall_us - busy_us)
+    rows.append({"category": "host gaps", "ms_per_step": gap_us / 1e3 / steps,
+                 "percent": 100 * gap_us / wall_us, "top": []})
+    return {"timeline": "cuda" if device else "cpu", "steps": steps, "step_wall_ms": wall_us / 1e3 / steps,
+            "busy_ms_per_step": busy_us / 1e3 / steps, "categories": rows}
+
+
+def format_table(s: dict) -> str:
+    lines = [f"{'category':<20} {'ms/step':>10} {'% of step':>10}   biggest items (ms/step)"]
+    for r in s["categories"]:
+        top = ", ".join(f"{n[:48]} {ms:.2f}" for n, ms in r["top"][:3])
+        lines.append(f"{r['category']:<20} {r['ms_per_step']:>10.2f} {r['percent']:>9.1f}%   {top}")
+    lines.append(f"{'step (wall)':<20} {s['step_wall_ms']:>10.2f} {100.0:>9.1f}%   "
+                 f"({s['timeline']} timeline; {'GPU busy' if s['timeline'] == 'cuda' else 'in operators'} "
+                 f"{s['busy_ms_per_step']:.2f} ms/step)")
+    return "\n".join(lines)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,
+            trace: Optional[str] = None) -> dict:
+    """Set up the recipe as ham-train does, run `warmup` steps, profile `steps` steps."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron_ham.training import compile_cache
+    from megatron_ham.training.config import load_config
+
+    forced = ["data.backend=synthetic", f"train.train_steps={warmup + steps}", "train.warmup_steps=1",
+              "train.eval_interval=0", f"checkpoint.dir={work}/ckpt", "checkpoint.resume=false",
+              "checkpoint.save_at_end=false", "checkpoint.interval=0", f"logging.jsonl={work}/metrics.jsonl",
+              f"logging.tensorboard_dir={work}/tb", "logging.log_kv_layers=false"]
+    cfg = load_config(recipe, [*overrides, *forced])
+    cache = compile_cache.configure(cfg.train.compile_cache_dir, cfg.train.compile_cache_local)
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(k, v)
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from megatron_ham.training.loop import setup, train_step
+
+    tr = setup(cfg)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(cache.describe(), flush=True)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    try:
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            train_step(tr)
+            sync()
+            if rank0:
+                print(f"[profile] warm-up step {i + 1}/{warmup} done ({time.perf_counter() - t0:.1f} s)", flush=True)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch_profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(tr)
+            sync()
+            wall = time.perf_counter() - t0
+        summary = summarise(prof.events(), wall, steps)
+        if trace and rank0:
+            prof.export_chrome_trace(trace)
+    finally:
+        tr.log.close()
+        dist.destroy_process_group()
+        compile_cache.sync_back(cache)  # a node-local copy's new entries (nothing without one)
+    t = cfg.train
+    summary.update(recipe=recipe, overrides=overrides, device=str(tr.device),
+                   device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   torch=torch.__version__, global_batch_size=t.global_batch_size,
+                   micro_batch_size=t.micro_batch_size, seq_length=cfg.model.seq_length,
+                   world_size=tr.dist_info.world_size, rank=tr.dist_info.rank,
+                   compile_cache=cache.summary())
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", help="recipe YAML (e.g. recipes/ham_800m.yaml)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                    help="recipe overrides, e.g. train.global_batch_size=4 train.compile_cache_dir=/tmp/cc")
+    ap.add_argument("--steps", type=int, default=1, help="profiled optimizer steps (default 1)")
+    ap.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
+    ap.add_argument("--out", default=None, help="write the summary as JSON here")
+    ap.add_argument("--trace", default=None, help="also write the Chrome trace here (rank 0; large)")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if not os.path.isfile(args.recipe):
+        print(f"profile_step: {args.recipe}: recipe file not found", file=sys.stderr)
+        return 2
+    from megatron_ham.training.config import ConfigError
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="profile_step_") as work:
+            s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace)
+    except ConfigError as e:
+        print(f"profile_step: config error: {e}", file=sys.stderr)
+        return 2
+    if s["rank"] != 0:
+        return 0
+    print(f"\n{s['recipe']} {' '.join(s['overrides'])}: {s['device_name']}, global batch "
+          f"{s['global_batch_size']} x {s['seq_length']} tokens in micro-batches of {s['micro_batch_size']}, "
+          f"{s['steps']} profiled step(s)")
+    print(format_table(s))
+    if args.out:
+        from megatron_ham.training.atomic import atomic_write_text
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write_text(args.out, json.dumps(s, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
