@@ -168,3 +168,9 @@ def test_sweep_yaml_error_exits_2_without_traceback(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=120,
                            env=dict(os.environ, PYTHONPATH=REPO))
         assert p.returncode == 2 and path in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_on_off_words_reach_string_settings():
+    """YAML 1.1 reads `on`/`off` as booleans: `model.fusions=on` still means "on"."""
+    assert load_config(TINY, ["model.fusions=on"]).model.fusions == "on"
+    assert load_config(TINY, ["model.fusions=off"]).model.fusions == "off"

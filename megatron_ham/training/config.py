@@ -361,6 +361,8 @@ def _coerce(value, tp, key: str, where: str):
             raise ConfigError(f"{where}: key '{key}': expected a finite number, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off (yes/no) as booleans: fusions=on
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: key '{key}': expected str, got {value!r}")
         return value
