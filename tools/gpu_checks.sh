@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks to run on the device after a change to GPU code or to checkpointing, in one call,
+# from the repo root with the package bundle on PYTHONPATH (CONTRIBUTING.md "On the GPU machine"):
+#
+#   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD || exit;
+#   bash tools/gpu_checks.sh $OUT
+#
+# 1. tests/test_kernels_gpu.py alone (kernels vs their CPU references; cut at 300 s)  -> OUT/gpu_tests.log
+# 2. a bf16 learned-router HAM through ham-train on the GPU (distributed optimizer, a checkpoint
+#    every 10 steps), resumed to step 30, then ham-eval on the checkpoint               -> OUT/smoke.log, OUT/eval.json
+#    (the bf16 learned-router save crashed in megatron-core 0.19.2 before the router held the
+#    model's dtype; ham-eval on a GPU-trained checkpoint)
+# Each part has its own limit (570 s in all: fits one 600 s device call); what finished is under OUT. Exit status: the number of failed parts.
+set -u
+OUT=${1:?usage: gpu_checks.sh OUT_DIR}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True NCCL_NVLS_ENABLE=0 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
+failed=0
+timeout 300 python -m pytest tests/test_kernels_gpu.py -q -rs --timeout=290 > "$OUT/gpu_tests.log" 2>&1 \
+  || failed=$((failed + 1))
+W=$(mktemp -d /tmp/gpu_checks.XXXXXX)
+C="recipes/evidence/ham_learned_f25.yaml data.backend=synthetic checkpoint.dir=$W/ckpt checkpoint.interval=10
+   train.eval_interval=0 logging.interval=5 train.warmup_steps=2 train.compile_cache_dir=$W/cc"
+{
+  date +%T; timeout 140 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=20
+  echo "rc_train=$?"; date +%T
+  timeout 70 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=30
+  echo "rc_resume=$?"; date +%T
+  timeout 60 python -m megatron_ham.eval --checkpoint "$W/ckpt" --tasks mqar,routing --lengths 1k,2k \
+    --samples 8 --no-plots --no-progress --out "$OUT/eval.json"
+  echo "rc_eval=$?"; date +%T
+  ls "$W/ckpt"
+} > "$OUT/smoke.log" 2>&1
+grep -q "rc_train=0" "$OUT/smoke.log" && grep -q "rc_resume=0" "$OUT/smoke.log" \
+  && grep -q "rc_eval=0" "$OUT/smoke.log" || failed=$((failed + 1))
+tail -3 "$OUT/gpu_tests.log"; grep -E "^rc_|saved step|resumed from" "$OUT/smoke.log"
+exit $failed
