@@ -11,6 +11,9 @@
 # process) left 200 steps. Next time fix the steps instead (no --calibrate-steps), e.g.
 # --seeds 0,1 --concurrency 16 --override train.train_steps=1500 --override checkpoint.interval=375
 # --override train.eval_interval=300 --override train.warmup_steps=75 (~7.5 GiB per process).
+# Every run compiles into one shared compile cache ($W/compile_cache, train.compile_cache_dir):
+# processes of one kind after the first load its kernels, and a second call on the still-warm
+# machine starts warm (docs/training.md "Compilation caches").
 set -u
 OUT=${1:?usage: evidence_device.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-520}
@@ -24,10 +27,12 @@ python -m megatron_ham.evidence --out "$W/inst" --recipes recipes/evidence/insta
     --heldout-tokens 50000 --data-arg=--lengths=256,512 --data-arg=--num-pairs=16 \
     --data-arg=--mix=mqar=0.7,niah_multikey=0.3 --data-arg=--num-needles=2,4 \
     --final-lengths 512,1k --over-lengths 512 --kv-sweep-configs "" --export "$OUT/inst" \
+    --override "train.compile_cache_dir=$W/compile_cache" \
     > "$OUT/inst/runner.log" 2>&1 &
 python -m megatron_ham.evidence --out "$W/grid" --seeds 0,1,2 --concurrency 27 --budget-s "$BUDGET" \
     --reserve-s 120 --calibrate-steps 30 --min-steps 200 --max-steps 1500 --data-workers 12 \
     --data-arg=--text=runs/sample/blend.json --data-arg=--haystack=mix \
     --data-arg=--tokenizer=data_prep/sample/tokenizer --eval-batch-size 8 --prune \
-    --cache-dir "$W/cache" --export "$OUT/grid" > "$OUT/grid/runner.log" 2>&1
+    --cache-dir "$W/cache" --override "train.compile_cache_dir=$W/compile_cache" \
+    --export "$OUT/grid" > "$OUT/grid/runner.log" 2>&1
 wait
