@@ -51,7 +51,10 @@ class ModelInfo:
 
     @property
     def ham_layers(self) -> List[int]:
-        return [i for i, c in enumerate(self.pattern) if c == "H"]
+        from megatron_ham.layers.kinds import get_kind
+
+        ham = get_kind("ham").symbol
+        return [i for i, c in enumerate(self.pattern) if c == ham]
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("source", "path", "architecture", "pattern", "vocab_size",
