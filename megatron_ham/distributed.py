@@ -46,6 +46,15 @@ class DistInfo:
     device: torch.device
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (MASTER_PORT of a one-host rendezvous a tool starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
     for n in names:
         v = os.environ.get(n)

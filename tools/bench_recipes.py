@@ -39,6 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megatron_ham.distributed import free_port  # noqa: E402
 from megatron_ham.models.presets import PAPER_ARCHITECTURES  # noqa: E402
 from megatron_ham.training.atomic import atomic_write_text  # noqa: E402
 from megatron_ham.training.config import ConfigError, load_config  # noqa: E402
@@ -49,20 +50,23 @@ DEFAULT = [f"recipes/{a}_800m.yaml" for a in PAPER_ARCHITECTURES]
 MODES = ("mbs1", "recipe")
 
 
+def measurement_overrides(work: str, steps: int) -> list:
+    """What every measurement run forces on a recipe (also tools/profile_step.py): synthetic
+    tokens, `steps` steps, no validation, no checkpoints, logs under `work`."""
+    return ["data.backend=synthetic", f"train.train_steps={steps}", "train.warmup_steps=1",
+            "train.eval_interval=0", f"checkpoint.dir={work}/ckpt", "checkpoint.resume=false",
+            "checkpoint.save_at_end=false", "checkpoint.interval=0",
+            f"logging.jsonl={work}/metrics.jsonl", f"logging.tensorboard_dir={work}/tb"]
+
+
 def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float) -> dict:
     name = os.path.splitext(os.path.basename(recipe))[0]
     d = os.path.join(workdir, name, mode)
     os.makedirs(d, exist_ok=True)
     batch = ["train.global_batch_size=1", "train.micro_batch_size=1"] if mode == "mbs1" else []
-    ov = [
-        "data.backend=synthetic", *batch,
-        f"train.train_steps={steps + warmup}", "train.warmup_steps=1", "train.eval_interval=0",
-        f"checkpoint.dir={d}/ckpt", "checkpoint.resume=false", "checkpoint.save_at_end=false",
-        "checkpoint.interval=0", f"logging.jsonl={d}/metrics.jsonl", f"logging.tensorboard_dir={d}/tb",
-        "logging.interval=1", *extra,
-    ]
+    ov = [*measurement_overrides(d, steps + warmup), *batch, "logging.interval=1", *extra]
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29500 + (os.getpid() % 1000)), PYTHONWARNINGS="ignore")
+               MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slurm/ham.sbatch
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), REPO) if p)
     t0 = time.time()

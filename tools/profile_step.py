@@ -32,7 +32,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]  # megatron_ham, bench_recipes
 
 #: (category, pattern on the kernel's / operator's own name, pattern on the names of the
 #: operators it ran under, or None). First match wins; the last row takes everything else
@@ -122,31 +122,22 @@ def format_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,
             trace: Optional[str] = None) -> dict:
     """Set up the recipe as ham-train does, run `warmup` steps, profile `steps` steps."""
     import warnings
 
     warnings.filterwarnings("ignore")
+    from bench_recipes import measurement_overrides
+    from megatron_ham.distributed import free_port
     from megatron_ham.training import compile_cache
     from megatron_ham.training.config import load_config
 
-    forced = ["data.backend=synthetic", f"train.train_steps={warmup + steps}", "train.warmup_steps=1",
-              "train.eval_interval=0", f"checkpoint.dir={work}/ckpt", "checkpoint.resume=false",
-              "checkpoint.save_at_end=false", "checkpoint.interval=0", f"logging.jsonl={work}/metrics.jsonl",
-              f"logging.tensorboard_dir={work}/tb", "logging.log_kv_layers=false"]
+    forced = measurement_overrides(work, warmup + steps) + ["logging.log_kv_layers=false"]
     cfg = load_config(recipe, [*overrides, *forced])
     cache = compile_cache.configure(cfg.train.compile_cache_dir, cfg.train.compile_cache_local)
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", str(_free_port()))):
+                 ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(k, v)
     import torch
     import torch.distributed as dist

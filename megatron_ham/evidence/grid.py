@@ -29,13 +29,14 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from megatron_ham.distributed import free_port
 
 from .collect import collect
 
@@ -56,12 +57,6 @@ def _atomic_json(path: str, obj) -> None:
     from megatron_ham.eval.report import write_json
 
     write_json(path, obj)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: str, n: int = 3000) -> str:
@@ -206,7 +201,7 @@ class Grid:
 
     def start_training(self, r: Run) -> None:
         env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(_free_port())}
+               "MASTER_PORT": str(free_port())}
         self._launch(r, [sys.executable, "-m", "megatron_ham.train", r.recipe, *r.overrides], "train.log", env)
         r.phase = "training"
         r.signalled = False
