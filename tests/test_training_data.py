@@ -144,3 +144,13 @@ def test_a_split_without_tokens_is_refused_not_looped_on(tmp_path):
     cfg = _cfg(tmp_path / "b", "data.split=100,0,0")  # a 0 share: no dataset, nothing to refuse
     train, valid, _ = build_datasets(cfg, vocab_size=128)
     assert valid is None and len(train) >= 4 * cfg.train.global_batch_size
+
+
+def test_a_damaged_index_is_named(tmp_path):
+    from megatron_ham.training.config import ConfigError
+    from megatron_ham.training.data import check_split_sizes
+
+    (tmp_path / "x.idx").write_bytes(b"MMIDIDX\x00\x00" + bytes(range(91)))  # right magic, garbage after
+    (tmp_path / "x.bin").write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match=r"x\.idx: not a readable IndexedDataset index"):
+        check_split_sizes([str(tmp_path / "x")], [1.0], "98,2,0", 128, [8, 0, 0])

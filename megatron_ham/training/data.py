@@ -304,8 +304,12 @@ def check_split_sizes(prefixes: List[str], weights: List[float], split: str, seq
     bounds = [sum(parts[:i]) / sum(parts) for i in range(len(parts) + 1)]
     total_w = sum(weights)
     for prefix, w in zip(prefixes, weights):
-        ds = IndexedDataset(prefix, mmap=True)
-        docs, lengths = ds.document_indices, ds.sequence_lengths
+        try:
+            ds = IndexedDataset(prefix, mmap=True)
+            docs, lengths = ds.document_indices, ds.sequence_lengths
+        except Exception as e:  # a damaged or foreign .idx: name it, not a traceback
+            raise ConfigError(f"{prefix}.idx: not a readable IndexedDataset index "
+                              f"({type(e).__name__}: {e})") from None
         n_docs = docs.shape[0] - 1
         for i, (name, n) in enumerate(zip(("train", "valid", "test"), sizes)):
             if parts[i] == 0:  # a 0 share: megatron-core builds no dataset for it
