@@ -169,3 +169,30 @@ def test_profile_busy_union():
 ])
 def test_profile_categories_backward(name, parents):
     assert _profile_tool().classify(name, parents) == "attention/mixer"
+
+
+@pytest.mark.parametrize("linked", [True, False])
+def test_profile_device_items_find_the_launching_operator(linked):
+    """Kernels are attributed to the operator that launched them, through the correlation link
+    (torch >= 2.12) or, where events lack it (torch 2.11 on the GPU machine), through the CPU
+    events' kernel lists; device time no CPU event claims stays visible as "(unattributed)"."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    op = FunctionEvent(7, "_StaircaseAttentionBackward", 1, 0, 100)
+    launch = FunctionEvent(8, "cudaLaunchKernel", 1, 10, 12)
+    launch.set_cpu_parent(op)
+    kern = FunctionEvent(9, "triton_poi_fused_0", 1, 20, 50, device_type=DeviceType.CUDA,
+                         linked_correlation_id=8)
+    stray = FunctionEvent(10, "Memset (Device)", 1, 60, 65, device_type=DeviceType.CUDA)
+    launch.append_kernel(kern.name, 0, 30)
+    if not linked:
+        for e in (op, launch, kern, stray):
+            del e.linked_correlation_id
+    tool = _profile_tool()
+    items = tool._device_items([op, launch, kern, stray], [kern, stray])
+    named = {name: (us, parents) for name, us, parents in items}
+    assert named["triton_poi_fused_0"] == (30, ["cudaLaunchKernel", "_StaircaseAttentionBackward"])
+    assert tool.classify("triton_poi_fused_0", named["triton_poi_fused_0"][1]) == "attention/mixer"
+    stray_name = "Memset (Device)" if linked else "(unattributed)"
+    assert named[stray_name][0] == 5

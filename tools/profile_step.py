@@ -76,6 +76,28 @@ def _union_us(intervals: List[Tuple[float, float]]) -> float:
     return total
 
 
+def _device_items(events, device) -> List[Tuple[str, float, List[str]]]:
+    """(kernel name, us, names of the operators that launched it) of every device event.
+
+    torch >= 2.12 links a device event to its launching CPU event (`linked_correlation_id`);
+    older versions (2.11 on the GPU machine) only list each CPU event's kernels
+    (`FunctionEvent.kernels`, attached to the runtime call that launched them): then the kernels
+    are taken from there, and device time no CPU event claims is kept as "(unattributed)".
+    """
+    from torch.autograd import DeviceType
+
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    if hasattr(device[0], "linked_correlation_id"):
+        cpu_by_id = {e.id: e for e in cpu if e.id > 0}
+        return [(e.name, e.time_range.elapsed_us(), _parents(cpu_by_id.get(e.linked_correlation_id)))
+                for e in device]
+    items = [(k.name, float(k.duration), _parents(e)) for e in cpu for k in e.kernels]
+    rest = sum(e.time_range.elapsed_us() for e in device) - sum(us for _, us, _ in items)
+    if rest > 0:
+        items.append(("(unattributed)", rest, []))
+    return items
+
+
 def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
     """The category table of a profiler's events (prof.events()) over `wall_s` seconds."""
     from torch.autograd import DeviceType
@@ -83,10 +105,7 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
     device = [e for e in events if e.device_type == DeviceType.CUDA]
     items: List[Tuple[str, float, List[str]]] = []  # (name, us, parent names)
     if device:
-        cpu_by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.id > 0}
-        for e in device:
-            launcher = cpu_by_id.get(e.linked_correlation_id)
-            items.append((e.name, e.time_range.elapsed_us(), _parents(launcher)))
+        items = _device_items(events, device)
         busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in device])
     else:
         for e in events:
