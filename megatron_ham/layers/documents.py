@@ -4,7 +4,8 @@ Training packs several documents into each row; nothing may leak across a docume
 `document_forward_kwargs(tokens, eod_id)` (used by the training loop, the exporter's verify and
 the tests) turns the EOD tokens of a batch into PackedSeqParams(qkv_format="sbhd") with
 cu_seqlens over the flattened batch (index = row * s + position); the layers read them back:
-SDPACoreAttention as a block-diagonal mask, the GDN / HAM mixers as cu_seqlens for their ops
+SDPACoreAttention as one causal call per row or per document (a block-diagonal mask
+above MAX_DOCUMENT_CALLS documents), the GDN / HAM mixers as cu_seqlens for their ops
 (`document_cu_seqlens`) and document ids for the conv (`cached_document_ids`, computed once per
 forward and shared by all layers).
 """

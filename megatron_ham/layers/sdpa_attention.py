@@ -12,13 +12,21 @@ query groups); output [sq, b, np*hn]. Heads are split over TP by SelfAttention.
 Document boundaries: when `packed_seq_params` is given with qkv_format "sbhd" (what
 megatron_ham.layers.documents.document_forward_kwargs produces), `cu_seqlens_q` are boundaries over the
 flattened batch (index = batch_index * s + position) and attention is restricted to the same
-document (block-diagonal causal mask, built per call from the boundaries; on GPU SDPA then uses
-its memory-efficient kernel with a boolean mask). Without documents the causal kernel is used.
+document. How (the same result each way):
+  - one document per row (every row starts a document, so this is also a batch with no EOD
+    inside a row): one causal SDPA call over the batch (flash on GPU);
+  - up to MAX_DOCUMENT_CALLS documents in the batch: one causal SDPA call per document, on its
+    slice of the row (flash on GPU; the boundaries come to the host once per forward);
+  - more: one call with the block-diagonal causal mask (built once per forward; on GPU SDPA then
+    uses its memory-efficient kernel with a boolean [b, 1, s, s] mask, slower per token but one
+    launch).
+Without documents the causal kernel is used.
 qkv_format "thd" is not supported (use the sbhd form). `attention_mask` (Megatron's [b,1,s,s]
 boolean "True = masked") is honoured when given and no packed_seq_params are.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -28,6 +36,35 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from .documents import cached_document_ids
+
+
+#: The most documents in one forward that get one SDPA call each; above it, the block-diagonal
+#: mask (the per-call launch and slicing cost would exceed what the dense mask wastes).
+MAX_DOCUMENT_CALLS = 64
+
+
+def _document_spans(packed_seq_params, b, s):
+    """[(row, start, end)] of every document, host ints, from cu_seqlens over the flattened
+    batch; computed once per PackedSeqParams object (one device-to-host copy per forward).
+    Raises ValueError when the boundaries are not a partition of b*s into documents of one row."""
+    cache = getattr(packed_seq_params, "_ham_sdpa_spans", None)
+    if cache is None or cache[0] != (b, s):
+        cu = packed_seq_params.cu_seqlens_q.reshape(-1).to("cpu", torch.int64).tolist()
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != b * s or any(e <= a for a, e in zip(cu, cu[1:])):
+            raise ValueError(
+                f"packed_seq_params.cu_seqlens must rise from 0 to b*s = {b * s} "
+                f"(boundaries over the flattened batch), got {cu[:8]}..."
+            )
+        spans = []
+        for a, e in zip(cu, cu[1:]):
+            row = a // s
+            if (e - 1) // s != row:
+                raise ValueError(f"packed_seq_params: document [{a}, {e}) crosses a row boundary "
+                                 f"(rows of {s} tokens; every row must start a document)")
+            spans.append((row, a - row * s, e - row * s))
+        cache = ((b, s), spans)
+        setattr(packed_seq_params, "_ham_sdpa_spans", cache)
+    return cache[1]
 
 
 def _document_mask(packed_seq_params, b, s, causal, device) -> torch.Tensor:
@@ -124,30 +161,38 @@ class SDPACoreAttention(MegatronModule):
             rep = nq // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        mask = None
-        if packed_seq_params is not None:
-            fmt = getattr(packed_seq_params, "qkv_format", None)
-            if fmt not in (None, "sbhd"):
-                raise ValueError(
-                    f"SDPACoreAttention: packed_seq_params.qkv_format must be 'sbhd' (documents "
-                    f"over the flattened batch), got {fmt!r}"
-                )
-            if sq != sk:
-                raise ValueError("SDPACoreAttention: documents need sq == sk")
-            mask = _document_mask(packed_seq_params, b, sq, causal, q.device)
-        elif attention_mask is not None and not causal:
-            mask = ~attention_mask.to(torch.bool)  # Megatron: True = masked out
-        dropout = self.dropout_p if self.training else 0.0
-        if mask is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal and sq > 1, dropout_p=dropout, scale=self.softmax_scale
-            )
+        sdpa = functools.partial(F.scaled_dot_product_attention,
+                                 dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+        spans = self._spans(packed_seq_params, b, sq, sk)
+        if spans is None or len(spans) == b:  # no documents, or one per row
+            mask = None
+            if spans is None and attention_mask is not None and not causal:
+                mask = ~attention_mask.to(torch.bool)  # Megatron: True = masked out
+            out = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None and causal and sq > 1)
+        elif len(spans) <= MAX_DOCUMENT_CALLS:  # one call per document, on its slice
+            parts = [sdpa(q[r: r + 1, :, a:e], k[r: r + 1, :, a:e], v[r: r + 1, :, a:e], is_causal=causal)
+                     for r, a, e in spans]                                       # [1, n, len, d] each
+            out = torch.cat([torch.cat([p for p, (r, _, _) in zip(parts, spans) if r == row], dim=2)
+                             for row in range(b)], dim=0)                        # [b, n, s, d]
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale
-            )
+            out = sdpa(q, k, v, attn_mask=_document_mask(packed_seq_params, b, sq, causal, q.device))
         # [b, n, s, d] -> [s, b, n*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
+
+    @staticmethod
+    def _spans(packed_seq_params, b, sq, sk):
+        """The documents of packed_seq_params as (row, start, end), or None without them."""
+        if packed_seq_params is None:
+            return None
+        fmt = getattr(packed_seq_params, "qkv_format", None)
+        if fmt not in (None, "sbhd"):
+            raise ValueError(
+                f"SDPACoreAttention: packed_seq_params.qkv_format must be 'sbhd' (documents "
+                f"over the flattened batch), got {fmt!r}"
+            )
+        if sq != sk:
+            raise ValueError("SDPACoreAttention: documents need sq == sk")
+        return _document_spans(packed_seq_params, b, sq)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """No parameters."""

@@ -1,0 +1,80 @@
+"""SDPACoreAttention with packed documents: one call per row, one call per document, or the
+block-diagonal mask (above MAX_DOCUMENT_CALLS) all equal attention under the block-diagonal
+causal mask written out below (outputs and gradients; real megatron-core, one gloo process)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _dist import run_world
+
+
+def _reference(q, k, v, cu, b, s, scale):
+    """softmax(q k^T * scale + block-diagonal causal mask) v, in float64; q/k/v [s, b, n, d]."""
+    doc = torch.searchsorted(torch.tensor(cu[1:]), torch.arange(b * s), right=True).reshape(b, s)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
+    qd, kd, vd = (x.double().permute(1, 2, 0, 3) for x in (q, k, v))          # [b, n, s, d]
+    scores = (qd @ kd.transpose(-1, -2)) * scale                               # [b, n, s, s]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    out = scores.softmax(-1) @ vd                                              # [b, n, s, d]
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def _worker(rank, world):
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_ham import distributed as D
+    from megatron_ham.layers import SDPACoreAttention, sdpa_attention
+    from megatron_ham.models import ModelConfig
+    from megatron_ham.models.builder import transformer_config
+
+    D.initialize(tp=1, seed=3)
+    s, b, n, d = 24, 2, 4, 8
+    tc = transformer_config(ModelConfig(architecture="transformer", num_layers=1, hidden_size=32,
+                                        num_attention_heads=n, num_query_groups=n, seq_length=s,
+                                        vocab_size=64, make_vocab_size_divisible_by=64, dtype="fp32",
+                                        use_cpu_initialization=True))
+    attn = SDPACoreAttention(tc, 1, AttnMaskType.causal, "self",
+                             pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "one document per row": [0, 24, 48],
+        "documents per call": [0, 5, 6, 17, 24, 25, 48],       # a one-token document, uneven rows
+        "many documents (mask)": [0, *range(3, 48, 3), 48],
+    }
+    for name, cu in cases.items():
+        q, k, v = (torch.randn(s, b, n, d, generator=g, requires_grad=True) for _ in range(3))
+        psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+                              cu_seqlens_kv=torch.tensor(cu, dtype=torch.int32), max_seqlen_q=s,
+                              max_seqlen_kv=s)
+        limit = sdpa_attention.MAX_DOCUMENT_CALLS
+        if name == "many documents (mask)":
+            sdpa_attention.MAX_DOCUMENT_CALLS = 8  # 16 documents: over the limit
+        try:
+            out = attn(q, k, v, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=psp)
+        finally:
+            sdpa_attention.MAX_DOCUMENT_CALLS = limit
+        # only the last path builds the [b, 1, s, s] mask
+        assert hasattr(psp, "_ham_sdpa_mask") == (name == "many documents (mask)"), name
+        ref = _reference(q, k, v, cu, b, s, 1.0 / math.sqrt(d))
+        assert out.shape == (s, b, n * d)
+        assert torch.allclose(out.double(), ref, atol=1e-5), (name, (out.double() - ref).abs().max())
+        dout = torch.randn(s, b, n * d, generator=g)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want = torch.autograd.grad(ref, (q, k, v), dout.double())
+        for x, y, which in zip(got, want, "qkv"):
+            assert torch.allclose(x, y, atol=1e-5), (name, f"d{which}", (x - y).abs().max())
+
+    bad = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor([0, 30, 48], dtype=torch.int32),
+                          cu_seqlens_kv=torch.tensor([0, 30, 48], dtype=torch.int32), max_seqlen_q=s,
+                          max_seqlen_kv=s)
+    with pytest.raises(ValueError, match="crosses a row boundary"):
+        attn(q, k, v, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=bad)
+
+
+def test_sdpa_documents_equal_the_block_diagonal_mask():
+    run_world(_worker, 1)
