@@ -104,7 +104,7 @@ def _gpu_worker(rank, world):
     cu = torch.tensor([0, 5003, 5004, 12000, s], dtype=torch.int32, device="cuda")
     results = []
     for dtype, limit in ((torch.bfloat16, 64), (torch.float32, 0)):  # per document (flash) / mask
-        leaves = [x.to(dtype).requires_grad_(True) for x in (q, k, v)]
+        leaves = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
         psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s,
                               max_seqlen_kv=s)
         old, sdpa_attention.MAX_DOCUMENT_CALLS = sdpa_attention.MAX_DOCUMENT_CALLS, limit
