@@ -46,6 +46,7 @@ import numpy as np
 SEED_BASE = 1 << 41  # example seeds of the mixture: SEED_BASE + split_seed * 2^32 + i
 MAX_SPLIT_SEED = (1 << 20) - 1
 KINDS = ("mqar", "niah_single", "niah_multikey", "niah_multivalue", "filler")
+MASK_SUFFIX = "_loss_mask"  # --loss-mask: OUT/train_loss_mask.bin/.idx (uint8, 1 = answer token)
 PAD = "pad"  # --seq-length: random (or text) ids + EOD filling the end of a row
 SCHEMA = "megatron-ham-recall-mixture/1"
 
@@ -65,6 +66,7 @@ class MixtureSpec:
     haystack: str  # "random" | "text" | "mix" (half of the recall documents each)
     text: Tuple[str, ...]  # IndexedDataset prefixes of real text
     seq_length: int = 0  # > 0: documents packed whole into rows of exactly this many tokens
+    loss_mask: bool = False  # also write a per-token answer mask (uint8) next to each split
 
     def kinds_and_weights(self) -> Tuple[List[str], np.ndarray]:
         names = [k for k, _ in self.mix]
@@ -124,8 +126,9 @@ def _init_worker(spec: MixtureSpec) -> None:
     _WORKER["text"] = [TextHaystack(p) for p in spec.text]
 
 
-def make_document(plan: DocPlan) -> Tuple[np.ndarray, int]:
-    """(tokens int64 [length + 1] ending with the EOD, answer tokens) of a planned document."""
+def make_document(plan: DocPlan) -> Tuple[np.ndarray, np.ndarray]:
+    """(tokens int64 [length + 1] ending with the EOD, answer mask bool [length + 1]) of a
+    planned document."""
     from megatron_ham.eval.recall import generate
 
     spec, space = _WORKER["spec"], _WORKER["space"]
@@ -140,19 +143,20 @@ def make_document(plan: DocPlan) -> Tuple[np.ndarray, int]:
             tokens = hay.take(plan.length, rng, forbidden)
         else:
             tokens = rng.choice(space.content, size=plan.length, replace=True)
-        answers = 0
+        answers = np.zeros(plan.length, dtype=bool)
     else:
         ex = generate(plan.kind, plan.length, plan.seed, space, haystack=hay, **dict(plan.params))
-        tokens, answers = ex.tokens, int(ex.answer_mask.sum())
-    return np.concatenate([np.asarray(tokens, dtype=np.int64), [spec.eod_id]]), answers
+        tokens, answers = ex.tokens, ex.answer_mask
+    return np.concatenate([np.asarray(tokens, dtype=np.int64), [spec.eod_id]]), np.append(answers, False)
 
 
 def _make_chunk(rows: Sequence[Sequence[DocPlan]]):
-    """[(row tokens, [(kind, document tokens, answer tokens) per document])] of planned rows."""
+    """[(row tokens, row answer mask, [(kind, tokens, answer tokens) per document])] of rows."""
     out = []
     for row in rows:
         docs = [(p.kind, *make_document(p)) for p in row]
-        out.append((np.concatenate([d[1] for d in docs]), [(k, d.size, a) for k, d, a in docs]))
+        out.append((np.concatenate([d[1] for d in docs]), np.concatenate([d[2] for d in docs]),
+                    [(k, d.size, int(a.sum())) for k, d, a in docs]))
     return out
 
 
@@ -203,8 +207,9 @@ def write_split(spec: MixtureSpec, rows: List[List[DocPlan]], prefix: str, worke
     from tqdm import tqdm
 
     dtype = np.uint16 if spec.vocab_size < 65500 else np.int32
-    tmp = prefix + ".tmp"
+    tmp, mtmp = prefix + ".tmp", prefix + MASK_SUFFIX + ".tmp"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    mask_builder = IndexedDatasetBuilder(mtmp + ".bin", dtype=np.uint8) if spec.loss_mask else None
     counts = {k: {"documents": 0, "tokens": 0, "answer_tokens": 0} for k in (*KINDS, PAD)}
     chunks = [rows[i:i + 64] for i in range(0, len(rows), 64)]
     total = sum(p.length + 1 for row in rows for p in row)
@@ -218,8 +223,10 @@ def write_split(spec: MixtureSpec, rows: List[List[DocPlan]], prefix: str, worke
             _init_worker(spec)
             results = map(_make_chunk, chunks)
         for chunk in results:
-            for tokens, docs in chunk:
+            for tokens, mask, docs in chunk:
                 builder.add_document(tokens.astype(dtype), [tokens.size])
+                if mask_builder is not None:
+                    mask_builder.add_document(mask.astype(np.uint8), [mask.size])
                 for kind, size, answers in docs:
                     c = counts[kind]
                     c["documents"] += 1
@@ -230,13 +237,19 @@ def write_split(spec: MixtureSpec, rows: List[List[DocPlan]], prefix: str, worke
             pool.close()
             pool.join()
         builder.finalize(tmp + ".idx")
+        if mask_builder is not None:
+            mask_builder.finalize(mtmp + ".idx")
     except BaseException:
-        for ext in (".bin", ".idx"):
-            if os.path.exists(tmp + ext):
-                os.remove(tmp + ext)
+        for t in (tmp, mtmp):
+            for ext in (".bin", ".idx"):
+                if os.path.exists(t + ext):
+                    os.remove(t + ext)
         raise
     finally:
         bar.close()
+    if mask_builder is not None:
+        os.replace(mtmp + ".bin", prefix + MASK_SUFFIX + ".bin")
+        os.replace(mtmp + ".idx", prefix + MASK_SUFFIX + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
     return {"documents": sum(len(r) for r in rows), "sequences": len(rows), "tokens": total,
@@ -254,9 +267,12 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def _blend(out: str, name: str, counts: dict, spec: MixtureSpec, tokenizer: Optional[str]) -> dict:
-    return {"blend": [{"prefix": os.path.abspath(os.path.join(out, name)), "weight": 1.0,
-                       "relative_prefix": name, "name": f"recall_{name}",
-                       "documents": counts["sequences"], "tokens": counts["tokens"]}],
+    entry = {"prefix": os.path.abspath(os.path.join(out, name)), "weight": 1.0,
+             "relative_prefix": name, "name": f"recall_{name}",
+             "documents": counts["sequences"], "tokens": counts["tokens"]}
+    if spec.loss_mask:  # what a recipe's `data.loss_mask: blend` reads
+        entry.update(loss_mask=entry["prefix"] + MASK_SUFFIX, relative_loss_mask=name + MASK_SUFFIX)
+    return {"blend": [entry],
             "tokenizer": tokenizer, "vocab_size": spec.vocab_size, "eod_id": spec.eod_id,
             "dtype": "uint16" if spec.vocab_size < 65500 else "int32"}
 
@@ -394,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples never cut a document (a cut MQAR document keeps queries without "
                         "their pairs). Every --lengths value must be < S. Default 0: one document "
                         "per sequence, cut wherever ham-train's samples cross it (not recommended)")
+    p.add_argument("--loss-mask", action="store_true",
+                   help="also write OUT/{train,heldout}_loss_mask (uint8 IndexedDatasets, 1 at the "
+                        "answer tokens) and name them in the blend files: a recipe with "
+                        "`data.loss_mask: blend` then trains on the answers only")
     p.add_argument("--workers", type=int, default=1, help="generator processes (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -420,7 +440,7 @@ def run(args) -> dict:
         raise ValueError(f"--haystack {args.haystack} needs --text")
     spec = MixtureSpec(args.vocab_size, args.eod_id, args.mix, args.lengths, args.num_pairs,
                        args.num_needles, args.key_len, args.value_len, args.haystack, text,
-                       args.seq_length)
+                       args.seq_length, args.loss_mask)
     from megatron_ham.eval.recall import TokenSpace, min_length
 
     TokenSpace(spec.vocab_size, exclude=(spec.eod_id,))

@@ -139,3 +139,40 @@ def test_seq_length_packs_whole_documents_into_training_samples(tmp_path):
 def test_seq_length_must_hold_the_longest_document(tmp_path):
     with pytest.raises(ValueError, match="--seq-length 256: a row must hold the longest document"):
         _build(tmp_path / "x", "--seq-length", "256")
+
+
+def test_loss_mask_marks_the_answers_of_training_samples(tmp_path):
+    """--loss-mask + data.loss_mask=blend: ham-train's samples carry loss_mask 1 exactly where the
+    label is an MQAR answer (the value after a queried key), 0 elsewhere; a blend without masks
+    is refused naming the key."""
+    from megatron_ham.training.config import ConfigError, load_config
+    from megatron_ham.training.data import build_datasets
+
+    S, space = 128, TokenSpace(500, exclude=(0,))
+    common = ["--mix", "mqar=0.8,filler=0.2", "--lengths", "40,127", "--num-pairs", "4,8", "--seq-length", str(S)]
+    m = _build(tmp_path / "m", *common, "--loss-mask")
+    _build(tmp_path / "plain", *common)
+
+    def cfg(name):
+        return load_config(os.path.join(REPO, "recipes", "evidence", "cpu_small", "transformer.yaml"),
+                           [f"data.blend={tmp_path / name / 'blend.json'}", f"model.seq_length={S}",
+                            "train.train_steps=20", "train.warmup_steps=2", "train.global_batch_size=8",
+                            "train.micro_batch_size=8", "model.vocab_size=500", "data.loss_mask=blend",
+                            "train.eval_interval=10", "train.eval_iters=1", f"data.cache_dir={tmp_path / name / 'c'}"])
+
+    train, valid, eod = build_datasets(cfg("m"), vocab_size=500)
+    assert valid is not None and len(valid) == 8
+    marked = 0
+    for i in range(160):
+        x = train[i]
+        full = np.concatenate([x["tokens"].numpy(), x["labels"].numpy()[-1:]])
+        want = np.zeros(S, dtype=bool)  # want[j]: label j (= full[j + 1]) is an answer
+        for s0, doc in zip(np.concatenate([[0], np.nonzero(full == eod)[0] + 1]), np.split(full, np.nonzero(full == eod)[0] + 1)):
+            q = np.nonzero(doc == space.query)[0]
+            if q.size:
+                want[s0 + np.arange(q[0] + 2, doc.size, 2) - 1] = True
+        assert (x["loss_mask"].numpy() == want).all(), i
+        marked += int(want.sum())
+    assert marked > 300 and m["splits"]["train"]["by_kind"]["mqar"]["answer_tokens"] > 0
+    with pytest.raises(ConfigError, match="needs 'loss_mask'"):
+        build_datasets(cfg("plain"), vocab_size=500)
