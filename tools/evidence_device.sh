@@ -34,9 +34,9 @@ python -m megatron_ham.evidence --out "$W/inst" --recipes recipes/evidence/insta
     --override "train.compile_cache_dir=$W/compile_cache" \
     > "$OUT/inst/runner.log" 2>&1 &
 python -m megatron_ham.evidence --out "$W/grid" --seeds 0,1,2 --concurrency 24 --budget-s "$BUDGET" \
-    --reserve-s 90 --data-workers 12 --data-arg=--lengths=256,512,1024,2047 \
+    --reserve-s 90 --data-workers 12 --data-arg=--lengths=255,511,1023 \
     --data-arg=--num-pairs=8,16,32 --data-arg=--mix=mqar=0.6,niah_single=0.1,niah_multikey=0.2,niah_multivalue=0.1 \
-    --eval-batch-size 8 --prune \
+    --over-lengths 1k --eval-batch-size 8 --prune \
     --cache-dir "$W/cache" --override "train.compile_cache_dir=$W/compile_cache" \
     --export "$OUT/grid" > "$OUT/grid/runner.log" 2>&1
 wait
