@@ -124,7 +124,7 @@ def test_seq_length_packs_whole_documents_into_training_samples(tmp_path):
         cfg = load_config(os.path.join(REPO, "recipes", "evidence", "cpu_small", "transformer.yaml"),
                           [f"data.blend={tmp_path / name / 'blend.json'}", f"model.seq_length={S}",
                            "train.train_steps=20", "train.warmup_steps=2", "train.global_batch_size=8", "train.micro_batch_size=8",
-                           "model.vocab_size=500", f"data.cache_dir={tmp_path / name / 'cache'}"])
+                           "model.vocab_size=500", "data.loss_mask=all", f"data.cache_dir={tmp_path / name / 'cache'}"])
         train, _, eod = build_datasets(cfg, vocab_size=500)
         asked = answered = 0
         for i in range(160):
