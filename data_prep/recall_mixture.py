@@ -46,6 +46,8 @@ import numpy as np
 SEED_BASE = 1 << 41  # example seeds of the mixture: SEED_BASE + split_seed * 2^32 + i
 MAX_SPLIT_SEED = (1 << 20) - 1
 KINDS = ("mqar", "niah_single", "niah_multikey", "niah_multivalue", "filler")
+MASK_SUFFIX = "_loss_mask"  # --loss-mask: OUT/train_loss_mask.bin/.idx (uint8, 1 = answer token)
+PAD = "pad"  # --seq-length: random (or text) ids + EOD filling the end of a row
 SCHEMA = "megatron-ham-recall-mixture/1"
 
 
@@ -63,6 +65,8 @@ class MixtureSpec:
     value_len: int
     haystack: str  # "random" | "text" | "mix" (half of the recall documents each)
     text: Tuple[str, ...]  # IndexedDataset prefixes of real text
+    seq_length: int = 0  # > 0: documents packed whole into rows of exactly this many tokens
+    loss_mask: bool = False  # also write a per-token answer mask (uint8) next to each split
 
     def kinds_and_weights(self) -> Tuple[List[str], np.ndarray]:
         names = [k for k, _ in self.mix]
@@ -122,55 +126,93 @@ def _init_worker(spec: MixtureSpec) -> None:
     _WORKER["text"] = [TextHaystack(p) for p in spec.text]
 
 
-def make_document(plan: DocPlan) -> Tuple[np.ndarray, int]:
-    """(tokens int64 [length + 1] ending with the EOD, answer tokens) of a planned document."""
+def make_document(plan: DocPlan) -> Tuple[np.ndarray, np.ndarray]:
+    """(tokens int64 [length + 1] ending with the EOD, answer mask bool [length + 1]) of a
+    planned document."""
     from megatron_ham.eval.recall import generate
 
     spec, space = _WORKER["spec"], _WORKER["space"]
     hay = _WORKER["text"][plan.text] if plan.text >= 0 else None
-    if plan.kind == "filler":
-        rng = np.random.default_rng(np.random.SeedSequence([plan.seed, 0x46494C4C]))
-        if hay is not None:
+    if plan.kind in ("filler", PAD):
+        salt = 0x46494C4C if plan.kind == "filler" else 0x50414444
+        rng = np.random.default_rng(np.random.SeedSequence([plan.seed, salt]))
+        if plan.length == 0:
+            tokens = np.zeros(0, dtype=np.int64)
+        elif hay is not None:
             forbidden = np.array(sorted(set(space.markers.values()) | {spec.eod_id}), dtype=np.int64)
             tokens = hay.take(plan.length, rng, forbidden)
         else:
             tokens = rng.choice(space.content, size=plan.length, replace=True)
-        answers = 0
+        answers = np.zeros(plan.length, dtype=bool)
     else:
         ex = generate(plan.kind, plan.length, plan.seed, space, haystack=hay, **dict(plan.params))
-        tokens, answers = ex.tokens, int(ex.answer_mask.sum())
-    return np.concatenate([np.asarray(tokens, dtype=np.int64), [spec.eod_id]]), answers
+        tokens, answers = ex.tokens, ex.answer_mask
+    return np.concatenate([np.asarray(tokens, dtype=np.int64), [spec.eod_id]]), np.append(answers, False)
 
 
-def _make_chunk(plans: Sequence[DocPlan]):
-    return [(p.kind, *make_document(p)) for p in plans]
-
-
-# ----------------------------------------------------------------------------- writing
-def plan_split(spec: MixtureSpec, split_seed: int, tokens: int) -> List[DocPlan]:
-    """Documents 0, 1, ... of the split until `tokens` tokens (EODs included) are planned."""
-    out, total, i = [], 0, 0
-    while total < tokens:
-        p = plan_document(spec, split_seed, i)
-        out.append(p)
-        total += p.length + 1
-        i += 1
+def _make_chunk(rows: Sequence[Sequence[DocPlan]]):
+    """[(row tokens, row answer mask, [(kind, tokens, answer tokens) per document])] of rows."""
+    out = []
+    for row in rows:
+        docs = [(p.kind, *make_document(p)) for p in row]
+        out.append((np.concatenate([d[1] for d in docs]), np.concatenate([d[2] for d in docs]),
+                    [(k, d.size, int(a.sum())) for k, d, a in docs]))
     return out
 
 
-def write_split(spec: MixtureSpec, plans: List[DocPlan], prefix: str, workers: int, desc: str,
+# ----------------------------------------------------------------------------- writing
+def plan_split(spec: MixtureSpec, split_seed: int, tokens: int) -> List[List[DocPlan]]:
+    """The split's rows (one IndexedDataset sequence each), planned until `tokens` tokens (EODs
+    included). Without spec.seq_length a row is one document. With it, documents 0, 1, ... are
+    packed whole into rows of exactly seq_length tokens; where the next document does not fit,
+    the row ends with a PAD document (random ids, or text with --text, and its EOD).
+
+    Why: ham-train's GPTDataset cuts the concatenated sequences into samples of seq_length + 1
+    tokens at a stride of seq_length, so a document that crosses a sample boundary is cut in
+    two, and the model sees each part alone (each sample starts afresh): an MQAR document cut
+    after its pairs keeps queries nothing in the sample answers. With rows of exactly
+    seq_length tokens every sample is one row plus the next row's first token as its last label."""
+    S = spec.seq_length
+    rows: List[List[DocPlan]] = []
+    row: List[DocPlan] = []
+    total = used = i = 0
+
+    def pad(seed_of: DocPlan, n: int) -> DocPlan:  # n tokens: n - 1 ids and the EOD
+        return DocPlan(seed_of.index, PAD, n - 1, (), 0 if spec.text else -1, seed_of.seed)
+
+    while total < tokens:
+        p = plan_document(spec, split_seed, i)
+        i += 1
+        if S <= 0:
+            rows.append([p])
+            total += p.length + 1
+            continue
+        if used + p.length + 1 > S:
+            rows.append(row + ([pad(p, S - used)] if used < S else []))
+            total += S
+            row, used = [], 0
+        row.append(p)
+        used += p.length + 1
+    if row:
+        rows.append(row + ([pad(row[-1], S - used)] if used < S else []))
+    return rows
+
+
+def write_split(spec: MixtureSpec, rows: List[List[DocPlan]], prefix: str, workers: int, desc: str,
                 progress: bool = True) -> dict:
-    """Generate the planned documents (in order, `workers` processes) into the IndexedDataset
-    `prefix` (.bin/.idx renamed into place when complete). Returns the split's counts."""
+    """Generate the planned rows (in order, `workers` processes) into the IndexedDataset
+    `prefix`, one sequence per row (.bin/.idx renamed into place when complete). Returns the
+    split's counts."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     dtype = np.uint16 if spec.vocab_size < 65500 else np.int32
-    tmp = prefix + ".tmp"
+    tmp, mtmp = prefix + ".tmp", prefix + MASK_SUFFIX + ".tmp"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    counts = {k: {"documents": 0, "tokens": 0, "answer_tokens": 0} for k in KINDS}
-    chunks = [plans[i:i + 64] for i in range(0, len(plans), 64)]
-    total = sum(p.length + 1 for p in plans)
+    mask_builder = IndexedDatasetBuilder(mtmp + ".bin", dtype=np.uint8) if spec.loss_mask else None
+    counts = {k: {"documents": 0, "tokens": 0, "answer_tokens": 0} for k in (*KINDS, PAD)}
+    chunks = [rows[i:i + 64] for i in range(0, len(rows), 64)]
+    total = sum(p.length + 1 for row in rows for p in row)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
         if workers > 1:
@@ -181,27 +223,36 @@ def write_split(spec: MixtureSpec, plans: List[DocPlan], prefix: str, workers: i
             _init_worker(spec)
             results = map(_make_chunk, chunks)
         for chunk in results:
-            for kind, doc, answers in chunk:
-                builder.add_document(doc.astype(dtype), [doc.size])
-                c = counts[kind]
-                c["documents"] += 1
-                c["tokens"] += int(doc.size)
-                c["answer_tokens"] += answers
-                bar.update(doc.size)
+            for tokens, mask, docs in chunk:
+                builder.add_document(tokens.astype(dtype), [tokens.size])
+                if mask_builder is not None:
+                    mask_builder.add_document(mask.astype(np.uint8), [mask.size])
+                for kind, size, answers in docs:
+                    c = counts[kind]
+                    c["documents"] += 1
+                    c["tokens"] += int(size)
+                    c["answer_tokens"] += answers
+                bar.update(tokens.size)
         if pool is not None:
             pool.close()
             pool.join()
         builder.finalize(tmp + ".idx")
+        if mask_builder is not None:
+            mask_builder.finalize(mtmp + ".idx")
     except BaseException:
-        for ext in (".bin", ".idx"):
-            if os.path.exists(tmp + ext):
-                os.remove(tmp + ext)
+        for t in (tmp, mtmp):
+            for ext in (".bin", ".idx"):
+                if os.path.exists(t + ext):
+                    os.remove(t + ext)
         raise
     finally:
         bar.close()
+    if mask_builder is not None:
+        os.replace(mtmp + ".bin", prefix + MASK_SUFFIX + ".bin")
+        os.replace(mtmp + ".idx", prefix + MASK_SUFFIX + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
-    return {"documents": len(plans), "tokens": total,
+    return {"documents": sum(len(r) for r in rows), "sequences": len(rows), "tokens": total,
             "by_kind": {k: v for k, v in counts.items() if v["documents"]}}
 
 
@@ -216,9 +267,12 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def _blend(out: str, name: str, counts: dict, spec: MixtureSpec, tokenizer: Optional[str]) -> dict:
-    return {"blend": [{"prefix": os.path.abspath(os.path.join(out, name)), "weight": 1.0,
-                       "relative_prefix": name, "name": f"recall_{name}",
-                       "documents": counts["documents"], "tokens": counts["tokens"]}],
+    entry = {"prefix": os.path.abspath(os.path.join(out, name)), "weight": 1.0,
+             "relative_prefix": name, "name": f"recall_{name}",
+             "documents": counts["sequences"], "tokens": counts["tokens"]}
+    if spec.loss_mask:  # what a recipe's `data.loss_mask: blend` reads
+        entry.update(loss_mask=entry["prefix"] + MASK_SUFFIX, relative_loss_mask=name + MASK_SUFFIX)
+    return {"blend": [entry],
             "tokenizer": tokenizer, "vocab_size": spec.vocab_size, "eod_id": spec.eod_id,
             "dtype": "uint16" if spec.vocab_size < 65500 else "int32"}
 
@@ -243,9 +297,9 @@ def build(out: str, spec: MixtureSpec, *, seed: int, heldout_seed: int, train_to
     t0 = time.time()
     splits = {}
     for name, s, n in (("train", seed, train_tokens), ("heldout", heldout_seed, heldout_tokens)):
-        plans = plan_split(spec, s, n)
-        counts = write_split(spec, plans, os.path.join(out, name), workers, name, progress)
-        counts["example_seeds"] = [example_seed(s, 0), example_seed(s, len(plans) - 1)]
+        rows = plan_split(spec, s, n)
+        counts = write_split(spec, rows, os.path.join(out, name), workers, name, progress)
+        counts["example_seeds"] = [example_seed(s, 0), rows[-1][-1].seed]
         splits[name] = counts
     _atomic_json(os.path.join(out, "blend.json"), _blend(out, "train", splits["train"], spec, tokenizer))
     _atomic_json(os.path.join(out, "heldout.json"), _blend(out, "heldout", splits["heldout"], spec, tokenizer))
@@ -350,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="haystack of recall documents: random ids, --text, or half each (random)")
     p.add_argument("--text", action="append", default=[], metavar="PREFIX_OR_BLEND",
                    help="real text for haystacks and filler (IndexedDataset prefix or blend.json; repeatable)")
+    p.add_argument("--seq-length", type=int, default=0, metavar="S",
+                   help="the recipe's model.seq_length: pack whole documents into rows of exactly S "
+                        "tokens (the rest of a row: random/text ids + EOD), so that ham-train's "
+                        "samples never cut a document (a cut MQAR document keeps queries without "
+                        "their pairs). Every --lengths value must be < S. Default 0: one document "
+                        "per sequence, cut wherever ham-train's samples cross it (not recommended)")
+    p.add_argument("--loss-mask", action="store_true",
+                   help="also write OUT/{train,heldout}_loss_mask (uint8 IndexedDatasets, 1 at the "
+                        "answer tokens) and name them in the blend files: a recipe with "
+                        "`data.loss_mask: blend` then trains on the answers only")
     p.add_argument("--workers", type=int, default=1, help="generator processes (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -365,13 +429,18 @@ def run(args) -> dict:
                          "would repeat training ones")
     if args.workers < 1 or args.key_len < 1 or args.value_len < 1:
         raise ValueError("--workers, --key-len and --value-len must be >= 1")
+    if args.seq_length < 0 or 0 < args.seq_length <= max(args.lengths):
+        raise ValueError(f"--seq-length {args.seq_length}: a row must hold the longest document "
+                         f"({max(args.lengths)} tokens of --lengths) and its EOD: needs >= "
+                         f"{max(args.lengths) + 1} (or 0: no packing)")
     if not 0 <= args.eod_id < args.vocab_size:
         raise ValueError(f"--eod-id {args.eod_id} is outside the vocabulary [0, {args.vocab_size})")
     text = _text_prefixes(args.text)
     if args.haystack != "random" and not text:
         raise ValueError(f"--haystack {args.haystack} needs --text")
     spec = MixtureSpec(args.vocab_size, args.eod_id, args.mix, args.lengths, args.num_pairs,
-                       args.num_needles, args.key_len, args.value_len, args.haystack, text)
+                       args.num_needles, args.key_len, args.value_len, args.haystack, text,
+                       args.seq_length, args.loss_mask)
     from megatron_ham.eval.recall import TokenSpace, min_length
 
     TokenSpace(spec.vocab_size, exclude=(spec.eod_id,))

@@ -164,3 +164,34 @@ def test_calibration_threshold_and_routing_recorder():
     assert out[0]["score_samples"] == 500  # bounded sample
     assert abs(out[0]["quantiles"]["0.5"] - 0.5) < 0.08
     assert sum(out[0]["histogram"]["counts"]) == 500 and len(out[0]["histogram"]["edges"]) == 41
+
+
+def test_recall_scorer_on_an_oracle_and_on_its_negation():
+    """run_recall's scoring (teacher-forced argmax at logits[i - 1] for answer token i) gives
+    accuracy 1 to a model that predicts what the solver computes, and 0 to one that predicts
+    anything else: the scorer reads the answer positions the generator marks."""
+    from types import SimpleNamespace
+
+    from megatron_ham.eval.recall_suite import RecallPlan, run_recall
+
+    space = TokenSpace(300, exclude=(EOD,))
+
+    class Oracle:
+        def __init__(self, shift):
+            self.shift = shift  # 0: the solver's answer; 1: the next id (always wrong)
+
+        def forward(self, tokens):  # tokens [b, s] -> logits [b, s, V]
+            logits = torch.zeros(*tokens.shape, 300)
+            for r in range(tokens.shape[0]):
+                for p, a in zip(*solve(tokens[r].numpy(), space)):
+                    logits[r, p - 1, (a + self.shift) % 300] = 20.0
+            return SimpleNamespace(logits=logits, routing=None)
+
+    plan = RecallPlan(["mqar", "niah_multikey"], [64, 100], samples=5, seed=3, space=space,
+                      params={"mqar": {"num_pairs": 8}})
+    right = run_recall(Oracle(0), plan, batch_size=2, progress=False)
+    wrong = run_recall(Oracle(1), plan, batch_size=2, progress=False)
+    assert [r["accuracy"] for r in right] == [1.0] * 4 and [r["exact_match"] for r in right] == [1.0] * 4
+    assert [r["accuracy"] for r in wrong] == [0.0] * 4
+    assert all(r["answer_nll"] < 0.05 for r in right) and all(r["answer_nll"] > 5 for r in wrong)
+    assert right[0]["answer_tokens"] == 5 * 8

@@ -22,7 +22,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64"
 def _grid(out, configs, *extra, budget=600):
     cmd = [sys.executable, "-m", "megatron_ham.evidence", "--out", out, "--configs", configs, "--seeds", "0",
            "--concurrency", "2", "--budget-s", str(budget), "--reserve-s", "30", "--data-workers", "1",
-           "--heldout-tokens", "3000", "--data-arg=--lengths=128,256", "--data-arg=--num-pairs=8",
+           "--heldout-tokens", "3000", "--data-arg=--lengths=64,127", "--data-arg=--num-pairs=8",
            "--data-arg=--num-needles=2", "--final-lengths", "256,512", "--over-lengths", "256",
            "--eval-samples", "2", "--kv-sweep", "1", "--kv-sweep-configs", "ham_learned_f25",
            "--write-every-s", "2", "--export", os.path.join(out, "export"), *extra]

@@ -116,6 +116,7 @@ def heldout(data: str, run_cfg, *, split: Optional[str], num_samples: int, seq_l
     cfg = copy.deepcopy(run_cfg)
     d = cfg.data
     d.backend, d.weights = "megatron", []
+    d.loss_mask = "all"  # perplexity over every token, whatever the run trained on
     info = {}
     if kind == "blend":
         try:

@@ -135,9 +135,14 @@ class Grid:
         need = max(int(t.train_steps * t.global_batch_size * s * 1.02) + 1, 300 * s)
         from data_prep import recall_mixture
 
+        # documents packed whole into rows of the recipes' seq_length: ham-train's samples never
+        # cut one (a cut MQAR document keeps queries without their pairs; docs/results.md); the
+        # answer masks when the recipes train on the answers (data.loss_mask: blend)
         argv = ["--out", self.data_dir, "--vocab-size", str(recipe_cfg.model.vocab_size),
                 "--eod-id", str(a.eod_id), "--train-tokens", str(a.train_tokens or need), "--heldout-tokens",
-                str(a.heldout_tokens), "--workers", str(a.data_workers), "--no-progress", *a.data_arg]
+                str(a.heldout_tokens), "--workers", str(a.data_workers), "--no-progress",
+                "--seq-length", str(s), *(["--loss-mask"] if recipe_cfg.data.loss_mask == "blend" else []),
+                *a.data_arg]
         log(f"data: recall_mixture {' '.join(argv)}")
         t0 = time.time()
         try:

@@ -103,6 +103,10 @@ class DataConfig:
     urls: List[str] = field(default_factory=list)  # webdataset shards (brace patterns allowed)
     allow_pipe_urls: bool = False  # let data.urls hold `pipe:` URLs (shell commands run on every rank)
     documents: bool = True  # respect EOD boundaries in the model (document_forward_kwargs)
+    # which tokens the loss averages over: "all" (every token, as Megatron pretraining) or
+    # "blend" (per-token 0/1 weights from each blend entry's `loss_mask` IndexedDataset, e.g.
+    # the answer tokens of a recall mixture written with --loss-mask; docs/training.md)
+    loss_mask: Literal["all", "blend"] = "all"
 
 
 @dataclass
@@ -483,6 +487,9 @@ def validate(cfg: RunConfig, sources: Optional[dict] = None, where: str = "<conf
     d = cfg.data
     if d.backend == "megatron" and not d.blend and not d.prefixes:
         bad("data.blend", "backend 'megatron' needs data.blend (a blend file) or data.prefixes")
+    if d.loss_mask == "blend" and (d.backend != "megatron" or not d.blend or d.prefixes):
+        bad("data.loss_mask", "'blend' needs backend 'megatron' and data.blend only (no data.prefixes): "
+            "the masks are named by the blend file's entries")
     if d.prefixes and d.weights and len(d.weights) != len(d.prefixes):
         bad("data.weights", f"{len(d.weights)} weights for {len(d.prefixes)} prefixes")
     if d.backend == "webdataset" and not d.urls:

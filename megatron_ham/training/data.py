@@ -41,8 +41,10 @@ from .config import ConfigError, RunConfig
 
 
 # ----------------------------------------------------------------------------- blend / tokenizer
-def read_blend(path: str) -> Tuple[List[str], List[float], dict]:
-    """A ham-prep-data blend file -> (prefixes, weights, extra info {eod_id, vocab_size, ...})."""
+def read_blend(path: str, key: str = "prefix") -> Tuple[List[str], List[float], dict]:
+    """A ham-prep-data blend file -> (prefixes, weights, extra info {eod_id, vocab_size, ...}).
+    key "loss_mask": each entry's loss-mask IndexedDataset instead of its tokens (data.loss_mask
+    blend; `relative_loss_mask` resolves against the file's directory like `relative_prefix`)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
@@ -57,11 +59,13 @@ def read_blend(path: str) -> Tuple[List[str], List[float], dict]:
     base = os.path.dirname(os.path.abspath(path))
     prefixes, weights = [], []
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or "prefix" not in e or "weight" not in e:
-            raise ConfigError(f"{path}: blend[{i}] needs 'prefix' and 'weight', got {e!r}")
-        p = e["prefix"] if os.path.isabs(e["prefix"]) else os.path.join(base, e["prefix"])
-        if not os.path.exists(p + ".idx") and "relative_prefix" in e:
-            p = os.path.join(base, e["relative_prefix"])
+        if not isinstance(e, dict) or key not in e or "weight" not in e:
+            raise ConfigError(f"{path}: blend[{i}] needs '{key}' and 'weight', got {e!r}"
+                              + (" (data.loss_mask blend: write the data with a loss mask, e.g. "
+                                 "recall_mixture --loss-mask)" if key != "prefix" else ""))
+        p = e[key] if os.path.isabs(e[key]) else os.path.join(base, e[key])
+        if not os.path.exists(p + ".idx") and f"relative_{key}" in e:
+            p = os.path.join(base, e[f"relative_{key}"])
         if not (os.path.isfile(p + ".idx") and os.path.isfile(p + ".bin")):
             raise ConfigError(f"{path}: blend[{i}]: no IndexedDataset at {p}(.idx/.bin)")
         prefixes.append(p)
@@ -374,22 +378,60 @@ def build_datasets(cfg: RunConfig, *, vocab_size: int) -> Tuple[object, Optional
     if dist.is_initialized():  # every rank checked the cache before rank 0 starts writing to it
         dist.barrier()
     check_split_sizes(prefixes, weights, d.split, s, [n_train, n_valid, 0])
-    gcfg = GPTDatasetConfig(
-        random_seed=cfg.train.seed,
-        sequence_length=s,
-        blend=(prefixes, weights) if len(prefixes) > 1 else (prefixes, None),
-        split=d.split,
-        path_to_cache=cache,
-        tokenizer=_TokenizerInfo(vocab_size, eod),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [n_train, n_valid, 0], lambda: True, gcfg
-    ).build()
+    def splits(paths: List[str]):  # (train, valid) GPTDatasets over `paths`
+        gcfg = GPTDatasetConfig(
+            random_seed=cfg.train.seed,
+            sequence_length=s,
+            blend=(paths, weights) if len(paths) > 1 else (paths, None),
+            split=d.split,
+            path_to_cache=cache,
+            tokenizer=_TokenizerInfo(vocab_size, eod),
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        return BlendedMegatronDatasetBuilder(GPTDataset, [n_train, n_valid, 0], lambda: True, gcfg).build()[:2]
+
+    train, valid = splits(prefixes)
+    if d.loss_mask == "blend":
+        masks = read_blend(d.blend, "loss_mask")[0]
+        check_loss_masks(prefixes, masks)
+        mtrain, mvalid = splits(masks)
+        train, valid = MaskedSamples(train, mtrain), (MaskedSamples(valid, mvalid) if n_valid else None)
     return train, (valid if n_valid else None), eod
+
+
+def check_loss_masks(prefixes: List[str], masks: List[str]) -> None:
+    """Every loss-mask IndexedDataset has its token dataset's sequence lengths (so GPTDataset,
+    given the same seed, split and sizes, cuts both into the same samples)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for p, m in zip(prefixes, masks):
+        da, db = IndexedDataset(p), IndexedDataset(m)  # kept alive: the lengths view their mmap
+        a, b = np.array(da.sequence_lengths), np.array(db.sequence_lengths)
+        if len(a) != len(b) or (a != b).any():
+            raise ConfigError(f"key 'data.loss_mask': {m}(.idx) does not match the sequences of {p} "
+                              f"({len(b)} vs {len(a)} sequences, or other lengths)")
+
+
+class MaskedSamples(torch.utils.data.Dataset):
+    """GPTDataset samples whose loss_mask [s] is the parallel mask dataset's labels: the 0/1
+    weight of each predicted token (data.loss_mask blend). Both datasets come from one
+    GPTDatasetConfig (seed, split, sizes) over sequences of equal lengths: equal sample indices."""
+
+    def __init__(self, tokens, masks):
+        if len(tokens) != len(masks):  # pragma: no cover - check_loss_masks makes them equal
+            raise ConfigError(f"key 'data.loss_mask': {len(masks)} mask samples for {len(tokens)} samples")
+        self.tokens, self.masks = tokens, masks
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        x = dict(self.tokens[i])
+        x["loss_mask"] = torch.as_tensor(self.masks[i]["labels"]).float()  # [s]
+        return x
 
 
 # ----------------------------------------------------------------------------- batching
