@@ -2,8 +2,9 @@
 # The evidence grid (issue 16) in one call on the GPU machine, from the repo root, with the GPU
 # bundle on PYTHONPATH (CONTRIBUTING.md "On the GPU machine"):
 #   bash tools/evidence_device.sh OUT_DIR [BUDGET_S]
-# Runs, at once: the grid (python -m megatron_ham.evidence: 8 configurations x 3 seeds, the
-# recipes' steps) and the controller reproduction (recipes/evidence/instability). Haystacks are
+# Runs the grid (python -m megatron_ham.evidence: 8 configurations x 3 seeds, the recipes'
+# steps) and, with INSTABILITY=1, the controller reproduction (recipes/evidence/instability) at
+# the same time (its 2026-12-02 traces are docs/results/instability.json). Haystacks are
 # random ids (as ham-eval's default); for real text add --data-arg=--text=runs/sample/blend.json
 # --data-arg=--haystack=mix after ham-prep-data --manifest sample --out runs/sample.
 # What comes back (<= 8 files): OUT/gpu.txt, OUT/{grid,inst}/{runner.log,grid.json,evidence_runs.tar.gz}.
@@ -26,7 +27,7 @@ mkdir -p "$W" "$OUT/grid" "$OUT/inst"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCHINDUCTOR_COMPILE_THREADS=1 \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-python -m megatron_ham.evidence --out "$W/inst" --recipes recipes/evidence/instability --seeds 0 \
+[ "${INSTABILITY:-0}" = 1 ] && python -m megatron_ham.evidence --out "$W/inst" --recipes recipes/evidence/instability --seeds 0 \
     --concurrency 2 --budget-s $((BUDGET - 40)) --reserve-s 60 --cache-dir "$W/cache" --data-workers 2 \
     --heldout-tokens 50000 --data-arg=--lengths=127,255 --data-arg=--num-pairs=16 \
     --data-arg=--mix=mqar=0.7,niah_multikey=0.3 --data-arg=--num-needles=2,4 \
