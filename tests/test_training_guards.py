@@ -183,6 +183,34 @@ def test_forked_child_dies_with_its_parent(guard):
         child.kill()
 
 
+_CLOBBER = r"""
+import ctypes, os, signal, sys, time
+from megatron_ham.training.signals import StopRequest
+stop = StopRequest().install()
+libc = ctypes.CDLL(None)
+libc.signal.restype = ctypes.c_void_p
+libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.signal(signal.SIGUSR1, 1)  # SIG_IGN set in C, as a library's sigaction would: Python is not told
+assert signal.getsignal(signal.SIGUSR1) == stop._handle  # Python still believes it is ours
+os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)
+lost = stop.signum
+stop.reassert()
+os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)
+print(lost, stop.signum)
+"""
+
+
+def test_stop_handler_reasserted_after_c_code_replaced_it():
+    """A disposition set in C behind Python's back loses SIGUSR1 (what the H200 runs showed);
+    StopRequest.reassert() (called by the loop after the first step) makes it ours again."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", _CLOBBER], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lost, got = map(int, out.stdout.split()[-2:])
+    assert (lost, got) == (0, int(signal.SIGUSR1))
+
+
 # ----------------------------------------------------------------------------- start-up checks
 def test_read_only_or_small_checkpoint_dir_refused_at_start(blend, tmp_path):
     d = str(tmp_path)

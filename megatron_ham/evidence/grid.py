@@ -17,7 +17,7 @@ how many steps every run can take so that the grid ends within the budget (the s
 all: train.train_steps, with warm-up, checkpoints and validation scaled to it; fit.py).
 Resumable: a run whose run.json says "done" is skipped, an interrupted training resumes from its
 latest checkpoint, reports already written are not redone. Budget: after --budget-s minus
---reserve-s no training starts and the running ones get SIGUSR1 (ham-train checkpoints and exits
+--reserve-s no training starts and the running ones get SIGTERM (ham-train checkpoints and exits
 75: "stopped"); their checkpoints are still evaluated; at --budget-s everything left is ended
 (SIGTERM, then SIGKILL) and grid.json says what finished. Exit codes: 0 every run done, 3 some
 runs stopped / failed / not started (grid.json has the rest), 2 bad arguments.
@@ -42,7 +42,7 @@ from .collect import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED_BASE = 1234
-EXIT_STOPPED = 75  # ham-train's exit code after a checkpoint on SIGUSR1
+EXIT_STOPPED = 75  # ham-train's exit code after a checkpoint on SIGTERM / SIGUSR1
 
 
 class DataError(ValueError):
@@ -274,9 +274,11 @@ class Grid:
         for r in self.running():
             if r.phase == "training" and not r.signalled:
                 try:
-                    os.killpg(r.proc.pid, signal.SIGUSR1)
+                    # SIGTERM, not SIGUSR1: on the H200 (2026-12-02) SIGUSR1 reached no GDN / HAM
+                    # process (training/signals.py StopRequest.reassert), SIGTERM reached all
+                    os.killpg(r.proc.pid, signal.SIGTERM)
                     r.signalled = True
-                    log(f"budget: SIGUSR1 to {r.config} seed {r.seed}")
+                    log(f"budget: SIGTERM to {r.config} seed {r.seed}")
                 except ProcessLookupError:
                     pass
 

@@ -432,6 +432,7 @@ def train(tr: Trainer, stop: Optional[StopRequest] = None) -> int:
             dt = time.perf_counter() - t0
             if first:
                 first = False
+                stop.reassert()  # after the libraries the first step loaded (signals.py)
                 tr.log.first_step(tr.step, process_age_s(), dt, compile_cache.current().summary(),
                                   compile_cache.counters())
             kv = m.pop("kv")

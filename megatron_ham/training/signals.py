@@ -62,6 +62,16 @@ class StopRequest:
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
+    def reassert(self) -> None:
+        """Install the handlers again (when installed). C code loaded lazily by the first step
+        (fla / TileLang / Triton / NCCL) can set its own disposition for a signal with
+        sigaction(), replacing Python's without Python noticing (signal.getsignal still answers
+        ours). On an H200 (2026-12-02) SIGUSR1 sent after their first step reached none of 21
+        GDN / HAM training processes while SIGTERM did; training.loop calls this after the first
+        step so both stop signals are ours again."""
+        for s in self._previous:
+            signal.signal(s, self._handle)
+
     def uninstall(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
