@@ -78,3 +78,31 @@ def test_grid_end_to_end(tmp_path):
     g = json.load(open(os.path.join(out, "grid.json")))
     assert [(r["config"], r["status"]) for r in g["runs"]] == [("gdn", "pending")]
     print(f"first invocation {first:.0f} s")
+
+
+def test_stagger_waits_for_the_first_run_of_a_configuration(tmp_path):
+    """--stagger (default): the other seeds of a configuration start only once its first run has
+    finished its first step (its metrics.jsonl has the "startup" record) or has ended; other
+    configurations are independent; --no-stagger starts everything."""
+    from megatron_ham.evidence.grid import Grid, Run, parse_args
+
+    def grid(*flags):
+        g = Grid(parse_args(["--out", str(tmp_path / "g"), *flags]))
+        g.runs = [Run(c, s, f"{c}.yaml", str(tmp_path / c / f"seed{s}"), []) for s in (0, 1) for c in ("a", "b")]
+        for r in g.runs:
+            os.makedirs(r.dir, exist_ok=True)
+        return g, {(r.config, r.seed): r for r in g.runs}
+
+    g, runs = grid()
+    assert [g.compiled(r) for r in g.runs] == [True, True, False, False]  # the leads only
+    runs["a", 0].phase = "training"
+    with open(os.path.join(runs["a", 0].dir, "metrics.jsonl"), "w") as f:
+        f.write('{"kind": "train", "step": 1}\n{"kind": "star')  # still compiling; a torn line
+    assert not g.compiled(runs["a", 1])
+    with open(os.path.join(runs["a", 0].dir, "metrics.jsonl"), "w") as f:
+        f.write('{"kind": "startup", "step": 1, "time_to_first_step_s": 40.0}\n')
+    assert g.compiled(runs["a", 1]) and not g.compiled(runs["b", 1])
+    runs["b", 0].phase = "failed"  # an ended lead does not hold the others back
+    assert g.compiled(runs["b", 1])
+    g, _ = grid("--no-stagger")
+    assert all(g.compiled(r) for r in g.runs)

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 
 from megatron_ham.distributed import free_port
 
-from .collect import collect
+from .collect import collect, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED_BASE = 1234
@@ -82,6 +82,7 @@ class Run:
     record: dict = field(default_factory=dict)
     proc: Optional[subprocess.Popen] = None
     phase: str = "pending"  # pending | training | trained | evaluating | done | stopped | failed
+    first_step_done: bool = False  # its metrics.jsonl has the "startup" record (--stagger)
     # "trained": checkpoints to evaluate (training finished, or stopped: record["stopped"])
     started: float = 0.0
     signalled: bool = False
@@ -229,6 +230,23 @@ class Grid:
         r.phase = "evaluating"
         r.save()
         log(f"eval {r.config} seed {r.seed} (pid {r.proc.pid})")
+
+    def compiled(self, r: Run) -> bool:
+        """--stagger: whether `r` may start. The first run of a configuration starts at once; the
+        others wait until it has finished its first step (its kernels are then in the shared
+        compile cache, `train.compile_cache_dir`) or has ended. On the H200 (2026-12-02) 24
+        processes compiling from an empty cache at once took 305 s each to their first step."""
+        if not self.args.stagger:
+            return True
+        lead = next(x for x in self.runs if x.config == r.config)
+        if lead is r or lead.phase not in ("pending", "training"):
+            return True
+        if lead.phase == "pending":
+            return False
+        if not lead.first_step_done:
+            lead.first_step_done = any(rec.get("kind") == "startup"
+                                       for rec in read_metrics(os.path.join(lead.dir, "metrics.jsonl")))
+        return lead.first_step_done
 
     def _final_step(self, r: Run) -> Optional[int]:
         from megatron_ham.evidence.run_eval import checkpoints
@@ -382,7 +400,7 @@ class Grid:
                     self.start_eval(r)
                     free -= 1
             for r in self.runs:
-                if free > 0 and now < soft and r.proc is None and r.phase == "pending":
+                if free > 0 and now < soft and r.proc is None and r.phase == "pending" and self.compiled(r):
                     self.start_training(r)
                     free -= 1
             waiting = [r for r in self.runs if r.phase == "trained" or (r.phase == "pending" and now < soft)]
@@ -436,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", help="copy grid.json there as it changes, and a tarball of the runs' logs at the end")
     p.add_argument("--cache-dir", help="compiled-kernel caches shared by the processes (default OUT/cache)")
     p.add_argument("--prune", action="store_true", help="delete evaluated intermediate checkpoints")
+    p.add_argument("--stagger", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the other runs of a configuration only after its first run has done "
+                        "its first step, so they load its compiled kernels (default on)")
     d = p.add_argument_group("data (data_prep.recall_mixture)")
     d.add_argument("--eod-id", type=int, default=0, help="EOD id (0, the sample tokenizer's)")
     d.add_argument("--train-tokens", type=int, default=0, help="training tokens (default: what the steps read)")
