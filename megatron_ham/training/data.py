@@ -293,6 +293,20 @@ def check_index_cache(cache_dir: str) -> None:
 MAX_INDEX_ENTRIES = 1 << 31
 
 
+def open_index(prefix: str):
+    """megatron-core's IndexedDataset at `prefix` (mmap); a damaged or foreign .idx is a
+    ConfigError naming the file, not a traceback."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+        ds.document_indices, ds.sequence_lengths  # noqa: B018 - read here, where errors are named
+    except Exception as e:  # noqa: BLE001 - megatron-core raises AssertionError / ValueError / OSError
+        raise ConfigError(f"{prefix}.idx: not a readable IndexedDataset index "
+                          f"({type(e).__name__}: {e})") from None
+    return ds
+
+
 def check_split_sizes(prefixes: List[str], weights: List[float], split: str, seq_length: int,
                       sizes: List[int]) -> None:
     """Every split the run samples from holds tokens in every blended dataset, few enough epochs
@@ -302,18 +316,12 @@ def check_split_sizes(prefixes: List[str], weights: List[float], split: str, seq
     rounds to none: `data.split=99.5,0.5,0` of 60 documents). Reads each `.idx` (mmap)."""
     import math
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     parts = [float(x) for x in split.split(",")]
     bounds = [sum(parts[:i]) / sum(parts) for i in range(len(parts) + 1)]
     total_w = sum(weights)
     for prefix, w in zip(prefixes, weights):
-        try:
-            ds = IndexedDataset(prefix, mmap=True)
-            docs, lengths = ds.document_indices, ds.sequence_lengths
-        except Exception as e:  # a damaged or foreign .idx: name it, not a traceback
-            raise ConfigError(f"{prefix}.idx: not a readable IndexedDataset index "
-                              f"({type(e).__name__}: {e})") from None
+        ds = open_index(prefix)
+        docs, lengths = ds.document_indices, ds.sequence_lengths
         n_docs = docs.shape[0] - 1
         for i, (name, n) in enumerate(zip(("train", "valid", "test"), sizes)):
             if parts[i] == 0:  # a 0 share: megatron-core builds no dataset for it
@@ -405,10 +413,8 @@ def build_datasets(cfg: RunConfig, *, vocab_size: int) -> Tuple[object, Optional
 def check_loss_masks(prefixes: List[str], masks: List[str]) -> None:
     """Every loss-mask IndexedDataset has its token dataset's sequence lengths (so GPTDataset,
     given the same seed, split and sizes, cuts both into the same samples)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     for p, m in zip(prefixes, masks):
-        da, db = IndexedDataset(p), IndexedDataset(m)  # kept alive: the lengths view their mmap
+        da, db = open_index(p), open_index(m)  # kept alive: the lengths view their mmap
         a, b = np.array(da.sequence_lengths), np.array(db.sequence_lengths)
         if len(a) != len(b) or (a != b).any():
             raise ConfigError(f"key 'data.loss_mask': {m}(.idx) does not match the sequences of {p} "
