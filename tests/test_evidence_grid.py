@@ -53,7 +53,7 @@ def test_grid_end_to_end(tmp_path):
         assert {(x["task"], x["length"]) for x in fin["recall"]} == {
             (t, L) for t in ("mqar", "niah_single", "niah_multikey", "niah_multivalue") for L in (256, 512)}
         assert all(0.0 <= x["accuracy"] <= 1.0 for x in fin["recall"])
-        assert 8.0 < fin["perplexity"]["loss"] < 10.0  # ~ln(8000): 6 steps learn next to nothing
+        assert 5.5 < fin["perplexity"]["loss"] < 7.0  # ~ln(512): 6 steps learn next to nothing
     ham = runs["ham_learned_f25"]
     assert ham["model"]["pattern"] == "HH" and ham["model"]["router_score"] == "logit"
     assert set(ham["curves"]["kv"]) == {"0", "1"}
@@ -106,3 +106,17 @@ def test_stagger_waits_for_the_first_run_of_a_configuration(tmp_path):
     assert g.compiled(runs["b", 1])
     g, _ = grid("--no-stagger")
     assert all(g.compiled(r) for r in g.runs)
+
+
+def test_final_report_of_a_stopped_run_is_redone_after_resuming(tmp_path):
+    """run_eval skips a report only when it evaluated the newest checkpoint: a run stopped by the
+    budget got a final.json of its last checkpoint; once resumed, the newer one is evaluated."""
+    from megatron_ham.evidence.run_eval import _done
+
+    rep = tmp_path / "final.json"
+    old, new = str(tmp_path / "ck" / "step_00000200"), str(tmp_path / "ck" / "step_00000800")
+    assert not _done(str(rep), old)  # no report yet
+    rep.write_text(json.dumps({"model": {"path": old + "/"}}))
+    assert _done(str(rep), old) and not _done(str(rep), new)
+    rep.write_text("{not json")
+    assert not _done(str(rep), old)

@@ -5,7 +5,8 @@
 For every complete checkpoint of RUN_DIR/checkpoints, in step order, one ham-eval report in
 RUN_DIR/eval (a report already there is not redone):
   step_XXXXXXXX.json  held-out recall over training (--over-tasks at --over-lengths)
-  final.json          the newest checkpoint: perplexity on the held-out documents (--heldout,
+  final.json          the newest checkpoint (redone when a newer one appears: a run stopped by
+                      the runner's budget and resumed later): perplexity on the held-out documents (--heldout,
                       every document), the recall suite at --final-lengths (beyond the trained
                       context too), the routing report and its trace (HAM)
   kv_<f>.json         the newest checkpoint at other KV fractions (--kv-sweep, HAM only):
@@ -19,6 +20,7 @@ Exit codes: 0 ok, 1 a ham-eval call failed (the others still ran), 2 bad argumen
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -32,6 +34,19 @@ def checkpoints(run_dir: str):
 
     root = os.path.join(run_dir, "checkpoints")
     return complete_checkpoints(root) if os.path.isdir(root) else []
+
+
+def _done(report: str, checkpoint: str) -> bool:
+    """Whether `report` exists and evaluated `checkpoint` (the same step directory). A final
+    report of a run stopped short (the runner's budget) is redone once the resumed run has a
+    newer checkpoint."""
+    try:
+        with open(report, encoding="utf-8") as f:
+            path = (json.load(f).get("model") or {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(path, str) and os.path.basename(os.path.normpath(path)) == os.path.basename(
+        os.path.normpath(checkpoint))
 
 
 def _ham_eval(argv: List[str]) -> int:
@@ -61,7 +76,7 @@ def evaluate_run(args) -> int:
             failed += _ham_eval(["--checkpoint", path, "--out", out, "--tasks", args.over_tasks,
                                  "--lengths", args.over_lengths, *common]) != 0
     out = os.path.join(ev, "final.json")
-    if not os.path.exists(out):
+    if not _done(out, newest):
         tasks = "recall,routing" + (",ppl" if args.heldout else "")
         extra = ["--data", args.heldout, "--split", "all", "--ppl-samples", str(args.ppl_samples)] if args.heldout else []
         failed += _ham_eval(["--checkpoint", newest, "--out", out, "--tasks", tasks, "--lengths",
@@ -71,7 +86,7 @@ def evaluate_run(args) -> int:
     if args.kv_sweep and describe(checkpoint=newest).ham_layers:
         for f in args.kv_sweep.split(","):
             out = os.path.join(ev, f"kv_{float(f):g}.json")
-            if not os.path.exists(out):
+            if not _done(out, newest):
                 failed += _ham_eval(["--checkpoint", newest, "--out", out, "--tasks", args.over_tasks,
                                      "--lengths", args.over_lengths, "--kv-fraction", f, *common]) != 0
     if args.prune and not failed:

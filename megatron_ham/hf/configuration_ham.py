@@ -53,7 +53,8 @@ class HAMConfig(PretrainedConfig):
     hidden_size, intermediate_size (SwiGLU width), num_hidden_layers == len(layer_pattern).
     Attention ("*"): num_attention_heads, num_key_value_heads (GQA groups), head_dim, rope_theta.
     HAM / GDN ("H", "G"): mixer_num_heads, mixer_key_head_dim (K), mixer_value_head_dim (V),
-        conv_kernel, mixer_norm_eps (gated per-head output RMSNorm).
+        conv_kernel, mixer_norm_eps (gated per-head output RMSNorm), output_gate ("silu" |
+        "none": whether that norm is gated by silu(z_proj(x)); exports before the field: "silu").
     HAM: router ("error_l2" | "error_cosine" | "learned" | "random"), router_hidden_size,
         router_seed (the random router's), router_score (learned router: "logit" thresholds its
         pre-sigmoid output, "sigmoid" the output itself: exports written before the field),
@@ -91,6 +92,7 @@ class HAMConfig(PretrainedConfig):
         mixer_value_head_dim: int = 16,
         conv_kernel: int = 4,
         mixer_norm_eps: float = 1e-6,
+        output_gate: str = "silu",
         router: str = "error_l2",
         router_hidden_size: int = 16,
         router_seed: int = 0,
@@ -126,6 +128,7 @@ class HAMConfig(PretrainedConfig):
         self.mixer_value_head_dim = mixer_value_head_dim
         self.conv_kernel = conv_kernel
         self.mixer_norm_eps = float(mixer_norm_eps)
+        self.output_gate = output_gate
         self.router = router
         self.router_hidden_size = router_hidden_size
         self.router_seed = router_seed
@@ -170,6 +173,8 @@ class HAMConfig(PretrainedConfig):
                                  for i, t in enumerate(self.tau_override)]
         else:
             self.tau_override = _as_tau(self.tau_override, "HAMConfig: key 'tau_override'")
+        if self.output_gate not in ("silu", "none"):
+            bad("output_gate", "'silu' or 'none'", self.output_gate)
         if self.eod_token_id is not None and (isinstance(self.eod_token_id, bool)
                                               or not isinstance(self.eod_token_id, int)):
             bad("eod_token_id", "an int or None", self.eod_token_id)

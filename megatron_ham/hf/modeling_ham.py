@@ -345,8 +345,8 @@ class GDNMixer(nn.Module):
 
     # ------------------------------------------------------------------ the state
     def _state(self, x, doc, has_docs, cache: Optional[HAMCache], mask, return_error: bool = False):
-        """x [B, T, h] -> dict of q, k [B,T,H,K], v, z, o_rnn [B,T,H,V] and err [B,T,H] (None
-        unless return_error); updates the cached conv and state. Padding (mask False) leaves
+        """x [B, T, h] -> dict of q, k [B,T,H,K], v, z (None without an output gate), o_rnn
+        [B,T,H,V] and err [B,T,H] (None unless return_error); updates the cached conv and state. Padding (mask False) leaves
         the conv taps and the state as they are."""
         B, T, _ = x.shape
         H, K, V = self.H, self.K, self.V
@@ -387,7 +387,8 @@ class GDNMixer(nn.Module):
         if cu is not None:
             o_rnn = o_rnn.reshape(B, T, H, V)
             err = err.reshape(B, T, H) if err is not None else None
-        return dict(q=q, k=k, v=v, z=self.z_proj(x).reshape(B, T, H, V), o_rnn=o_rnn, err=err)
+        z = self.z_proj(x).reshape(B, T, H, V) if cfg.output_gate == "silu" else None
+        return dict(q=q, k=k, v=v, z=z, o_rnn=o_rnn, err=err)
 
     def forward(self, x, doc, has_docs, cache: Optional[HAMCache], positions, mask):
         """x [B, T, h] (normed layer input) -> [B, T, h]. doc int [B, T]: document index within

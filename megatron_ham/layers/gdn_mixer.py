@@ -182,7 +182,9 @@ class GDNMixer(SectionedMixer):
         qkv = self._fused(causal_conv_silu)(qkv, w, doc)
         q, k, v, g, beta = self._fused(gdn_activations)(
             qkv, parts["a"], parts["beta"], self.A_log, self.dt_bias, self.H_l, self.K, self.V)
-        out = dict(q=q, k=k, v=v, g=g, beta=beta, z=parts["z"].reshape(b, s, self.H_l, self.V))
+        out = dict(q=q, k=k, v=v, g=g, beta=beta)
+        if "z" in parts:  # the output gate (model.output_gate "silu")
+            out["z"] = parts["z"].reshape(b, s, self.H_l, self.V)
         for name in parts:
             if name not in ("q", "k", "v", "z", "beta", "a"):
                 out[name] = parts[name]
@@ -228,5 +230,5 @@ class GDNMixer(SectionedMixer):
             raise NotImplementedError("GDN/HAM mixers: Megatron inference contexts are not supported")
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
         o, _ = self._recurrent(t, cu)
-        y = self._fused(gated_rms_norm)(o, t["z"], self._norm_weight(), eps=self.norm_eps)
+        y = self._fused(gated_rms_norm)(o, t.get("z"), self._norm_weight(), eps=self.norm_eps)
         return self._output(y.to(hidden_states.dtype), s, b)

@@ -21,7 +21,8 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
           mode, in training a key of (optimizer step, data-parallel rank, row), the same in a
           recomputed forward; position = index in the row. No gradient, values unscaled.
       routed_t = score_t >= tau, tau = this layer's KVFractionController buffer (in the checkpoint).
-  - output: gated_combine(o_rnn, o_kv, gate_rnn, gate_kv, z, norm_weight) -> out_proj.
+  - output: gated_combine(o_rnn, o_kv, gate_rnn, gate_kv, z, norm_weight) -> out_proj (z None
+    with model.output_gate "none").
 
 Controller protocol: in training mode forward() only RECORDS the detached per-token scores
 [b, s] (tau is not touched, so it is constant within a step and robust to recomputation and
@@ -153,6 +154,6 @@ class HAMMixer(GDNMixer):
         v_kv = t["v"] if r is None else router_weighted_values(t["v"], r.to(t["v"].dtype), routed)
         o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=self.scratchpad_scale,
                                     cu_seqlens=cu, impl=self.scratchpad_impl)
-        y = self._fused(gated_combine)(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t["z"],
+        y = self._fused(gated_combine)(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t.get("z"),
                                        self._norm_weight(), eps=self.norm_eps)
         return self._output(y.to(hidden_states.dtype), s, b)

@@ -42,7 +42,10 @@ class ModelConfig:
         hidden/heads), RoPE with rotary_base.
     GDN / HAM layers: mixer_num_heads, mixer_key_head_dim, mixer_value_head_dim, conv_kernel,
         mixer_norm_eps (eps of the gated per-head output RMSNorm; 1e-6, the value every model
-        trained before it was a setting used; `norm_eps` is the hidden-state norms').
+        trained before it was a setting used; `norm_eps` is the hidden-state norms'),
+        output_gate ("silu": the memory readout is RMSNorm(o) * silu(W_z x), Gated DeltaNet's and
+        the paper's output gate; "none": RMSNorm(o) alone, no W_z; docs/design.md "Output
+        combination": at small widths the gate keeps HAM and GDN from learning recall).
     HAM: kv_fraction (target in [0, 1]), router ("error_l2" | "error_cosine" | "learned" |
         "random": the ablation, content-independent i.i.d. scores), router_seed (the random
         router's seed), router_score (what the learned router's threshold cuts: "logit" = its
@@ -84,6 +87,7 @@ class ModelConfig:
     mixer_value_head_dim: int = 16
     conv_kernel: int = 4
     mixer_norm_eps: float = 1e-6
+    output_gate: str = "silu"
     # HAM
     kv_fraction: float = 0.5
     router: str = "error_l2"

@@ -1,8 +1,9 @@
 """Layer kind "gdn" ('G'): the Gated DeltaNet mixer (megatron_ham/layers/gdn_mixer.py).
 
 Settings (ModelConfig): mixer_num_heads (split over TP), mixer_key_head_dim K,
-mixer_value_head_dim V, conv_kernel, mixer_norm_eps, impl, fusions.
-Fused parameters, per head: in_proj q K, k K, v V, z V (output gate), beta 1, a 1 (decay input);
+mixer_value_head_dim V, conv_kernel, mixer_norm_eps, output_gate, impl, fusions.
+Fused parameters, per head: in_proj q K, k K, v V, z V (the output gate; only with output_gate
+"silu"), beta 1, a 1 (decay input);
 conv1d (depthwise, `conv_kernel` taps) q K, k K, v V. Other tensors: A_log, dt_bias [H],
 norm_weight [V], out_proj [h, H*V].
 """
@@ -13,6 +14,7 @@ from .registry import Fused, LayerKind, Section, SettingError, divisible, positi
 #: chunk length of the chunked delta rule (FLOPs accounting)
 GDN_CHUNK = 64
 IMPLS = ("auto", "naive", "chunk")
+OUTPUT_GATES = ("silu", "none")
 
 
 class GDNKind(LayerKind):
@@ -26,6 +28,8 @@ class GDNKind(LayerKind):
         divisible("mixer_num_heads", cfg.mixer_num_heads, tp, "tensor_model_parallel_size")
         if isinstance(cfg.mixer_norm_eps, bool) or not cfg.mixer_norm_eps > 0:
             raise SettingError("mixer_norm_eps", "a float > 0", cfg.mixer_norm_eps)
+        if cfg.output_gate not in OUTPUT_GATES:
+            raise SettingError("output_gate", f"one of {list(OUTPUT_GATES)}", cfg.output_gate)
         if cfg.impl not in IMPLS:
             raise SettingError("impl", f"one of {list(IMPLS)}", cfg.impl)
 
@@ -48,8 +52,9 @@ class GDNKind(LayerKind):
 
     def in_proj_sections(self, cfg):
         K, V = cfg.mixer_key_head_dim, cfg.mixer_value_head_dim
-        return (Section("q", K, "q"), Section("k", K, "k"), Section("v", V, "v"), Section("z", V, "z"),
-                Section("beta", 1, "b"), Section("a", 1, "a"))
+        gate = (Section("z", V, "z"),) if cfg.output_gate == "silu" else ()
+        return ((Section("q", K, "q"), Section("k", K, "k"), Section("v", V, "v")) + gate
+                + (Section("beta", 1, "b"), Section("a", 1, "a")))
 
     def fused(self, cfg):
         H, K, V = cfg.mixer_num_heads, cfg.mixer_key_head_dim, cfg.mixer_value_head_dim
@@ -80,7 +85,7 @@ class GDNKind(LayerKind):
     def hf_settings(self, cfg):
         return {"mixer_num_heads": cfg.mixer_num_heads, "mixer_key_head_dim": cfg.mixer_key_head_dim,
                 "mixer_value_head_dim": cfg.mixer_value_head_dim, "conv_kernel": cfg.conv_kernel,
-                "mixer_norm_eps": float(cfg.mixer_norm_eps),
+                "mixer_norm_eps": float(cfg.mixer_norm_eps), "output_gate": cfg.output_gate,
                 "ops_impl": cfg.impl if cfg.impl in IMPLS else "auto"}
 
 
