@@ -229,3 +229,63 @@ def test_controller_two_ranks_same_tau(tmp_path):
     want = torch.minimum(r0["heads"].amin(-1), r1["heads"].amin(-1))
     torch.testing.assert_close(r0["min"], want)
     torch.testing.assert_close(r1["min"], want)
+
+
+def test_quantile_threshold_routes_exactly_the_target():
+    from megatron_ham.ops.controller import quantile_threshold
+
+    s = torch.randn(4, 250, generator=torch.Generator().manual_seed(0))
+    for f in (0.01, 0.1, 0.25, 0.5, 0.9):
+        assert int((s >= quantile_threshold(s, f)).sum()) == round(f * 1000)
+    assert int((s >= quantile_threshold(s, 1e-9)).sum()) == 1  # at least one token
+
+
+def test_batch_routing_is_exact_in_training_and_survives_recomputation():
+    """model.train_routing "batch": every training forward routes exactly kv_fraction of its
+    micro-batch per layer (however the scores drift), the recomputed forward of activation
+    checkpointing routes the same tokens (same loss and gradients as without it), the
+    controller's tau still tracks the quantile, and eval mode routes at tau."""
+    from megatron_ham import distributed as D
+    from megatron_ham.layers import HAMMixer
+    from megatron_ham.models import ModelConfig, build_model, step_kv_controllers
+
+    D.initialize(tp=1, seed=2)
+    small = dict(architecture="ham", num_layers=2, hidden_size=32, vocab_size=64, mixer_num_heads=2,
+                 mixer_key_head_dim=8, mixer_value_head_dim=8, dtype="fp32", use_cpu_initialization=True,
+                 router="learned", router_score="logit", kv_fraction=0.25, train_routing="batch")
+    g = torch.Generator().manual_seed(3)
+    # distinct tokens: layer 0's router sees the token alone, and equal scores are routed together
+    toks = [torch.randperm(64, generator=g)[:60][None] for _ in range(4)]
+    pos = torch.arange(60)[None]
+    res = []
+    for rc in ("", "full"):
+        torch.manual_seed(4)
+        model = build_model(ModelConfig(**small))
+        mixers = [m for m in model.modules() if isinstance(m, HAMMixer)]
+        if rc:
+            model.config.recompute_granularity, model.config.recompute_method = "full", "uniform"
+            model.config.recompute_num_layers = 1
+        model.train()
+        for i, t in enumerate(toks):
+            loss = model(t, pos, None, labels=t).sum()
+            loss.backward()
+            assert [int(m.last_routed.sum()) for m in mixers] == [15, 15]  # 0.25 x 60 tokens
+            if i == 0:
+                res.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            stats = step_kv_controllers([model])
+        assert all(math.isfinite(s["tau"]) for s in stats.values())
+        model.eval()
+        with torch.no_grad():
+            model(toks[0], pos, None)
+        for m in mixers:  # eval routes at the controller's tau
+            assert torch.equal(m.last_routed, m.last_scores >= m.kv_controller.tau)
+    torch.testing.assert_close(res[0][0], res[1][0])
+    for n, g0 in res[0][1].items():
+        torch.testing.assert_close(g0, res[1][1][n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_bad_train_routing_is_named():
+    from megatron_ham.models import ModelConfig
+
+    with pytest.raises(ValueError, match="key 'train_routing': expected one of \\['threshold', 'batch'\\]"):
+        ModelConfig(train_routing="topk").validate()

@@ -25,7 +25,7 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCHINDUCTOR_COMPILE_TH
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 [ "${INSTABILITY:-0}" = 1 ] && python -m megatron_ham.evidence --out "$W/inst" --recipes recipes/evidence/instability --seeds 0 \
-    --concurrency 2 --budget-s $((BUDGET - 40)) --reserve-s 60 --cache-dir "$W/cache" --data-workers 2 \
+    --concurrency 3 --budget-s $((BUDGET - 40)) --reserve-s 60 --cache-dir "$W/cache" --data-workers 2 \
     --heldout-tokens 50000 --data-arg=--lengths=127,255 --data-arg=--num-pairs=16 \
     --data-arg=--mix=mqar=0.7,niah_multikey=0.3 --data-arg=--num-needles=2,4 \
     --final-lengths 512,1k --over-lengths 512 --kv-sweep-configs "" --export "$OUT/inst" \

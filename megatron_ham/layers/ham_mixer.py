@@ -20,7 +20,10 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
           (ops.routing.random_router_scores), independent of the content; sample = 0 in eval
           mode, in training a key of (optimizer step, data-parallel rank, row), the same in a
           recomputed forward; position = index in the row. No gradient, values unscaled.
-      routed_t = score_t >= tau, tau = this layer's KVFractionController buffer (in the checkpoint).
+      routed_t = score_t >= tau, tau = this layer's KVFractionController buffer (in the checkpoint);
+      in training with model.train_routing "batch", tau = the quantile of this micro-batch's
+      scores at 1 - kv_fraction instead (exactly f routed per layer; the buffer still tracks the
+      quantile, for inference).
   - output: gated_combine(o_rnn, o_kv, gate_rnn, gate_kv, z, norm_weight) -> out_proj (z None
     with model.output_gate "none").
 
@@ -31,7 +34,8 @@ not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) up
 once per optimizer step from what was recorded. In eval mode nothing is recorded.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
+router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
+train_routing.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ class HAMMixer(GDNMixer):
         self.router_seed = int(c.router_seed)
         self.scratchpad_scale = float(c.scratchpad_scale) if c.scratchpad_scale > 0 else self.K ** 0.5
         self.scratchpad_impl = c.scratchpad_impl
+        self.batch_routing = c.train_routing == "batch"
         self.score_is_logit = c.router == "learned" and c.router_score == "logit"
         self.kv_controller = KVFractionController(
             float(c.kv_fraction), gain=c.controller_gain, warmup=c.controller_warmup,
@@ -144,6 +149,8 @@ class HAMMixer(GDNMixer):
         o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
         scores, r = self._scores(hidden_states, t, err, cu, s, b)
         tau = self.kv_controller.tau
+        if self.training and self.batch_routing:  # this micro-batch's own quantile (exact f)
+            tau = self.kv_controller.batch_tau(scores)
         routed = route(scores, tau)
         # record once per micro-batch: a full-recompute checkpoint runs forward under no_grad,
         # then again inside backward (skipped here)

@@ -54,7 +54,11 @@ class ModelConfig:
         docs/design.md "Routing"), router_hidden_size (0 = hidden/4), scratchpad_scale (0 =
         sqrt(K)), scratchpad_impl ("auto" | "reference" | "compact" | "flex" | "triton",
         megatron_ham.ops.scratchpad_attention), controller_gain (in (0, 1]: the quantile-tracking
-        gain, 1 = tau is the last step's quantile), controller_warmup.
+        gain, 1 = tau is the last step's quantile), controller_warmup, train_routing ("threshold":
+        training routes at the controller's tau, the last step's quantile, as inference does;
+        "batch": training routes the top kv_fraction of each micro-batch's scores per layer
+        (its own quantile: no controller lag, exact fraction; tau still tracks the quantile for
+        inference); docs/design.md "KV-fraction control").
     backend: "local" | "te"; dtype: "fp32" | "bf16" | "fp16" (params and compute).
     sequence_parallel: Megatron sequence parallelism (needs TP > 1 to matter).
     impl: op implementation for tests ("auto" on GPU/CPU picks the right one).
@@ -98,6 +102,7 @@ class ModelConfig:
     scratchpad_impl: str = "auto"
     controller_gain: float = 1.0
     controller_warmup: int = 1
+    train_routing: str = "threshold"
     # GDN-GSA
     gsa_attention_every: int = 2
     # numerics / init

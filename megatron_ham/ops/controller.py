@@ -25,8 +25,11 @@ into a gap between two modes of the scores (spread huge) and froze when it fell 
 unsaturated group swung 0.18 -> 0.04 -> 0.98 (tests/test_routing_controller.py reproduces both).
 Scores with an atom at the quantile (many exactly equal values) cannot be split by any threshold:
 tau settles on the atom and routes all of it, a stable fraction above the target.
-f_measured = mean(scores >= tau) with the tau used to route that batch, averaged over `group`
-(token-weighted all_reduce); it is returned and logged, not fed back.
+f_measured = mean(scores >= tau) with the step's tau, averaged over `group` (token-weighted
+all_reduce); it is returned and logged, not fed back. Under model.train_routing "batch" training
+does not route at tau at all (batch_tau: each micro-batch's own quantile); tau then only tracks
+the quantile for inference, and f_measured is what tau would have routed (the lag it measures is
+the router's drift in one step).
 """
 from __future__ import annotations
 
@@ -36,6 +39,16 @@ import torch
 from torch import nn
 
 SPACES = ("log", "linear")
+
+
+def quantile_threshold(scores: torch.Tensor, target: float) -> torch.Tensor:
+    """0-dim tensor: the score above which (>=) a fraction `target` in (0, 1) of `scores` (any
+    shape, non-empty) lies: the k-th largest score, k = round(target * n) clamped to [1, n].
+    On the scores' device, no host sync."""
+    s = scores.detach().reshape(-1)
+    n = s.numel()
+    n_top = min(max(int(round(target * n)), 1), n)
+    return s.kthvalue(n - n_top + 1).values
 
 
 def _check_target(target) -> float:
@@ -128,9 +141,16 @@ class KVFractionController(nn.Module):
 
     def _quantile(self, sample: torch.Tensor) -> float:
         """The score above which a fraction `target` of `sample` lies (>=: it is routed)."""
-        n = sample.numel()
-        n_top = min(max(int(round(self._target * n)), 1), n)
-        return float(sample.kthvalue(n - n_top + 1).values)
+        return float(quantile_threshold(sample, self._target))
+
+    def batch_tau(self, scores: torch.Tensor) -> torch.Tensor:
+        """The threshold of model.train_routing "batch": the quantile of THESE scores at
+        1 - target (0-dim tensor on their device), so exactly a fraction `target` of them is
+        routed; -inf / +inf for targets 1 / 0 (tau). tau itself is not changed."""
+        self._check_scores(scores)
+        if 0.0 < self._target < 1.0:
+            return quantile_threshold(scores.float(), self._target)
+        return self.tau
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, *, group=None) -> float:

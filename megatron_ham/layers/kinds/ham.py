@@ -2,7 +2,8 @@
 the routed KV scratchpad; and the once-per-step KV-fraction controller update of its layers.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup.
+router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
+train_routing.
 Fused parameters: GDN's, plus in_proj gate_rnn 1 and gate_kv 1 per head. Other tensors: GDN's,
 the learned router (router.fc1/fc2) and the controller's buffers (kv_controller.tau ->
 the HF config's ham_taus; num_updates is training state).
@@ -19,6 +20,7 @@ from .registry import Section, SettingError, register
 ROUTERS = ("error_l2", "error_cosine", "learned", "random")
 ROUTER_SCORES = ("sigmoid", "logit")
 SCRATCHPAD_IMPLS = ("auto", "reference", "compact", "flex", "triton")
+TRAIN_ROUTINGS = ("threshold", "batch")
 
 
 class HAMKind(GDNKind):
@@ -44,6 +46,8 @@ class HAMKind(GDNKind):
             raise SettingError("scratchpad_scale", "a float >= 0 (0 = sqrt(K))", cfg.scratchpad_scale)
         if cfg.scratchpad_impl not in SCRATCHPAD_IMPLS:
             raise SettingError("scratchpad_impl", f"one of {list(SCRATCHPAD_IMPLS)}", cfg.scratchpad_impl)
+        if cfg.train_routing not in TRAIN_ROUTINGS:
+            raise SettingError("train_routing", f"one of {list(TRAIN_ROUTINGS)}", cfg.train_routing)
         if not 0 < cfg.controller_gain <= 1:
             raise SettingError("controller_gain", "a float in (0, 1]", cfg.controller_gain)
 
