@@ -28,7 +28,8 @@ ORDER = ("gdn", "gdn_gsa", "ham_random_f25", "ham_error_f25", "ham_learned_f10",
 LABEL = {"transformer": "Transformer (f=1)", "gdn": "GDN (f=0)", "gdn_gsa": "GDN-GSA (G*G*)",
          "ham_learned_f10": "HAM learned f=0.1", "ham_learned_f25": "HAM learned f=0.25",
          "ham_learned_f50": "HAM learned f=0.5", "ham_error_f25": "HAM error(l2) f=0.25",
-         "ham_random_f25": "HAM random f=0.25"}
+         "ham_random_f25": "HAM random f=0.25",
+         "ham_learned_f25_gated": "HAM learned f=0.25, silu(z) output gate"}
 
 
 def _num(x) -> float:
@@ -138,6 +139,17 @@ def _kv_of(c: str) -> Optional[float]:
             "ham_learned_f50": 0.5}.get(c)
 
 
+def heldout_loss(r):
+    """The run's held-out loss on the tokens its training loss counts: ham-train's last validation
+    loss (answer tokens only under data.loss_mask "blend"; an answer-only model predicts the
+    other tokens worse than uniform, so the all-token perplexity says nothing about recall); the
+    final all-token perplexity loss when the run logged no validation."""
+    v = (r.get("curves") or {}).get("valid") or []
+    if v:
+        return v[-1][1]
+    return ((r.get("final") or {}).get("perplexity") or {}).get("loss")
+
+
 def plot_tradeoff(grid, path):
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -148,10 +160,10 @@ def plot_tradeoff(grid, path):
         if f is None and c != "gdn_gsa":
             continue
         acc = _stats([_num(mean_recall(r, L)) for r in _runs(grid, c) if r["final"]])
-        loss = _stats([_num((r["final"]["perplexity"] or {}).get("loss")) for r in _runs(grid, c) if r["final"]])
+        loss = _stats([_num(heldout_loss(r)) for r in _runs(grid, c) if r["final"]])
         pts.append((c, 0.5 if c == "gdn_gsa" else f, acc, loss))
     for ax, k, name in ((a1, 2, f"recall accuracy (mean over tasks, lengths <= {L})"),
-                        (a2, 3, "held-out loss (nats/token)")):
+                        (a2, 3, "held-out loss, trained tokens (nats/token)")):
         line = sorted([p for p in pts if p[0] != "gdn_gsa" and p[k]], key=lambda p: p[1])
         ax.errorbar([p[1] for p in line], [p[k]["mean"] for p in line],
                     yerr=[[p[k]["mean"] - p[k]["min"] for p in line], [p[k]["max"] - p[k]["mean"] for p in line]],
@@ -300,7 +312,7 @@ def table_final(grid) -> str:
 def table_summary(grid) -> str:
     L = _trained_context(grid)
     lines = ["| configuration | params | KV bytes/token vs Transformer | seeds done | recall (mean, <= "
-             f"{L}) | recall (mean, all lengths) | held-out loss | train wall s (mean) | s/step |",
+             f"{L}) | recall (mean, all lengths) | held-out loss (trained tokens) | train wall s (mean) | s/step |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in configs_of(grid):
         rs = _runs(grid, c)
@@ -312,15 +324,20 @@ def table_summary(grid) -> str:
             f"{len(done)}/{len(rs)}",
             _fmt(_stats([_num(mean_recall(r, L)) for r in rs if r["final"]])),
             _fmt(_stats([_num(mean_recall(r)) for r in rs if r["final"]])),
-            _fmt(_stats([_num((r["final"]["perplexity"] or {}).get("loss")) for r in rs if r["final"]]), 3),
+            _fmt(_stats([_num(heldout_loss(r)) for r in rs if r["final"]]), 3),
             _fmt(_stats([_num(r["train"]["wall_s"]) for r in rs]), 0),
             _fmt(_stats([_num(r["train"]["step_time_s"]) for r in rs]), 3)]) + " |")
     return "\n".join(lines)
 
 
+def _fmt3(x) -> str:
+    return "-" if x is None else f"{_num(x):.3f}"
+
+
 def table_runs(grid) -> str:
-    lines = ["| run | status | steps | train wall s | eval wall s | s/step | final held-out loss | "
-             "routed fraction per layer (final eval) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | status | steps | train wall s | eval wall s | s/step | held-out loss (trained tokens) | "
+             "all-token held-out loss | routed fraction per layer (final eval) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in grid["runs"]:
         fin = r["final"] or {}
         rout = fin.get("routing") or {}
@@ -329,7 +346,7 @@ def table_runs(grid) -> str:
         st = r["train"]["step_time_s"]
         lines.append(f"| {r['name']} | {r['status']} | {r['train']['steps']}/{r['train']['train_steps']} | "
                      f"{_num(r['train']['wall_s']):.0f} | {_num(r['train']['eval_wall_s']):.0f} | "
-                     f"{'-' if st is None else f'{st:.3f}'} | {'-' if p is None else f'{_num(p):.3f}'} | {fr or '-'} |")
+                     f"{'-' if st is None else f'{st:.3f}'} | {_fmt3(heldout_loss(r))} | {_fmt3(p)} | {fr or '-'} |")
     return "\n".join(lines)
 
 
