@@ -13,6 +13,9 @@
 # ids, 512-token vocabulary, answer-token loss; evaluation at 256-2k tokens (up to 8x the trained
 # document length; 4x the trained context), MQAR with 16 pairs and 4 needles (ham-eval's defaults).
 # What comes back: OUT/gpu.txt, OUT/grid/{runner.log,grid.json,evidence_runs.tar.gz} (and OUT/inst).
+# As run on 2026-12-02 (docs/results.md): `INSTABILITY=1 bash tools/evidence_device.sh $OUT 540 12`
+# twice in a row on one warm H200: 15 of 27 runs done in the first call (548 s), the rest in the
+# second (365 s); ~0.25-0.3 s/step for HAM with 12 processes on the card.
 # Every run compiles into one shared compile cache (train.compile_cache_dir); --stagger (the
 # runner's default) starts the other seeds of a configuration after its first run's first step.
 set -u
