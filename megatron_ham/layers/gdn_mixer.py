@@ -91,6 +91,7 @@ class GDNMixer(SectionedMixer):
         self.H, self.K, self.V = c.mixer_num_heads, c.mixer_key_head_dim, c.mixer_value_head_dim
         self.H_l = self.units_local
         self.conv_kernel = c.conv_kernel
+        self.conv_init = getattr(c, "conv_init", "uniform")
         self.norm_eps = float(c.mixer_norm_eps)
         self.impl = c.impl
         self.fuse_elementwise = c.resolved_fusions()
@@ -144,12 +145,16 @@ class GDNMixer(SectionedMixer):
         identical over TP ranks, and keeps its heads): in_proj sections with config.init_method,
         conv weight U(-1/sqrt(kernel), 1/sqrt(kernel)) (nn.Conv1d's default), A ~ U[A_init_min,
         A_init_max] = U[1, 16], dt_bias = inverse-softplus of dt ~ logU[1e-3, 1e-1] (as fla /
-        Mamba)."""
+        Mamba). conv_init "shift" then overwrites the conv (the RNG draws stay the same): k's
+        channels = the previous token (tap kernel-2), the other channels = the current token
+        (tap kernel-1), every other tap 0."""
         if not getattr(self.config, "perform_initialization", True):
             return
         self.init_fused("in_proj.weight", self.config.init_method)
         bound = 1.0 / math.sqrt(self.conv_kernel)
         self.init_fused("conv1d.weight", lambda t: t.uniform_(-bound, bound))
+        if self.conv_init == "shift":
+            self._shift_conv_init()
         A = self.full_then_local((1,), lambda t: t.uniform_(A_INIT_MIN, A_INIT_MAX))
         self.A_log.data.copy_(torch.log(A).to(self.A_log.device))
 
@@ -159,6 +164,19 @@ class GDNMixer(SectionedMixer):
 
         self.dt_bias.data.copy_(self.full_then_local((1,), _dt).to(self.dt_bias.device))
         self.norm_weight.data.fill_(1.0)
+
+    @torch.no_grad()
+    def _shift_conv_init(self):
+        """conv_init "shift": the conv starts as the one-layer recall circuit (a key written at
+        a value's position is the token before it, queries and values are the token itself)."""
+        w = self.conv1d.weight  # [C_l, 1, kernel]; tap kernel-1 is the current token
+        W = self.conv_kernel
+        w.zero_()
+        off = 0
+        for name, width in zip(self.section_names("conv1d.weight"), self.local_widths("conv1d.weight")):
+            tap = W - 2 if name == "k" and W >= 2 else W - 1
+            w[off:off + width, 0, tap] = 1.0
+            off += width
 
     # ------------------------------------------------------------------ pieces
     def _fused(self, fn):

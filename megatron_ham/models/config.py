@@ -46,6 +46,12 @@ class ModelConfig:
         output_gate ("silu": the memory readout is RMSNorm(o) * silu(W_z x), Gated DeltaNet's and
         the paper's output gate; "none": RMSNorm(o) alone, no W_z; docs/design.md "Output
         combination": at small widths the gate keeps HAM and GDN from learning recall).
+        conv_init ("uniform": the short conv's taps U(-1/sqrt(kernel), 1/sqrt(kernel)), nn.Conv1d's
+        default and fla's; "shift": k's channels start as the previous token, q's and v's as
+        the current token, other taps 0 -- the one-layer recall circuit. Init only: the
+        architecture and checkpoints are the same. docs/results/gdn_learning_probe.md: with
+        "uniform" a 2-layer d=128 GDN stays at chance on the CPU MQAR check, with "shift" it
+        learns it).
     HAM: kv_fraction (target in [0, 1]), router ("error_l2" | "error_cosine" | "learned" |
         "random": the ablation, content-independent i.i.d. scores), router_seed (the random
         router's seed), router_score (what the learned router's threshold cuts: "logit" = its
@@ -92,6 +98,7 @@ class ModelConfig:
     conv_kernel: int = 4
     mixer_norm_eps: float = 1e-6
     output_gate: str = "silu"
+    conv_init: str = "uniform"
     # HAM
     kv_fraction: float = 0.5
     router: str = "error_l2"

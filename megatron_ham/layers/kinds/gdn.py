@@ -1,7 +1,7 @@
 """Layer kind "gdn" ('G'): the Gated DeltaNet mixer (megatron_ham/layers/gdn_mixer.py).
 
 Settings (ModelConfig): mixer_num_heads (split over TP), mixer_key_head_dim K,
-mixer_value_head_dim V, conv_kernel, mixer_norm_eps, output_gate, impl, fusions.
+mixer_value_head_dim V, conv_kernel, conv_init, mixer_norm_eps, output_gate, impl, fusions.
 Fused parameters, per head: in_proj q K, k K, v V, z V (the output gate; only with output_gate
 "silu"), beta 1, a 1 (decay input);
 conv1d (depthwise, `conv_kernel` taps) q K, k K, v V. Other tensors: A_log, dt_bias [H],
@@ -15,6 +15,7 @@ from .registry import Fused, LayerKind, Section, SettingError, divisible, positi
 GDN_CHUNK = 64
 IMPLS = ("auto", "naive", "chunk")
 OUTPUT_GATES = ("silu", "none")
+CONV_INITS = ("uniform", "shift")
 
 
 class GDNKind(LayerKind):
@@ -30,6 +31,8 @@ class GDNKind(LayerKind):
             raise SettingError("mixer_norm_eps", "a float > 0", cfg.mixer_norm_eps)
         if cfg.output_gate not in OUTPUT_GATES:
             raise SettingError("output_gate", f"one of {list(OUTPUT_GATES)}", cfg.output_gate)
+        if getattr(cfg, "conv_init", "uniform") not in CONV_INITS:
+            raise SettingError("conv_init", f"one of {list(CONV_INITS)}", cfg.conv_init)
         if cfg.impl not in IMPLS:
             raise SettingError("impl", f"one of {list(IMPLS)}", cfg.impl)
 
