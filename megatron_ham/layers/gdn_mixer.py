@@ -91,7 +91,7 @@ class GDNMixer(SectionedMixer):
         self.H, self.K, self.V = c.mixer_num_heads, c.mixer_key_head_dim, c.mixer_value_head_dim
         self.H_l = self.units_local
         self.conv_kernel = c.conv_kernel
-        self.conv_init = getattr(c, "conv_init", "uniform")
+        self.conv_init = c.conv_init
         self.norm_eps = float(c.mixer_norm_eps)
         self.impl = c.impl
         self.fuse_elementwise = c.resolved_fusions()

@@ -31,7 +31,7 @@ class GDNKind(LayerKind):
             raise SettingError("mixer_norm_eps", "a float > 0", cfg.mixer_norm_eps)
         if cfg.output_gate not in OUTPUT_GATES:
             raise SettingError("output_gate", f"one of {list(OUTPUT_GATES)}", cfg.output_gate)
-        if getattr(cfg, "conv_init", "uniform") not in CONV_INITS:
+        if cfg.conv_init not in CONV_INITS:
             raise SettingError("conv_init", f"one of {list(CONV_INITS)}", cfg.conv_init)
         if cfg.impl not in IMPLS:
             raise SettingError("impl", f"one of {list(IMPLS)}", cfg.impl)
