@@ -18,7 +18,11 @@ TINY = os.path.join(REPO, "recipes", "tiny_cpu.yaml")
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+    # without the rendezvous variables an in-process test of this pytest run may have set (its
+    # process group still holds that MASTER_PORT): the tools start their own world of one
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return dict(env, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
                 OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
