@@ -257,10 +257,16 @@ def plot_routing_layers(grid, path, extra: Optional[dict] = None):
     return _save(fig, path)
 
 
-def plot_trace(grid, path):
+#: whose routing trace is plotted: the first of each list that has one (learned, then error router)
+TRACE_CONFIGS = {"routing_trace": ("ham_learned_f25", "ham_error_f25", "ham_random_f25", "ham_learned_f50",
+                                   "ham_learned_f10"),
+                 "routing_trace_error": ("ham_error_f25",)}
+
+
+def plot_trace(grid, path, configs=TRACE_CONFIGS["routing_trace"]):
     from megatron_ham.eval.plots import _routing_trace
 
-    for c in ("ham_learned_f25", "ham_error_f25", "ham_random_f25", "ham_learned_f50", "ham_learned_f10"):
+    for c in configs:
         for r in _runs(grid, c):
             tr = (r["final"] or {}).get("trace")
             if tr:
@@ -391,7 +397,8 @@ def write_report(grid: dict, docs: str, notes: Optional[str], extra: Optional[di
     plots = {}
     for name, fn in (("accuracy_vs_length", plot_accuracy_vs_length), ("kv_tradeoff", plot_tradeoff),
                      ("routers", plot_routers), ("recall_over_training", plot_over_training),
-                     ("kv_sweep", plot_kv_sweep), ("routing_trace", plot_trace)):
+                     ("kv_sweep", plot_kv_sweep),
+                     *((k, lambda g, p, c=c: plot_trace(g, p, c)) for k, c in TRACE_CONFIGS.items())):
         f = fn(grid, os.path.join(docs, f"results_{name}.png"))
         if f:
             plots[name] = f
@@ -423,7 +430,8 @@ def write_report(grid: dict, docs: str, notes: Optional[str], extra: Optional[di
         "## Routers at KV fraction 0.25", "", img("routers", "routers"),
         "## Held-out recall over training", "", img("recall_over_training", "over training"),
         "## Routed fraction per layer over training", "", img("routing_layers", "routing per layer"),
-        "## Routing trace on a needle example", "", img("routing_trace", "routing trace"), table_routing(grid), "",
+        "## Routing trace on a needle example", "", img("routing_trace", "routing trace"),
+        img("routing_trace_error", "routing trace, error router"), table_routing(grid), "",
         "## The trained HAM at other KV fractions", "", img("kv_sweep", "kv sweep"), table_kv_sweep(grid),
         "## Runs", "", table_runs(grid), "",
     ]
