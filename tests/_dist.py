@@ -36,3 +36,23 @@ def _entry(rank, fn, world, port, args):
 def run_world(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` spawned processes; re-raises a worker's failure."""
     mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
+
+
+def run_worker(script: str, out_dir, timeout: int = 600) -> dict:
+    """Run tests/<script> OUT_DIR in a fresh process (Megatron's global state, one thread, the
+    repo on PYTHONPATH, no inherited rendezvous variables) and return its OUT_DIR/result.json;
+    AssertionError with the worker's stderr when it fails."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, os.path.join(repo, "tests", script), str(out_dir)],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    with open(os.path.join(str(out_dir), "result.json"), encoding="utf-8") as f:
+        return json.load(f)

@@ -1,13 +1,8 @@
 """model.conv_init: the short conv's init, "uniform" (nn.Conv1d's / fla's default) or "shift"
 (k = the previous token, q and v = the current token; docs/results/gdn_learning_probe.md)."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _dist import run_worker
 
 
 def test_bad_conv_init_is_named():
@@ -19,12 +14,7 @@ def test_bad_conv_init_is_named():
 
 
 def test_shift_init_sets_the_recall_taps_and_nothing_else(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_conv_init_worker.py"), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r = json.load(open(tmp_path / "result.json"))
+    r = run_worker("_conv_init_worker.py", tmp_path)
     assert r["other_params_equal"]  # the RNG draws are the same: only the conv differs
     assert r["uniform"]["finite"] and r["shift"]["finite"]
     for conv, widths, names in zip(r["shift"]["conv"], r["shift"]["widths"], r["shift"]["names"]):

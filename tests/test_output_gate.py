@@ -1,17 +1,12 @@
 """model.output_gate: the GDN / HAM readout with Gated DeltaNet's silu(z) gate ("silu", the
 default) or without it ("none": no z section, RMSNorm(o) * weight), through the op, the
 Megatron layers, the checkpoint and the Hugging Face export (docs/design.md "Output combination")."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_ham.ops.combine import gated_combine, gated_rms_norm
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _dist import run_worker
 
 
 def test_ungated_norm_is_rms_norm_times_weight():
@@ -41,12 +36,7 @@ def test_bad_output_gate_is_named():
 
 
 def test_model_without_output_gate_trains_checkpoints_and_exports(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_output_gate_worker.py"), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r = json.load(open(tmp_path / "result.json"))
+    r = run_worker("_output_gate_worker.py", tmp_path)
     assert r["silu"]["sections"] == [["q", "k", "v", "z", "beta", "a", "gate_rnn", "gate_kv"],
                                      ["q", "k", "v", "z", "beta", "a"]]
     assert r["none"]["sections"] == [["q", "k", "v", "beta", "a", "gate_rnn", "gate_kv"],

@@ -1,17 +1,12 @@
 """The random router (`model.router: random`, the ablation): content-independent i.i.d. scores
 from a counter-based hash, driven to the target fraction by the controller, exported to HF; and
 the learned router thresholding its logit (`model.router_score: logit`)."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_ham.ops.routing import random_router_scores, uniform_hash
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _dist import run_worker
 
 
 def _lowbias32_reference(keys):
@@ -58,12 +53,7 @@ def test_uniform_hash_bits_and_statistics():
 
 
 def test_random_router_model_controller_and_export(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_random_router_worker.py"), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r = json.load(open(tmp_path / "result.json"))
+    r = run_worker("_random_router_worker.py", tmp_path)
     last = r["fractions"][-10:]  # the controller holds the target (256 tokens a step: noise ~0.03)
     for layer in range(2):
         mean = sum(f[layer] for f in last) / len(last)
