@@ -240,7 +240,7 @@ def test_quantile_threshold_routes_exactly_the_target():
     assert int((s >= quantile_threshold(s, 1e-9)).sum()) == 1  # at least one token
 
 
-def test_batch_routing_is_exact_in_training_and_survives_recomputation():
+def test_batch_routing_is_exact_in_training_and_survives_recomputation(monkeypatch):
     """model.train_routing "batch": every training forward routes exactly kv_fraction of its
     micro-batch per layer (however the scores drift), the recomputed forward of activation
     checkpointing routes the same tokens (same loss and gradients as without it), the
@@ -249,6 +249,9 @@ def test_batch_routing_is_exact_in_training_and_survives_recomputation():
     from megatron_ham.layers import HAMMixer
     from megatron_ham.models import ModelConfig, build_model, step_kv_controllers
 
+    if not dist.is_initialized():  # this process's own rendezvous: never a port another run holds
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     D.initialize(tp=1, seed=2)
     small = dict(architecture="ham", num_layers=2, hidden_size=32, vocab_size=64, mixer_num_heads=2,
                  mixer_key_head_dim=8, mixer_value_head_dim=8, dtype="fp32", use_cpu_initialization=True,
