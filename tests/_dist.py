@@ -38,6 +38,18 @@ def run_world(fn, world: int, *args) -> None:
     mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
 
 
+def subprocess_env() -> dict:
+    """The environment of a test's subprocess: the repo on PYTHONPATH, one thread, no warnings,
+    and without the rendezvous variables an in-process test may have set (its process group
+    still holds that MASTER_PORT): the subprocess starts its own world."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
 def run_worker(script: str, out_dir, timeout: int = 600) -> dict:
     """Run tests/<script> OUT_DIR in a fresh process (Megatron's global state, one thread, the
     repo on PYTHONPATH, no inherited rendezvous variables) and return its OUT_DIR/result.json;
@@ -47,12 +59,8 @@ def run_worker(script: str, out_dir, timeout: int = 600) -> dict:
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
     p = subprocess.run([sys.executable, os.path.join(repo, "tests", script), str(out_dir)],
-                       env=env, capture_output=True, text=True, timeout=timeout)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
     with open(os.path.join(str(out_dir), "result.json"), encoding="utf-8") as f:
         return json.load(f)

@@ -12,18 +12,10 @@ import pytest
 
 from megatron_ham.training import compile_cache
 from megatron_ham.training.config import ConfigError, load_config
+from _dist import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "recipes", "tiny_cpu.yaml")
-
-
-def _env():
-    # without the rendezvous variables an in-process test of this pytest run may have set (its
-    # process group still holds that MASTER_PORT): the tools start their own world of one
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return dict(env, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
-                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -44,13 +36,13 @@ def test_recipe_load_leaves_compilers_unimported():
             f"load_config({TINY!r}, ['train.compile_cache_dir=/tmp/x']); "
             "print([m for m in ('triton', 'tilelang', 'torch._inductor', 'torch._dynamo', 'megatron.core') "
             "if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_unusable_cache_dir_exits_2():
     p = subprocess.run([sys.executable, "-m", "megatron_ham.train", TINY, "train.compile_cache_dir=/proc/no/cc"],
-                       env=_env(), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "train.compile_cache_dir" in p.stderr and "/proc/no" in p.stderr, p.stderr
 
 
@@ -93,7 +85,7 @@ def test_bench_recipes_both_modes_cold_then_warm_cache(tmp_path):
            "--set", "model.seq_length=64", "model.num_layers=1", "model.architecture=transformer",
            'model.fusions="on"', "train.micro_batch_size=1", f"train.compile_cache_dir={cache}",
            "--steps", "1", "--warmup", "0", "--recipe-steps", "1", "--recipe-warmup", "0", "--out", str(out)]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     mbs1, recipe = json.loads(out.read_text())
     assert (mbs1["mode"], mbs1["micro_batches_per_step"]) == ("mbs1", 1)
@@ -114,7 +106,7 @@ def test_profile_step_cpu(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",
            "model.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
            "--steps", "1", "--warmup", "1", "--out", str(out)]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads(out.read_text())
     cats = {r["category"]: r for r in s["categories"]}
@@ -127,7 +119,7 @@ def test_profile_step_cpu(tmp_path):
     total = sum(r["percent"] for r in s["categories"])
     assert 99.0 < total < 101.0, total  # CPU: one thread of operators + the time outside them
     assert "% of step" in p.stdout and "host gaps" in p.stdout
-    bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=_env(), capture_output=True, text=True)
+    bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
 
 
