@@ -42,7 +42,8 @@ def _build_mixer(kind, router, sp, device, seed=7):
     from megatron_ham.models.builder import transformer_config
 
     cfg = ModelConfig(architecture="ham", hidden_size=32, mixer_num_heads=4, mixer_key_head_dim=8,
-                      mixer_value_head_dim=8, router=router, dtype="fp32",
+                      mixer_value_head_dim=8, router=router.split("+")[0], dtype="fp32",
+                      router_input="hidden+error" if router.endswith("+error") else "hidden",
                       use_cpu_initialization=True, sequence_parallel=sp, impl="chunk")
     tc = transformer_config(cfg)
     torch.manual_seed(seed)
@@ -105,8 +106,8 @@ def _mixer_worker(rank, world, device_kind):
     docs = {k: (v if not hasattr(v, "cu_seqlens_q") else v) for k, v in document_forward_kwargs(tokens, 0).items()}
     docs["packed_seq_params"].cu_seqlens_q = docs["packed_seq_params"].cu_seqlens_q.to(device)
     docs["packed_seq_params"].cu_seqlens_kv = docs["packed_seq_params"].cu_seqlens_kv.to(device)
-    cases = [("ham", "error_l2", True), ("ham", "learned", False), ("ham", "error_cosine", False),
-             ("gdn", "error_l2", True)]
+    cases = [("ham", "error_l2", True), ("ham", "learned", False), ("ham", "learned+error", True),
+             ("ham", "error_cosine", False), ("gdn", "error_l2", True)]
     ref = {}
     # TP = 1 references (every rank computes them; DP = 2 here)
     for kind, router, use_docs in cases:

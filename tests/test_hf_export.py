@@ -1,7 +1,8 @@
 """Hugging Face export: Megatron checkpoint -> ham-convert-hf -> AutoModelForCausalLM.
 
 Real parts end to end: a tiny Megatron model of each layer kind (hybrid "H*G" with the error
-router and untied embeddings, pure "H" with the learned router and tied embeddings) is built in
+router and untied embeddings, pure "H" with the learned router and tied embeddings, "H" with the
+learned router reading the prediction error too: router_input "hidden+error") is built in
 a subprocess (gloo world of 1), its KV controllers set tau from a real training-mode forward,
 and it is saved with megatron.core.dist_checkpointing in the trainer's layout (step dir +
 config.yaml + train_state.json + `latest`). The CLI converts it (another subprocess); a fresh
@@ -26,6 +27,7 @@ CASES = {
     # name: (pattern, router, tie_embeddings)
     "hybrid": ("H*G", "error_l2", False),
     "ham": ("HH", "learned", True),
+    "ham_err": ("H", "learned+error", False),  # router "learned", router_input "hidden+error"
 }
 ATOL = 2e-5
 
@@ -66,7 +68,8 @@ def _make_checkpoints(root: str) -> None:
         cfg = ModelConfig(architecture=arch, pattern=pattern, num_layers=len(pattern), hidden_size=32,
                           vocab_size=VOCAB, num_attention_heads=4, num_query_groups=2,
                           mixer_num_heads=2, mixer_key_head_dim=8, mixer_value_head_dim=16,
-                          router=router, kv_fraction=0.5, tie_embeddings=tie, dtype="fp32",
+                          router=router.split("+")[0], kv_fraction=0.5, tie_embeddings=tie, dtype="fp32",
+                          router_input="hidden+error" if router.endswith("+error") else "hidden",
                           use_cpu_initialization=True, seq_length=64)
         torch.manual_seed(1)
         model = build_model(cfg)
@@ -105,10 +108,13 @@ def _make_checkpoints(root: str) -> None:
     from megatron_ham.hf.convert import ConversionError, convert
 
     results = {}
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        convert(os.path.join(root, "ham"), os.path.join(root, "ham_hf"), verify_tokens=24)
-    results["ham_log"] = buf.getvalue()
+    for name in CASES:
+        if name == "hybrid":
+            continue
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            convert(os.path.join(root, name), os.path.join(root, f"{name}_hf"), verify_tokens=24)
+        results[f"{name}_log"] = buf.getvalue()
     # a run config that does not describe the checkpoint
     step = os.path.join(root, "hybrid", "step_00000003")
     doc = yaml.safe_load(open(os.path.join(step, "config.yaml")))
@@ -179,7 +185,7 @@ def exported(tmp_path_factory):
     _run([os.path.abspath(__file__), "make", root])
     with open(os.path.join(root, "make.json")) as f:
         made = json.load(f)
-    logs = {"ham": made["ham_log"], "_mismatch": made["mismatch"], "_bad_out": made["bad_out_exists"]}
+    logs = {**{n: made[f"{n}_log"] for n in CASES if n != "hybrid"}, "_mismatch": made["mismatch"], "_bad_out": made["bad_out_exists"]}
     p = _run(["tools/convert_to_hf.py", "--checkpoint", os.path.join(root, "hybrid"),
               "--output", os.path.join(root, "hybrid_hf"), "--verify", "24",
               "--tokenizer", os.path.join(REPO, "data_prep", "sample", "tokenizer")])
@@ -225,7 +231,7 @@ def test_convert_log_and_files(exported):
         # special ids: eos = the EOD; pad / bos = the shipped tokenizer's (the sample tokenizer
         # pads with <|pad|> = 1, its BOS is <|endoftext|> = 0), else pad = EOD and no bos
         gen = json.load(open(os.path.join(out, "generation_config.json")))
-        want = {"hybrid": (EOD, 1, 0), "ham": (EOD, EOD, None)}[name]
+        want = (EOD, 1, 0) if name == "hybrid" else (EOD, EOD, None)
         for doc in (cfg, gen):
             assert (doc["eos_token_id"], doc["pad_token_id"], doc.get("bos_token_id")) == want, (name, doc)
         from safetensors import safe_open

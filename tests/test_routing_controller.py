@@ -42,6 +42,40 @@ def test_learned_router_shapes_and_validation():
         LearnedRouter(0)
 
 
+def test_learned_router_error_feature():
+    """router_input "hidden+error": z = MLP(x) + w * log(max(e, 1e-6)), w learned (init 1), e
+    detached; the MLP part is the plain router's."""
+    torch.manual_seed(0)
+    plain, r = LearnedRouter(16, 8), LearnedRouter(16, 8, error_feature=True)
+    r.load_state_dict({**plain.state_dict(), "error_weight": torch.tensor([0.5])})
+    x = torch.randn(2, 5, 16)
+    e = torch.rand(2, 5, requires_grad=True)
+    e_val = e.detach().clone()
+    e_val[0, 0] = 0.0  # a zero error: the floor, not -inf
+    z = r.logits(x, e_val.requires_grad_())
+    torch.testing.assert_close(z, plain.logits(x) + 0.5 * e_val.detach().clamp_min(1e-6).log())
+    assert torch.isfinite(z).all()
+    z.sum().backward()
+    assert r.error_weight.grad is not None and r.error_weight.grad.abs().item() > 0
+    assert e_val.grad is None  # the error is a feature, not a path into the state
+    with pytest.raises(ValueError, match="err must be given exactly when the router has the error feature"):
+        r.logits(x)
+    with pytest.raises(ValueError, match="err must be given exactly when"):
+        plain.logits(x, e)
+    with pytest.raises(ValueError, match=r"err must have shape x.shape\[:-1\]"):
+        r.logits(x, torch.rand(2, 4))
+    from megatron_ham.models import ModelConfig, SettingError
+
+    with pytest.raises(SettingError, match="key 'router_input'"):
+        ModelConfig(architecture="ham", router="learned", router_input="error").validate()
+    with pytest.raises(SettingError, match="'hidden' unless router is 'learned'"):
+        ModelConfig(architecture="ham", router="error_l2", router_input="hidden+error").validate()
+    from megatron_ham.hf import HAMConfig
+
+    with pytest.raises(ValueError, match="router_input"):
+        HAMConfig(router_input="error")
+
+
 def test_router_gets_gradient_through_scratchpad():
     torch.manual_seed(0)
     B, T, H, D, hidden = 2, 24, 2, 8, 16

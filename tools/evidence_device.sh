@@ -2,20 +2,20 @@
 # The evidence grid (issue 16) on the GPU machine, from the repo root, with the GPU bundle on
 # PYTHONPATH (CONTRIBUTING.md "On the GPU machine"):
 #   bash tools/evidence_device.sh OUT_DIR [BUDGET_S] [CONCURRENCY]
-# Runs the grid (python -m megatron_ham.evidence: the 9 configurations of recipes/evidence/ x 3
-# seeds, the recipes' 800 steps) in runs/evidence-gpu, a directory of the checkout that a warm
+# Runs the grid (python -m megatron_ham.evidence: the 10 configurations of recipes/evidence/ x 3
+# seeds, the recipes' 800 steps, 2400 for transformer_long) in runs/evidence-gpu, a directory of the checkout that a warm
 # machine keeps between calls: the runner is resumable, so when one call's budget does not
 # cover the grid, the same command again goes on (finished runs are skipped, stopped trainings
 # resume from their checkpoint, a stopped run's final report is redone). With INSTABILITY=1 the
 # controller reproduction (recipes/evidence/instability) runs at the same time (its 2026-12-02
 # traces are docs/results/instability.json).
 # Data: MQAR (8 / 16 pairs) and multi-key needles (2 / 4) in 63-255-token documents of random
-# ids, 512-token vocabulary, answer-token loss; evaluation at 256-2k tokens (up to 8x the trained
-# document length; 4x the trained context), MQAR with 16 pairs and 4 needles (ham-eval's defaults).
+# ids, 512-token vocabulary, answer-token loss; evaluation at 256-4k tokens (up to 16x the trained
+# document length; 8x the trained context), MQAR with 16 pairs and 4 needles (ham-eval's defaults).
 # What comes back: OUT/gpu.txt, OUT/grid/{runner.log,grid.json,evidence_runs.tar.gz} (and OUT/inst).
-# As run on 2026-12-02 (docs/results.md): `INSTABILITY=1 bash tools/evidence_device.sh $OUT 540 12`
-# twice in a row on one warm H200: 15 of 27 runs done in the first call (548 s), the rest in the
-# second (365 s); ~0.25-0.3 s/step for HAM with 12 processes on the card.
+# The d = 512 grid of 2026-12-02 (9 configurations, 27 runs; docs/results/grid_d512.json) took
+# `INSTABILITY=1 bash tools/evidence_device.sh $OUT 540 12` twice in a row on one warm H200
+# (548 s + 365 s); ~0.25-0.3 s/step for HAM with 12 processes on the card.
 # Every run compiles into one shared compile cache (train.compile_cache_dir); --stagger (the
 # runner's default) starts the other seeds of a configuration after its first run's first step.
 set -u
@@ -37,7 +37,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python -m megatron_ham.evidence --out "$W/grid" --seeds 0,1,2 --concurrency "$CONC" --budget-s "$BUDGET" \
     --reserve-s 45 --data-workers 12 --heldout-tokens 100000 --data-arg=--lengths=63,127,255 \
     --data-arg=--num-pairs=8,16 --data-arg=--mix=mqar=0.75,niah_multikey=0.25 --data-arg=--num-needles=2,4 \
-    --over-lengths 512 --final-lengths 256,512,1k,2k --eval-batch-size 16 --prune \
+    --over-lengths 512 --final-lengths 256,512,1k,2k,4k --eval-batch-size 16 --prune \
+    --kv-sweep-configs ham_learned_f25,ham_learnederr_f25,ham_random_f25 \
     --cache-dir "$W/cache" --override "train.compile_cache_dir=$W/compile_cache" \
     --export "$OUT/grid" >> "$OUT/grid/runner.log" 2>&1
 wait

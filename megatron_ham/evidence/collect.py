@@ -15,7 +15,7 @@ Schema "megatron-ham-evidence/1" of grid.json:
   (splits, seeds), "device", "elapsed_s",
   "runs": [{ "name", "config", "seed", "status": "done" | "stopped" | "failed" | "running" |
              "pending", "recipe", "model": {"architecture", "pattern", "router", "router_score",
-             "kv_fraction", "parameters"}, "train": {"steps", "train_steps", "wall_s",
+             "router_input", "kv_fraction", "parameters"}, "train": {"steps", "train_steps", "wall_s",
              "step_time_s" (median), "tokens_per_s" (median), "rc", "log_tail"},
              "curves": {"loss": [[step, loss]], "valid": [[step, loss]],
                         "kv": {layer: [[step, fraction, tau]]}},

@@ -183,6 +183,7 @@ class Grid:
                             "model": {"architecture": m.architecture, "pattern": m.resolved_pattern(),
                                       "router": m.router if "H" in m.resolved_pattern() else None,
                                       "router_score": m.router_score if m.router == "learned" else None,
+                                      "router_input": m.router_input if m.router == "learned" else None,
                                       "kv_fraction": m.kv_fraction if "H" in m.resolved_pattern() else None,
                                       "parameters": count_parameters(m)["total"]}}
                 for k in ("train_wall_s", "eval_wall_s", "rc", "final_step"):

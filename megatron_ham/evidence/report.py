@@ -24,11 +24,12 @@ from typing import Dict, List, Optional
 
 TASKS = ("mqar", "niah_single", "niah_multikey", "niah_multivalue")
 ORDER = ("gdn", "gdn_gsa", "ham_random_f25", "ham_error_f25", "ham_learned_f10", "ham_learned_f25",
-         "ham_learned_f50", "transformer")
+         "ham_learned_f50", "ham_learnederr_f25", "transformer", "transformer_long")
 LABEL = {"transformer": "Transformer (f=1)", "gdn": "GDN (f=0)", "gdn_gsa": "GDN-GSA (G*G*)",
          "ham_learned_f10": "HAM learned f=0.1", "ham_learned_f25": "HAM learned f=0.25",
          "ham_learned_f50": "HAM learned f=0.5", "ham_error_f25": "HAM error(l2) f=0.25",
-         "ham_random_f25": "HAM random f=0.25",
+         "ham_random_f25": "HAM random f=0.25", "ham_learnederr_f25": "HAM learned+error f=0.25",
+         "transformer_long": "Transformer (f=1), 3x steps",
          "ham_learned_f25_gated": "HAM learned f=0.25, silu(z) output gate"}
 
 
@@ -135,8 +136,14 @@ def plot_accuracy_vs_length(grid, path):
 
 
 def _kv_of(c: str) -> Optional[float]:
-    return {"gdn": 0.0, "transformer": 1.0, "ham_learned_f10": 0.1, "ham_learned_f25": 0.25,
+    return {"gdn": 0.0, "transformer": 1.0, "transformer_long": 1.0, "ham_learned_f10": 0.1, "ham_learned_f25": 0.25,
             "ham_learned_f50": 0.5}.get(c)
+
+
+# configurations drawn as single points of the trade-off plot: (KV fraction, marker, colour, label)
+EXTRA_POINTS = {"gdn_gsa": (0.5, "s", "tab:red", "GDN-GSA (KV-matched to 0.5)"),
+                "ham_learnederr_f25": (0.25, "^", "tab:green", "HAM learned+error"),
+                "transformer_long": (1.0, "D", "tab:purple", "Transformer, 3x steps")}
 
 
 def heldout_loss(r):
@@ -157,21 +164,22 @@ def plot_tradeoff(grid, path):
     pts = []
     for c in configs_of(grid):
         f = _kv_of(c)
-        if f is None and c != "gdn_gsa":
+        if f is None and c not in EXTRA_POINTS:
             continue
         acc = _stats([_num(mean_recall(r, L)) for r in _runs(grid, c) if r["final"]])
         loss = _stats([_num(heldout_loss(r)) for r in _runs(grid, c) if r["final"]])
-        pts.append((c, 0.5 if c == "gdn_gsa" else f, acc, loss))
+        pts.append((c, EXTRA_POINTS[c][0] if c in EXTRA_POINTS else f, acc, loss))
     for ax, k, name in ((a1, 2, f"recall accuracy (mean over tasks, lengths <= {L})"),
                         (a2, 3, "held-out loss, trained tokens (nats/token)")):
-        line = sorted([p for p in pts if p[0] != "gdn_gsa" and p[k]], key=lambda p: p[1])
+        line = sorted([p for p in pts if p[0] not in EXTRA_POINTS and p[k]], key=lambda p: p[1])
         ax.errorbar([p[1] for p in line], [p[k]["mean"] for p in line],
                     yerr=[[p[k]["mean"] - p[k]["min"] for p in line], [p[k]["max"] - p[k]["mean"] for p in line]],
                     marker="o", capsize=3, label="GDN (0) / HAM learned / Transformer (1)")
         for p in pts:
-            if p[0] == "gdn_gsa" and p[k]:
+            if p[0] in EXTRA_POINTS and p[k]:
+                _, marker, color, label = EXTRA_POINTS[p[0]]
                 ax.errorbar([p[1]], [p[k]["mean"]], yerr=[[p[k]["mean"] - p[k]["min"]], [p[k]["max"] - p[k]["mean"]]],
-                            marker="s", color="tab:red", capsize=3, ls="none", label="GDN-GSA (KV-matched to 0.5)")
+                            marker=marker, color=color, capsize=3, ls="none", label=label)
         ax.set_xlabel("KV fraction (KV cache per token / Transformer's)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -181,7 +189,8 @@ def plot_tradeoff(grid, path):
 
 def plot_routers(grid, path):
     plt = _plt()
-    cs = [c for c in ("ham_learned_f25", "ham_error_f25", "ham_random_f25") if _runs(grid, c)]
+    cs = [c for c in ("ham_learned_f25", "ham_learnederr_f25", "ham_error_f25", "ham_random_f25")
+          if _runs(grid, c)]
     fig, ax = plt.subplots(figsize=(9, 3.8))
     L = _trained_context(grid)
     w = 0.8 / max(1, len(cs))
@@ -260,7 +269,8 @@ def plot_routing_layers(grid, path, extra: Optional[dict] = None):
 #: whose routing trace is plotted: the first of each list that has one (learned, then error router)
 TRACE_CONFIGS = {"routing_trace": ("ham_learned_f25", "ham_error_f25", "ham_random_f25", "ham_learned_f50",
                                    "ham_learned_f10"),
-                 "routing_trace_error": ("ham_error_f25",)}
+                 "routing_trace_error": ("ham_error_f25",),
+                 "routing_trace_learnederr": ("ham_learnederr_f25",)}
 
 
 def plot_trace(grid, path, configs=TRACE_CONFIGS["routing_trace"]):
@@ -317,9 +327,9 @@ def table_final(grid) -> str:
 
 def table_summary(grid) -> str:
     L = _trained_context(grid)
-    lines = ["| configuration | params | KV bytes/token vs Transformer | seeds done | recall (mean, <= "
+    lines = ["| configuration | params | KV bytes/token vs Transformer | steps | seeds done | recall (mean, <= "
              f"{L}) | recall (mean, all lengths) | held-out loss (trained tokens) | train wall s (mean) | s/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs_of(grid):
         rs = _runs(grid, c)
         done = [r for r in rs if r["status"] == "done"]
@@ -327,6 +337,7 @@ def table_summary(grid) -> str:
         f = 0.5 if c == "gdn_gsa" else (m.get("kv_fraction") if m.get("kv_fraction") is not None else _kv_of(c))
         lines.append("| " + " | ".join([
             LABEL.get(c, c), f"{(m.get('parameters') or 0) / 1e6:.1f}M", "-" if f is None else f"{f:g}",
+            str(rs[0].get("train_steps") or (rs[0].get("train") or {}).get("train_steps") or "-"),
             f"{len(done)}/{len(rs)}",
             _fmt(_stats([_num(mean_recall(r, L)) for r in rs if r["final"]])),
             _fmt(_stats([_num(mean_recall(r)) for r in rs if r["final"]])),
@@ -431,7 +442,9 @@ def write_report(grid: dict, docs: str, notes: Optional[str], extra: Optional[di
         "## Held-out recall over training", "", img("recall_over_training", "over training"),
         "## Routed fraction per layer over training", "", img("routing_layers", "routing per layer"),
         "## Routing trace on a needle example", "", img("routing_trace", "routing trace"),
-        img("routing_trace_error", "routing trace, error router"), table_routing(grid), "",
+        img("routing_trace_error", "routing trace, error router"),
+        img("routing_trace_learnederr", "routing trace, learned router with the error feature"),
+        table_routing(grid), "",
         "## The trained HAM at other KV fractions", "", img("kv_sweep", "kv sweep"), table_kv_sweep(grid),
         "## Runs", "", table_runs(grid), "",
     ]

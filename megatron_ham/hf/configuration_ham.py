@@ -58,6 +58,8 @@ class HAMConfig(PretrainedConfig):
     HAM: router ("error_l2" | "error_cosine" | "learned" | "random"), router_hidden_size,
         router_seed (the random router's), router_score (learned router: "logit" thresholds its
         pre-sigmoid output, "sigmoid" the output itself: exports written before the field),
+        router_input (learned router: "hidden", or "hidden+error" = plus w * log of the
+        state's prediction error; exports before the field: "hidden"),
         scratchpad_scale
         (the softmax scale actually used; q, k are L2-normalised), kv_fraction (the training
         target, for the record), ham_taus (per layer), tau_override.
@@ -97,6 +99,7 @@ class HAMConfig(PretrainedConfig):
         router_hidden_size: int = 16,
         router_seed: int = 0,
         router_score: str = "sigmoid",
+        router_input: str = "hidden",
         scratchpad_scale: float = 4.0,
         kv_fraction: float = 0.5,
         ham_taus=None,
@@ -133,6 +136,7 @@ class HAMConfig(PretrainedConfig):
         self.router_hidden_size = router_hidden_size
         self.router_seed = router_seed
         self.router_score = router_score
+        self.router_input = router_input
         self.scratchpad_scale = float(scratchpad_scale)
         self.kv_fraction = float(kv_fraction)
         self.ham_taus = list(ham_taus) if ham_taus is not None else None
@@ -175,6 +179,8 @@ class HAMConfig(PretrainedConfig):
             self.tau_override = _as_tau(self.tau_override, "HAMConfig: key 'tau_override'")
         if self.output_gate not in ("silu", "none"):
             bad("output_gate", "'silu' or 'none'", self.output_gate)
+        if self.router_input not in ("hidden", "hidden+error"):
+            bad("router_input", "'hidden' or 'hidden+error'", self.router_input)
         if self.eod_token_id is not None and (isinstance(self.eod_token_id, bool)
                                               or not isinstance(self.eod_token_id, int)):
             bad("eod_token_id", "an int or None", self.eod_token_id)

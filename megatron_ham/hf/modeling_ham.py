@@ -409,7 +409,8 @@ class HAMMixer(GDNMixer):
         super().__init__(config, layer_idx)
         self.router = None
         if config.router == "learned":
-            self.router = LearnedRouter(config.hidden_size, config.router_hidden_size)
+            self.router = LearnedRouter(config.hidden_size, config.router_hidden_size,
+                                        error_feature=config.router_input == "hidden+error")
         self.tau = config.effective_tau(layer_idx)
         self.last_routed: Optional[torch.Tensor] = None  # bool [B, T] of the last forward
         self.last_scores: Optional[torch.Tensor] = None  # fp32 [B, T] of the last forward
@@ -419,7 +420,8 @@ class HAMMixer(GDNMixer):
         B, T, _ = x.shape
         i = self.layer_idx
         rand = self.config.router == "random"  # content-independent: the row position's hash
-        t = self._state(x, doc, has_docs, cache, mask, return_error=self.router is None and not rand)
+        with_err = self.router.error_weight is not None if self.router is not None else not rand
+        t = self._state(x, doc, has_docs, cache, mask, return_error=with_err)
         q, k, v = t["q"], t["k"], t["v"]
         if rand:
             # positions count a row's real tokens, so padding does not change a row's draws
@@ -427,7 +429,7 @@ class HAMMixer(GDNMixer):
         elif self.router is None:
             scores, r = min_over_heads(t["err"].float()), None
         else:  # router_score "logit" thresholds z; "sigmoid" (exports before the field) r
-            z = self.router.logits(x)
+            z = self.router.logits(x, min_over_heads(t["err"].float()) if with_err else None)
             r = torch.sigmoid(z)
             scores = (z if self.config.router_score == "logit" else r).detach().float()
         routed = route(scores, float(self.tau))

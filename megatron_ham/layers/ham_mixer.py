@@ -14,7 +14,9 @@ Extends GDNMixer (same in_proj / conv / state; see its docstring for layout and 
           layer input, replicated on TP ranks; routed values are scaled by r
           (router_weighted_values) so the LM loss trains it; dL/dr is all-reduced over TP (each
           rank only sees its heads), so the router's parameter gradient is the full one on every
-          rank. The score is z (router_score "logit"; the controller then works in linear space)
+          rank. With router_input "hidden+error", z += w * log(e), e = the min over heads of
+          the l2 prediction error (as the error router's score, detached). The score is z
+          (router_score "logit"; the controller then works in linear space)
           or r ("sigmoid").
       "random": the ablation: score_t = uniform_hash(router_seed, layer, sample, position) in (0, 1)
           (ops.routing.random_router_scores), independent of the content; sample = 0 in eval
@@ -34,7 +36,7 @@ not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) up
 once per optimizer step from what was recorded. In eval mode nothing is recorded.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
+router_seed, router_score, router_input, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
 train_routing.
 """
 from __future__ import annotations
@@ -78,7 +80,8 @@ class HAMMixer(GDNMixer):
         if c.router == "learned":
             hid = c.router_hidden_size or None
             # default RNG: identical on every TP rank (replicated module)
-            self.router = LearnedRouter(config.hidden_size, hid)
+            self.router = LearnedRouter(config.hidden_size, hid,
+                                        error_feature=c.router_input == "hidden+error")
             # in the model's dtype (Megatron's distributed optimizer cannot checkpoint fp32
             # parameters in a bf16 model: megatron-core 0.19.2 asserts in its dp_reshardable
             # state); LearnedRouter computes its logits in fp32 whatever the dtype
@@ -116,9 +119,11 @@ class HAMMixer(GDNMixer):
         if self.router_kind == "random":
             r = self._random_scores(s, b, hidden_states.device)
             return (r.reshape(1, b * s) if cu is not None else r), None
-        if self.router is None:
+        if err is not None:  # the error router's score, or the learned router's error feature
             grp = self.tp_group if self.tp > 1 else None
-            return min_over_heads(err.float(), group=grp).detach(), None
+            err = min_over_heads(err.float(), group=grp).detach()  # [b, s] ([1, b*s] packed)
+        if self.router is None:
+            return err, None
         x = hidden_states
         if self.sp and self.tp > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -127,7 +132,8 @@ class HAMMixer(GDNMixer):
             x = gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        z = self.router.logits(x).transpose(0, 1)  # fp32 [s,b] -> [b,s]
+        e = None if err is None else err.reshape(b, s).transpose(0, 1)  # [s, b] as x
+        z = self.router.logits(x, e).transpose(0, 1)  # fp32 [s,b] -> [b,s]
         r = all_reduce_backward(torch.sigmoid(z), self.tp_group)
         if cu is not None:
             z, r = z.reshape(1, b * s), r.reshape(1, b * s)
@@ -144,7 +150,8 @@ class HAMMixer(GDNMixer):
         if inference_context is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("HAMMixer: Megatron inference contexts are not supported")
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
-        want_err = self.router_kind.startswith("error")
+        want_err = self.router_kind.startswith("error") or (
+            self.router is not None and self.router.error_weight is not None)
         metric = "cosine" if self.router_kind == "error_cosine" else "l2"
         o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
         scores, r = self._scores(hidden_states, t, err, cu, s, b)

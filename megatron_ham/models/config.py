@@ -57,7 +57,10 @@ class ModelConfig:
         router's seed), router_score (what the learned router's threshold cuts: "logit" = its
         pre-sigmoid output, or "sigmoid" = r itself, the default only because checkpoints
         written before the setting used it: r saturates to exactly 1.0 in fp32 and ties;
-        docs/design.md "Routing"), router_hidden_size (0 = hidden/4), scratchpad_scale (0 =
+        docs/design.md "Routing"), router_input (learned router: "hidden" = the layer input
+        only, the paper's; "hidden+error" = plus w * log of the state's prediction error, a
+        learned w: the input of a model's first layers carries no context, docs/design.md
+        "Routing"), router_hidden_size (0 = hidden/4), scratchpad_scale (0 =
         sqrt(K)), scratchpad_impl ("auto" | "reference" | "compact" | "flex" | "triton",
         megatron_ham.ops.scratchpad_attention), controller_gain (in (0, 1]: the quantile-tracking
         gain, 1 = tau is the last step's quantile), controller_warmup, train_routing ("threshold":
@@ -105,6 +108,7 @@ class ModelConfig:
     router_hidden_size: int = 0
     router_seed: int = 0
     router_score: str = "sigmoid"
+    router_input: str = "hidden"
     scratchpad_scale: float = 0.0
     scratchpad_impl: str = "auto"
     controller_gain: float = 1.0

@@ -7,7 +7,10 @@ KVFractionController.
   (`min_over_heads`; with heads split over tensor-parallel ranks the min is all-reduced (MIN)
   over the TP group so every rank routes the same tokens).
 - Learned router: r = sigmoid(z), z = MLP(x) `[B,T]` from the layer input (replicated on TP
-  ranks); the routing score is z ("logit") or r ("sigmoid", checkpoints before the setting). It learns from the LM loss Mixture-of-Depths style: the values of routed keys are multiplied
+  ranks), plus w * log(e) with the "error" feature (e = the min-over-heads prediction error,
+  w a learned scalar: the layer input alone carries no context in a model's first layers);
+  the routing score is z ("logit") or r ("sigmoid", checkpoints before the setting). It learns
+  from the LM loss Mixture-of-Depths style: the values of routed keys are multiplied
   by r_j before the scratchpad (`router_weighted_values`), so every routed key passes the loss
   gradient to its r_j. The hard decision r_j >= tau itself carries no gradient; the controller
   keeps the routed fraction at its target.
@@ -127,22 +130,29 @@ def random_router_scores(seed: int, layer: int, sample: Union[int, torch.Tensor]
     return uniform_hash(int(seed), int(layer), s, pos.to(torch.int64), device=pos.device)
 
 
+ERROR_FLOOR = 1e-6  # log(max(e, ERROR_FLOOR)): a zero prediction error is a finite feature
+
+
 class LearnedRouter(nn.Module):
-    """r = sigmoid(Linear(act(Linear(x)))) in (0, 1), one score per token; `logits(x)` is the
-    pre-sigmoid z (what the "logit" routing score thresholds: unlike r it never saturates to
-    equal values, see docs/design.md "Routing").
+    """r = sigmoid(z) in (0, 1), one score per token, with
+        z = Linear(act(Linear(x)))                        (error_feature False: the paper's router)
+        z = Linear(act(Linear(x))) + w * log(max(e, 1e-6))  (error_feature True)
+    where e is the state's prediction error of the token (min over heads, detached) and w a
+    learned scalar (init 1). `logits` is z (what the "logit" routing score thresholds: unlike r
+    it never saturates to equal values, see docs/design.md "Routing").
 
     Args:
         hidden_size: model hidden size (input last dim).
         router_hidden_size: MLP width, default max(1, hidden_size // 4).
         bias: biases in both Linears.
         activation: "silu" or "gelu".
-    forward: x `[..., hidden_size]` (full hidden, replicated on TP ranks) -> r `[...]`;
-    logits: the same x -> z `[...]` with r = sigmoid(z).
+        error_feature: add the prediction-error term (model.router_input "hidden+error").
+    forward / logits: x `[..., hidden_size]` (full hidden, replicated on TP ranks) and, with
+    error_feature, err `[...]` (>= 0) -> r / z `[...]`, fp32.
     """
 
     def __init__(self, hidden_size: int, router_hidden_size: Optional[int] = None, bias: bool = True,
-                 activation: str = "silu"):
+                 activation: str = "silu", error_feature: bool = False):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
@@ -157,20 +167,29 @@ class LearnedRouter(nn.Module):
         self.fc1 = nn.Linear(hidden_size, router_hidden_size, bias=bias)
         self.act = acts[activation]()
         self.fc2 = nn.Linear(router_hidden_size, 1, bias=bias)
+        self.error_weight = nn.Parameter(torch.ones(1)) if error_feature else None
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, err: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fp32 z `[...]`, computed in fp32 whatever the dtype of x and of the parameters (the
         parameters share the model's dtype, so that the distributed optimizer holds one dtype;
         a bf16 z would put many tokens exactly on tau)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {got}")
+        if (err is None) != (self.error_weight is None):
+            raise ValueError("err must be given exactly when the router has the error feature "
+                             f"(error_feature={self.error_weight is not None})")
+        if err is not None:
+            check_tensor("err", err, list(x.shape[:-1]), "x.shape[:-1]")
 
         def f32(t):
             return None if t is None else t.float()
 
         h = self.act(F.linear(x.float(), f32(self.fc1.weight), f32(self.fc1.bias)))
-        return F.linear(h, f32(self.fc2.weight), f32(self.fc2.bias)).squeeze(-1)
+        z = F.linear(h, f32(self.fc2.weight), f32(self.fc2.bias)).squeeze(-1)
+        if err is None:
+            return z
+        return z + self.error_weight.float() * err.detach().float().clamp_min(ERROR_FLOOR).log()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
+    def forward(self, x: torch.Tensor, err: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x, err))

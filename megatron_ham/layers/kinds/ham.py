@@ -2,10 +2,10 @@
 the routed KV scratchpad; and the once-per-step KV-fraction controller update of its layers.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, router_score, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
+router_seed, router_score, router_input, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
 train_routing.
 Fused parameters: GDN's, plus in_proj gate_rnn 1 and gate_kv 1 per head. Other tensors: GDN's,
-the learned router (router.fc1/fc2) and the controller's buffers (kv_controller.tau ->
+the learned router (router.fc1/fc2, router.error_weight with router_input "hidden+error") and the controller's buffers (kv_controller.tau ->
 the HF config's ham_taus; num_updates is training state).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .registry import Section, SettingError, register
 
 ROUTERS = ("error_l2", "error_cosine", "learned", "random")
 ROUTER_SCORES = ("sigmoid", "logit")
+ROUTER_INPUTS = ("hidden", "hidden+error")
 SCRATCHPAD_IMPLS = ("auto", "reference", "compact", "flex", "triton")
 TRAIN_ROUTINGS = ("threshold", "batch")
 
@@ -38,6 +39,11 @@ class HAMKind(GDNKind):
             raise SettingError("router", f"one of {list(ROUTERS)}", cfg.router)
         if cfg.router_score not in ROUTER_SCORES:
             raise SettingError("router_score", f"one of {list(ROUTER_SCORES)}", cfg.router_score)
+        if cfg.router_input not in ROUTER_INPUTS:
+            raise SettingError("router_input", f"one of {list(ROUTER_INPUTS)}", cfg.router_input)
+        if cfg.router_input != "hidden" and cfg.router != "learned":
+            raise SettingError("router_input", "'hidden' unless router is 'learned' (the other "
+                               f"routers have no input; router is {cfg.router!r})", cfg.router_input)
         for n in ("router_hidden_size", "router_seed", "controller_warmup"):
             v = getattr(cfg, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -67,13 +73,15 @@ class HAMKind(GDNKind):
         out = super().renames(cfg)
         if cfg.router == "learned":
             out.update({f"router.{p}": f"router.{p}" for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")})
+            if cfg.router_input == "hidden+error":
+                out["router.error_weight"] = "router.error_weight"
         return out
 
     def parameters(self, cfg) -> int:
         n = super().parameters(cfg)
         if cfg.router == "learned":
             h, rh = cfg.hidden_size, self.router_hidden(cfg)
-            n += h * rh + rh + rh + 1
+            n += h * rh + rh + rh + 1 + (cfg.router_input == "hidden+error")
         return n
 
     def flops_per_token(self, cfg, kv_fraction=None) -> float:
@@ -93,7 +101,7 @@ class HAMKind(GDNKind):
         K = cfg.mixer_key_head_dim
         return {**super().hf_settings(cfg), "router": cfg.router,
                 "router_hidden_size": self.router_hidden(cfg), "router_seed": int(cfg.router_seed),
-                "router_score": cfg.router_score,
+                "router_score": cfg.router_score, "router_input": cfg.router_input,
                 "scratchpad_scale": float(cfg.scratchpad_scale) if cfg.scratchpad_scale > 0 else K ** 0.5,
                 "kv_fraction": float(cfg.kv_fraction)}
 
