@@ -24,12 +24,15 @@ from typing import Dict, List, Optional
 
 TASKS = ("mqar", "niah_single", "niah_multikey", "niah_multivalue")
 ORDER = ("gdn", "gdn_gsa", "ham_random_f25", "ham_error_f25", "ham_learned_f10", "ham_learned_f25",
-         "ham_learned_f50", "ham_learnederr_f25", "transformer", "transformer_long")
+         "ham_learned_f50", "ham_learnederr_f25", "transformer", "transformer_long", "transformer_lr3e4",
+         "transformer_lr1e3", "transformer_lr4e3")
 LABEL = {"transformer": "Transformer (f=1)", "gdn": "GDN (f=0)", "gdn_gsa": "GDN-GSA (G*G*)",
          "ham_learned_f10": "HAM learned f=0.1", "ham_learned_f25": "HAM learned f=0.25",
          "ham_learned_f50": "HAM learned f=0.5", "ham_error_f25": "HAM error(l2) f=0.25",
          "ham_random_f25": "HAM random f=0.25", "ham_learnederr_f25": "HAM learned+error f=0.25",
          "transformer_long": "Transformer (f=1), 3x steps",
+         **{f"transformer_lr{k}": f"Transformer (f=1), 3x steps, lr {v}" for k, v in
+            (("3e4", "3e-4"), ("1e3", "1e-3"), ("4e3", "4e-3"))},
          "ham_learned_f25_gated": "HAM learned f=0.25, silu(z) output gate"}
 
 
@@ -136,14 +139,17 @@ def plot_accuracy_vs_length(grid, path):
 
 
 def _kv_of(c: str) -> Optional[float]:
-    return {"gdn": 0.0, "transformer": 1.0, "transformer_long": 1.0, "ham_learned_f10": 0.1, "ham_learned_f25": 0.25,
+    if c.startswith("transformer"):
+        return 1.0
+    return {"gdn": 0.0, "ham_learned_f10": 0.1, "ham_learned_f25": 0.25,
             "ham_learned_f50": 0.5}.get(c)
 
 
 # configurations drawn as single points of the trade-off plot: (KV fraction, marker, colour, label)
 EXTRA_POINTS = {"gdn_gsa": (0.5, "s", "tab:red", "GDN-GSA (KV-matched to 0.5)"),
                 "ham_learnederr_f25": (0.25, "^", "tab:green", "HAM learned+error"),
-                "transformer_long": (1.0, "D", "tab:purple", "Transformer, 3x steps")}
+                "transformer_long": (1.0, "D", "tab:purple", "Transformer, 3x steps"),
+                "transformer_lr1e3": (1.0, "*", "tab:brown", "Transformer, 3x steps, lr 1e-3")}
 
 
 def heldout_loss(r):
@@ -164,8 +170,8 @@ def plot_tradeoff(grid, path):
     pts = []
     for c in configs_of(grid):
         f = _kv_of(c)
-        if f is None and c not in EXTRA_POINTS:
-            continue
+        if (f is None or c.startswith("transformer_")) and c not in EXTRA_POINTS:
+            continue  # the line: GDN, HAM learned, the grid's Transformer; some others as points
         acc = _stats([_num(mean_recall(r, L)) for r in _runs(grid, c) if r["final"]])
         loss = _stats([_num(heldout_loss(r)) for r in _runs(grid, c) if r["final"]])
         pts.append((c, EXTRA_POINTS[c][0] if c in EXTRA_POINTS else f, acc, loss))
@@ -425,11 +431,15 @@ def write_report(grid: dict, docs: str, notes: Optional[str], extra: Optional[di
         "`python -m megatron_ham.evidence`); the findings are in `docs/results/notes.md`.", "",
         open(notes, encoding="utf-8").read().strip() if notes else "", "",
         "## Setup", "",
-        f"- Device: {grid['device']}; grid wall time {grid['elapsed_s']:.0f} s (budget {s.get('budget_s')} s).",
+        f"- Device: {grid['device']}; grid wall time {grid['elapsed_s']:.0f} s "
+        + (f"({', '.join(f'{k}: {v} s' for k, v in grid['elapsed_calls_s'].items())})."
+           if grid.get("elapsed_calls_s") else f"(budget {s.get('budget_s')} s)."),
         f"- Configurations: {', '.join(configs_of(grid))}; seeds {s.get('seeds')}; "
         f"{cal.get('steps', '(recipe)')} steps each "
         f"({cal.get('concurrency', s.get('concurrency'))} runs at a time; fit: {cal.get('reason', '-')}).",
-        f"- Recipes: `recipes/evidence/` (overrides: {', '.join(s.get('override') or []) or 'none'}).",
+        f"- Recipes: `recipes/evidence/`"
+        + (f" and `{s['extra_recipes']}`" if s.get("extra_recipes") else "")
+        + f" (overrides: {', '.join(s.get('override') or []) or 'none'}).",
         f"- Data: `data_prep.recall_mixture` {' '.join(s.get('data_arg') or [])}; "
         f"{((grid.get('data') or {}).get('splits') or {}).get('train', {}).get('documents', '?')} training documents.",
         f"- Evaluation: ham-eval, seed {s.get('eval_seed')}, {s.get('eval_samples')} examples per task and "
