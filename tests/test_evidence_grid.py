@@ -125,7 +125,8 @@ def test_final_report_of_a_stopped_run_is_redone_after_resuming(tmp_path):
 def test_report_from_the_committed_grid(tmp_path):
     """python -m megatron_ham.evidence.report on docs/results/grid.json (the 2026-12-02 H200 grid):
     the page has its sections, the plots exist, the held-out loss is the trained (answer) tokens'
-    validation loss, and both routing traces (learned and error router) are drawn."""
+    validation loss, the routing traces (learned, error and learned+error routers) are drawn, and
+    the summary lists the extra Transformer runs with their own steps and KV fraction."""
     from megatron_ham.evidence.report import heldout_loss, write_report
 
     grid = json.load(open(os.path.join(REPO, "docs", "results", "grid.json"), encoding="utf-8"))
@@ -137,9 +138,11 @@ def test_report_from_the_committed_grid(tmp_path):
                     "## The trained HAM at other KV fractions", "## Runs"):
         assert section in page, section
     for png in ("accuracy_vs_length", "kv_tradeoff", "routers", "routing_layers", "routing_trace",
-                "routing_trace_error", "kv_sweep"):
+                "routing_trace_error", "routing_trace_learnederr", "kv_sweep"):
         assert (tmp_path / f"results_{png}.png").stat().st_size > 1000, png
         assert f"(results_{png}.png)" in page, png
+    summary = page.split("## Summary")[1].split("##")[0]
+    assert "| Transformer (f=1), 3x steps, lr 1e-3 | 21.0M | 1 | 2400 | 2/2 |" in summary
     err = next(r for r in grid["runs"] if r["config"] == "ham_error_f25" and r["seed"] == 1)
     assert heldout_loss(err) == err["curves"]["valid"][-1][1] < 1.0  # answer tokens, not all tokens
     assert err["final"]["perplexity"]["loss"] > 6.0
