@@ -164,6 +164,28 @@ def test_calibration_threshold_and_routing_recorder():
     assert out[0]["score_samples"] == 500  # bounded sample
     assert abs(out[0]["quantiles"]["0.5"] - 0.5) < 0.08
     assert sum(out[0]["histogram"]["counts"]) == 500 and len(out[0]["histogram"]["edges"]) == 41
+    assert out[0]["token_id_share"] is None  # no tokens given
+
+
+def test_routing_share_decided_by_the_token_id():
+    """token_id_share: 1 for a router that stores a fixed set of ids, ~0 for i.i.d. routing and
+    for routing by position (context) on random ids, None when everything or nothing is routed."""
+    g = torch.Generator().manual_seed(0)
+    rec = RoutingRecorder([0, 1, 2, 3])
+    for _ in range(3):
+        ids = torch.randint(0, 200, (8, 256), generator=g)
+        pos = torch.arange(256).expand(8, 256)
+        rec.add("mqar", {0: (ids.float(), ids % 4 == 0),  # a fixed quarter of the vocabulary
+                         1: (ids.float(), torch.rand(8, 256, generator=g) < 0.25),  # i.i.d.
+                         2: (ids.float(), pos % 4 == 0),  # by position
+                         3: (ids.float(), ids >= 0)}, tokens=ids)  # everything
+    out = rec.summary({})
+    assert out[0]["token_id_share"] == pytest.approx(1.0)
+    assert abs(out[1]["token_id_share"]) < 0.1 and abs(out[2]["token_id_share"]) < 0.1
+    assert out[3]["token_id_share"] is None
+    # ids beyond those seen so far extend the per-id counts; still one decision per id
+    rec.add("ppl", {0: (torch.zeros(1, 2), torch.tensor([[True, False]]))}, tokens=torch.tensor([[900, 901]]))
+    assert rec.summary({})[0]["token_id_share"] == pytest.approx(1.0)
 
 
 def test_recall_scorer_on_an_oracle_and_on_its_negation():

@@ -80,7 +80,7 @@ def perplexity(model, heldout, *, batch_size: int, edges: Sequence[int] = DEFAUL
                             f"vocabulary [0, {V}): the data was tokenized for another model")
         out = model.forward(tokens)
         if recorder is not None:
-            recorder.add("ppl", out.routing)
+            recorder.add("ppl", out.routing, tokens)
         nll = F.cross_entropy(out.logits.reshape(-1, V), labels.to(out.logits.device).reshape(-1),
                               reduction="none").reshape(labels.shape).double().cpu()  # [b, s]
         pos = document_positions(tokens, eod)  # [b, s]

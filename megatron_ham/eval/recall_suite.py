@@ -66,7 +66,7 @@ def run_recall(model, plan: RecallPlan, *, batch_size: int, recorder=None, progr
             mask = torch.from_numpy(np.stack([e.answer_mask for e in exs]))  # [b, L]
             out = model.forward(tokens)
             if recorder is not None:
-                recorder.add(task, out.routing)
+                recorder.add(task, out.routing, tokens)
             r, n, lp = score_batch(out.logits, tokens, mask)
             nll += float(lp.sum())
             right += int(r.sum())

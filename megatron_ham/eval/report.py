@@ -21,7 +21,8 @@ finite (tau = +-inf) are written as the strings "inf" / "-inf" / "nan" (strict J
             "answer_nll"}]},
   "routing": {"layers": {layer: {"tau", "tokens", "fraction", "by_source": {source: fraction},
             "score_samples", "mean_score", "quantiles": {"0.01": x, ...},
-            "histogram": {"edges": [41], "counts": [40]}}},
+            "histogram": {"edges": [41], "counts": [40]}, "token_id_share": share of the 0/1
+            decisions' variance explained by the token id, or null}},
             "trace": {"task", "length", "seed", "tokens": [...], "marks": {"needles": [[a, b]],
             "query": [a, b], "answers": [[a, b]]}, "layers": {layer: {"tau", "scores": [...],
             "routed": [0/1 ...], "fraction"}}, "routed_at_needles": {layer: f},
@@ -104,8 +105,8 @@ def format_table(r: dict) -> str:
             lines.append(f"  {t:<17}{row}")
     ro = r.get("routing")
     if ro and ro.get("layers"):
-        lines.append("routing per HAM layer: tau, routed fraction, score quantiles 10/50/90 %"
-                     + (", routed at needles / answers (trace)" if ro.get("trace") else ""))
+        lines.append("routing per HAM layer: tau, routed fraction, score quantiles 10/50/90 %, share "
+                     "decided by the token id" + (", routed at needles / answers (trace)" if ro.get("trace") else ""))
         tr = ro.get("trace") or {}
         for i, lay in ro["layers"].items():
             q = lay.get("quantiles") or {}
@@ -115,7 +116,7 @@ def format_table(r: dict) -> str:
                          f"{_f(tr['routed_at_answers'].get(i), '{:.2f}')}")
             lines.append(f"  L{i:<3} tau {_f(lay['tau'], '{:.4g}'):>9}  routed {_f(lay['fraction'], '{:.3f}')}"
                          f"  q {_f(q.get('0.1'), '{:.3g}')} / {_f(q.get('0.5'), '{:.3g}')} / "
-                         f"{_f(q.get('0.9'), '{:.3g}')}{extra}")
+                         f"{_f(q.get('0.9'), '{:.3g}')}  id {_f(lay.get('token_id_share'), '{:.2f}')}{extra}")
     for w in r.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

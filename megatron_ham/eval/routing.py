@@ -1,15 +1,20 @@
 """Routing report of the HAM layers: what the scratchpad stored on the evaluated data.
 
     rec = RoutingRecorder(layers=[0, 1])
-    rec.add("ppl", forward.routing)          # after every forward, {layer: (scores [b, s], routed [b, s])}
+    rec.add("ppl", forward.routing, tokens)  # after every forward, {layer: (scores [b, s], routed [b, s])}
     rec.summary(taus) -> {layer: {"tau", "fraction", "tokens", "by_source", "mean_score",
-                                   "quantiles", "histogram"}}
+                                   "quantiles", "histogram", "token_id_share"}}
     routing_trace(example, forward.routing, taus) -> per-position scores / decisions of one example
 
 Per layer: the routed fraction over every evaluated token (and per source: "ppl", each recall
 task, "calibration" is never recorded), and the score distribution from a uniform random sample
 of at most `max_samples` scores per layer (reservoir by random priorities: memory stays bounded
 whatever the amount of data): quantiles and a 40-bin histogram between the sample's min and max.
+With the input tokens, also how much of the routing is a function of the token id alone:
+token_id_share = 1 - sum_id n_id p_id (1 - p_id) / (N p (1 - p)), the share of the variance of
+the 0/1 decisions explained by the id (p_id = routed fraction of id, p = overall): 1 = every id
+is always or never stored (a context-blind router), ~0 = the id says nothing (random routing, or
+a router that reads context). Counts per id: memory bounded by the vocabulary.
 """
 from __future__ import annotations
 
@@ -29,14 +34,19 @@ class RoutingRecorder:
         self._routed: Dict[int, Dict[str, List[int]]] = {i: {} for i in self.layers}  # source -> [routed, tokens]
         self._prio: Dict[int, torch.Tensor] = {i: torch.zeros(0) for i in self.layers}
         self._vals: Dict[int, torch.Tensor] = {i: torch.zeros(0) for i in self.layers}
+        self._by_id: Dict[int, torch.Tensor] = {i: torch.zeros(2, 0, dtype=torch.int64) for i in self.layers}
 
-    def add(self, source: str, routing: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def add(self, source: str, routing: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+            tokens: Optional[torch.Tensor] = None) -> None:
+        """tokens: the forward's input ids [b, s] (optional): per-id routing counts."""
         for i, (scores, routed) in routing.items():
             if i not in self._routed:
                 continue
             acc = self._routed[i].setdefault(source, [0, 0])
             acc[0] += int(routed.sum())
             acc[1] += int(routed.numel())
+            if tokens is not None:
+                self._count_ids(i, tokens.reshape(-1).long().cpu(), routed.reshape(-1).cpu())
             vals = scores.detach().reshape(-1).float().cpu()
             prio = torch.rand(vals.numel(), generator=self._gen)
             p, v = torch.cat([self._prio[i], prio]), torch.cat([self._vals[i], vals])
@@ -44,6 +54,26 @@ class RoutingRecorder:
                 keep = p.topk(self.max_samples).indices
                 p, v = p[keep], v[keep]
             self._prio[i], self._vals[i] = p, v
+
+    def _count_ids(self, layer: int, ids: torch.Tensor, routed: torch.Tensor) -> None:
+        n = max(self._by_id[layer].shape[1], int(ids.max()) + 1 if ids.numel() else 0)
+        counts = torch.stack([torch.bincount(ids[routed], minlength=n), torch.bincount(ids, minlength=n)])
+        old = self._by_id[layer]
+        self._by_id[layer] = counts + torch.nn.functional.pad(old, (0, n - old.shape[1]))
+
+    def token_id_share(self, layer: int) -> Optional[float]:
+        """Share of the routing decisions' variance explained by the token id (module docstring);
+        None without token counts or when every token was routed alike."""
+        routed, n = self._by_id[layer].double()
+        N = float(n.sum())
+        if N == 0:
+            return None
+        p = float(routed.sum()) / N
+        if p <= 0.0 or p >= 1.0:
+            return None
+        p_id = routed[n > 0] / n[n > 0]
+        within = float((n[n > 0] * p_id * (1 - p_id)).sum())
+        return 1.0 - within / (N * p * (1 - p))
 
     def summary(self, taus: Dict[int, float]) -> Dict[int, dict]:
         out = {}
@@ -56,7 +86,8 @@ class RoutingRecorder:
             row = {"tau": float(taus.get(i, float("nan"))), "tokens": tokens,
                    "fraction": routed / tokens if tokens else None,
                    "by_source": {s: (r / t if t else None) for s, (r, t) in per.items()},
-                   "score_samples": int(v.numel()), "mean_score": None, "quantiles": {}, "histogram": None}
+                   "score_samples": int(v.numel()), "mean_score": None, "quantiles": {}, "histogram": None,
+                   "token_id_share": self.token_id_share(i)}
             if finite.numel():
                 qs = torch.quantile(finite, torch.tensor(QUANTILES, dtype=torch.float64))
                 row["mean_score"] = float(finite.mean())

@@ -22,7 +22,8 @@ Schema "megatron-ham-evidence/1" of grid.json:
              "recall_over_training": [{"step", "task", "length", "accuracy", "exact_match",
                                        "answer_nll"}],
              "final": {"step", "recall": [rows], "perplexity": {"loss", "ppl", "by_position"},
-                       "routing": {layer: {"tau", "fraction", "quantiles"}},
+                       "routing": {layer: {"tau", "fraction", "quantiles", "by_source",
+                                           "token_id_share"}},
                        "routed_at_needles", "routed_at_answers", "trace": {...} | null},
              "kv_sweep": [{"kv_fraction", "taus", "recall": [rows]}] }] }
 Losses and fractions are floats; layers are 0-based strings (HAM layers only).
@@ -109,7 +110,7 @@ def _final(report: dict, keep_trace: bool) -> dict:
     tr = ro.get("trace") or None
     p = report.get("perplexity") or None
     layers = {i: {"tau": lay.get("tau"), "fraction": lay.get("fraction"), "quantiles": lay.get("quantiles"),
-                  "by_source": lay.get("by_source")}
+                  "by_source": lay.get("by_source"), "token_id_share": lay.get("token_id_share")}
               for i, lay in (ro.get("layers") or {}).items()}
     return {"step": report.get("_step"), "recall": _rows(report),
             "perplexity": ({"loss": p.get("loss"), "ppl": p.get("ppl"), "tokens": p.get("tokens"),

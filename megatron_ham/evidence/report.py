@@ -394,16 +394,17 @@ def table_kv_sweep(grid) -> str:
 
 
 def table_routing(grid) -> str:
-    lines = ["| run | layer | routed (eval) | at needles (trace) | at answers (trace) | tau |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | layer | routed (eval) | at needles (trace) | at answers (trace) | decided by the token id | tau |",
+             "|---|---|---|---|---|---|---|"]
     for r in grid["runs"]:
         fin = r["final"] or {}
         for i, v in sorted((fin.get("routing") or {}).items(), key=lambda x: int(x[0])):
             nd = (fin.get("routed_at_needles") or {}).get(i)
             an = (fin.get("routed_at_answers") or {}).get(i)
+            sh = v.get("token_id_share")  # grids before 2026-12-02 16:30 UTC lack it
             lines.append(f"| {r['name']} | {i} | {_num(v.get('fraction')):.3f} | "
                          f"{'-' if nd is None else f'{_num(nd):.2f}'} | {'-' if an is None else f'{_num(an):.2f}'} | "
-                         f"{_num(v.get('tau')):.4g} |")
+                         f"{'-' if sh is None else f'{_num(sh):.2f}'} | {_num(v.get('tau')):.4g} |")
     return "\n".join(lines)
 
 
