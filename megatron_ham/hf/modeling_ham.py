@@ -420,7 +420,8 @@ class HAMMixer(GDNMixer):
         B, T, _ = x.shape
         i = self.layer_idx
         rand = self.config.router == "random"  # content-independent: the row position's hash
-        with_err = self.router.error_weight is not None if self.router is not None else not rand
+        # the prediction error: the error router's score, or the learned router's error feature
+        with_err = (self.router.error_weight is not None) if self.router is not None else not rand
         t = self._state(x, doc, has_docs, cache, mask, return_error=with_err)
         q, k, v = t["q"], t["k"], t["v"]
         if rand:

@@ -36,8 +36,8 @@ not recorded again); step_kv_controllers() (megatron_ham/layers/kinds/ham.py) up
 once per optimizer step from what was recorded. In eval mode nothing is recorded.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, router_score, router_input, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
-train_routing.
+router_seed, router_score, router_input, scratchpad_scale, scratchpad_impl, controller_gain,
+controller_warmup, train_routing.
 """
 from __future__ import annotations
 

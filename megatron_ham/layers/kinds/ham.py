@@ -2,11 +2,12 @@
 the routed KV scratchpad; and the once-per-step KV-fraction controller update of its layers.
 
 Settings (ModelConfig, besides the GDN ones): kv_fraction, router, router_hidden_size,
-router_seed, router_score, router_input, scratchpad_scale, scratchpad_impl, controller_gain, controller_warmup,
-train_routing.
+router_seed, router_score, router_input, scratchpad_scale, scratchpad_impl, controller_gain,
+controller_warmup, train_routing.
 Fused parameters: GDN's, plus in_proj gate_rnn 1 and gate_kv 1 per head. Other tensors: GDN's,
-the learned router (router.fc1/fc2, router.error_weight with router_input "hidden+error") and the controller's buffers (kv_controller.tau ->
-the HF config's ham_taus; num_updates is training state).
+the learned router (router.fc1/fc2; router.error_weight with router_input "hidden+error") and
+the controller's buffers (kv_controller.tau -> the HF config's ham_taus; num_updates is
+training state).
 """
 from __future__ import annotations
 
