@@ -108,6 +108,38 @@ def test_stagger_waits_for_the_first_run_of_a_configuration(tmp_path):
     assert all(g.compiled(r) for r in g.runs)
 
 
+def test_a_training_whose_rendezvous_port_was_taken_starts_again(tmp_path):
+    """A training that fails because its MASTER_PORT was taken between choosing and binding it
+    (EADDRINUSE in its log; one of 30 runs on the H200, 2026-12-02) goes back to pending, at most
+    PORT_RETRIES times; any other failure stays failed."""
+    import sys
+
+    from megatron_ham.evidence.grid import PORT_RETRIES, Grid, Run, parse_args
+
+    g = Grid(parse_args(["--out", str(tmp_path / "g")]))
+    clash = Run("a", 0, "a.yaml", str(tmp_path / "a"), [])
+    other = Run("b", 0, "b.yaml", str(tmp_path / "b"), [])
+    g.runs = [clash, other]
+    msg = {"a": "DistNetworkError: ... port: 46523, code: -98, name: EADDRINUSE, message: address already in use",
+           "b": "RuntimeError: CUDA out of memory"}
+
+    def fail(r):
+        os.makedirs(r.dir, exist_ok=True)
+        g._launch(r, [sys.executable, "-c", f"import sys; print({msg[r.config]!r}); sys.exit(1)"], "train.log")
+        r.phase = "training"
+        r.proc.wait()
+        g.reap()
+
+    phases = []
+    for _ in range(PORT_RETRIES + 1):
+        fail(clash)
+        phases.append(clash.phase)
+    assert phases == ["pending"] * PORT_RETRIES + ["failed"]
+    assert clash.record["port_retries"] == PORT_RETRIES and "EADDRINUSE" in clash.record["log_tail"]
+    fail(other)
+    assert other.phase == "failed" and "port_retries" not in other.record
+
+
 def test_final_report_of_a_stopped_run_is_redone_after_resuming(tmp_path):
     """run_eval skips a report only when it evaluated the newest checkpoint: a run stopped by the
     budget got a final.json of its last checkpoint; once resumed, the newer one is evaluated."""

@@ -16,7 +16,9 @@ evaluation's lengths included); their step times and memory give how many runs f
 how many steps every run can take so that the grid ends within the budget (the same number for
 all: train.train_steps, with warm-up, checkpoints and validation scaled to it; fit.py).
 Resumable: a run whose run.json says "done" is skipped, an interrupted training resumes from its
-latest checkpoint, reports already written are not redone. Budget: after --budget-s minus
+latest checkpoint, reports already written are not redone. A training whose rendezvous port was
+taken before it could bind it (EADDRINUSE) starts again on another port (twice at most).
+Budget: after --budget-s minus
 --reserve-s no training starts and the running ones get SIGTERM (ham-train checkpoints and exits
 75: "stopped"); their checkpoints are still evaluated; at --budget-s everything left is ended
 (SIGTERM, then SIGKILL) and grid.json says what finished. Exit codes: 0 every run done, 3 some
@@ -57,6 +59,10 @@ def _atomic_json(path: str, obj) -> None:
     from megatron_ham.eval.report import write_json
 
     write_json(path, obj)
+
+
+PORT_CLASH = "EADDRINUSE"  # in a training's log: its MASTER_PORT was taken
+PORT_RETRIES = 2  # new starts of a training whose rendezvous port was taken
 
 
 def _tail(path: str, n: int = 3000) -> str:
@@ -272,9 +278,15 @@ class Grid:
                     r.record["stopped"] = True
                     r.phase = "trained" if self._final_step(r) else "stopped"
                 else:
-                    r.phase = "failed"
                     r.record["log_tail"] = _tail(os.path.join(r.dir, "train.log"))
-                log(f"train {r.config} seed {r.seed}: rc {rc} after {dt:.0f} s -> {r.phase}")
+                    r.phase = "failed"
+                    if PORT_CLASH in r.record["log_tail"] and r.record.get("port_retries", 0) < PORT_RETRIES:
+                        # the rendezvous port, free when chosen, was taken before the run bound it
+                        # (H200, 2026-12-02: one of 30 runs); start it again on another port
+                        r.record["port_retries"] = r.record.get("port_retries", 0) + 1
+                        r.phase = "pending"
+                log(f"train {r.config} seed {r.seed}: rc {rc} after {dt:.0f} s -> {r.phase}"
+                    + (" (rendezvous port taken: again on another)" if r.phase == "pending" else ""))
             elif r.phase == "evaluating":
                 r.record["eval_wall_s"] = round(dt, 1)
                 r.record["eval_rc"] = rc
