@@ -139,17 +139,19 @@ def plot_accuracy_vs_length(grid, path):
 
 
 def _kv_of(c: str) -> Optional[float]:
+    """KV bytes per token of configuration `c` relative to the Transformer's (None: unknown)."""
     if c.startswith("transformer"):
         return 1.0
-    return {"gdn": 0.0, "ham_learned_f10": 0.1, "ham_learned_f25": 0.25,
-            "ham_learned_f50": 0.5}.get(c)
+    return {"gdn": 0.0, "gdn_gsa": 0.5, "ham_learned_f10": 0.1, "ham_learned_f25": 0.25,
+            "ham_learned_f50": 0.5, "ham_learnederr_f25": 0.25}.get(c)
 
 
-# configurations drawn as single points of the trade-off plot: (KV fraction, marker, colour, label)
-EXTRA_POINTS = {"gdn_gsa": (0.5, "s", "tab:red", "GDN-GSA (KV-matched to 0.5)"),
-                "ham_learnederr_f25": (0.25, "^", "tab:green", "HAM learned+error"),
-                "transformer_long": (1.0, "D", "tab:purple", "Transformer, 3x steps"),
-                "transformer_lr1e3": (1.0, "*", "tab:brown", "Transformer, 3x steps, lr 1e-3")}
+# the trade-off plot: one line through these, the others as single points (marker, colour, label)
+TRADEOFF_LINE = ("gdn", "ham_learned_f10", "ham_learned_f25", "ham_learned_f50", "transformer")
+EXTRA_POINTS = {"gdn_gsa": ("s", "tab:red", "GDN-GSA (KV-matched to 0.5)"),
+                "ham_learnederr_f25": ("^", "tab:green", "HAM learned+error"),
+                "transformer_long": ("D", "tab:purple", "Transformer, 3x steps"),
+                "transformer_lr1e3": ("*", "tab:brown", "Transformer, 3x steps, lr 1e-3")}
 
 
 def heldout_loss(r):
@@ -169,12 +171,11 @@ def plot_tradeoff(grid, path):
     L = _trained_context(grid)
     pts = []
     for c in configs_of(grid):
-        f = _kv_of(c)
-        if (f is None or c.startswith("transformer_")) and c not in EXTRA_POINTS:
-            continue  # the line: GDN, HAM learned, the grid's Transformer; some others as points
+        if c not in TRADEOFF_LINE and c not in EXTRA_POINTS:
+            continue
         acc = _stats([_num(mean_recall(r, L)) for r in _runs(grid, c) if r["final"]])
         loss = _stats([_num(heldout_loss(r)) for r in _runs(grid, c) if r["final"]])
-        pts.append((c, EXTRA_POINTS[c][0] if c in EXTRA_POINTS else f, acc, loss))
+        pts.append((c, _kv_of(c), acc, loss))
     for ax, k, name in ((a1, 2, f"recall accuracy (mean over tasks, lengths <= {L})"),
                         (a2, 3, "held-out loss, trained tokens (nats/token)")):
         line = sorted([p for p in pts if p[0] not in EXTRA_POINTS and p[k]], key=lambda p: p[1])
@@ -183,7 +184,7 @@ def plot_tradeoff(grid, path):
                     marker="o", capsize=3, label="GDN (0) / HAM learned / Transformer (1)")
         for p in pts:
             if p[0] in EXTRA_POINTS and p[k]:
-                _, marker, color, label = EXTRA_POINTS[p[0]]
+                marker, color, label = EXTRA_POINTS[p[0]]
                 ax.errorbar([p[1]], [p[k]["mean"]], yerr=[[p[k]["mean"] - p[k]["min"]], [p[k]["max"] - p[k]["mean"]]],
                             marker=marker, color=color, capsize=3, ls="none", label=label)
         ax.set_xlabel("KV fraction (KV cache per token / Transformer's)")
@@ -340,7 +341,7 @@ def table_summary(grid) -> str:
         rs = _runs(grid, c)
         done = [r for r in rs if r["status"] == "done"]
         m = rs[0].get("model") or {}
-        f = 0.5 if c == "gdn_gsa" else (m.get("kv_fraction") if m.get("kv_fraction") is not None else _kv_of(c))
+        f = m.get("kv_fraction") if m.get("kv_fraction") is not None else _kv_of(c)
         lines.append("| " + " | ".join([
             LABEL.get(c, c), f"{(m.get('parameters') or 0) / 1e6:.1f}M", "-" if f is None else f"{f:g}",
             str(rs[0].get("train_steps") or (rs[0].get("train") or {}).get("train_steps") or "-"),
