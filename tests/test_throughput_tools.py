@@ -192,3 +192,49 @@ def test_profile_device_items_find_the_launching_operator(linked):
     assert tool.classify("triton_poi_fused_0", named["triton_poi_fused_0"][1]) == "attention/mixer"
     stray_name = "Memset (Device)" if linked else "(unattributed)"
     assert named[stray_name][0] == 5
+
+
+def test_profile_idle_attribution():
+    """GPU idle [10, 20) and [30, 40): the host ran op B (inside root A) over [12, 18), A alone
+    over [10, 12) and [18, 20), then nothing until 35, then C over [35, 50)."""
+    tool = _profile_tool()
+    idle = tool._idle_intervals([(0, 10), (20, 30), (40, 60)], 0, 60)
+    assert idle == [(10, 20), (30, 40)]
+    assert tool._idle_intervals([(5, 10)], 0, 8) == [(0, 5)]
+
+    class Ev:
+        def __init__(self, name, a, b, parent=None):
+            from types import SimpleNamespace
+
+            self.name, self.time_range, self.cpu_parent, self.cpu_children = name, SimpleNamespace(start=a, end=b), parent, []
+            if parent is not None:
+                parent.cpu_children.append(self)
+
+    a = Ev("A", 8, 20)
+    b = Ev("B", 12, 18, a)
+    c = Ev("C", 35, 50)
+    g = tool.idle_activity([a, b, c], idle)
+    assert dict(map(tuple, g["ops"])) == {"A": 4, "B": 6, "C": 5}
+    assert dict(map(tuple, g["roots"])) == {"A": 10, "C": 5}
+    assert g["no_operator"] == 5 and g["intervals"] == 2 and g["over_1ms"] == 0
+
+
+@pytest.mark.gpu
+def test_profile_counts_synchronizing_calls():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (run on the GPU machine)")
+    x = torch.arange(10, device="cuda")
+
+    def waits():
+        (x > 4).nonzero()            # waits for the GPU: its output size is data-dependent
+        x.sum().item()               # and so does .item()
+
+    def runs_ahead():
+        torch.cumsum(x, 0)           # no wait
+
+    tool = _profile_tool()
+    got, base = tool.synchronizing_calls(waits), tool.synchronizing_calls(runs_ahead)
+    assert got["total"] - base["total"] == 2, (got, base)
+    assert any("test_throughput_tools.py" in site for site, _ in got["sites"]), got

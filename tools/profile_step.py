@@ -3,6 +3,7 @@
     python tools/profile_step.py recipes/ham_800m.yaml --set train.global_batch_size=4 --out ham.json
     python tools/profile_step.py recipes/transformer_800m.yaml --steps 1 --warmup 2 --trace tr.json.gz
     python tools/profile_step.py recipes/tiny_cpu.yaml --set model.seq_length=128 --steps 1 --warmup 1  # CPU
+    python tools/profile_step.py recipes/ham_800m.yaml --sync-debug   # + where the host waits for the GPU
 
 Runs in this process at world size 1 (or under torchrun: every rank profiles, rank 0 reports):
 set-up exactly as ham-train (training.loop.setup; the recipe's compile cache, synthetic tokens,
@@ -16,13 +17,20 @@ matches the item's own name or whose context pattern matches one of the operator
 ChunkGatedDeltaRuleFunction, `Optimizer.step#...`, c10d collectives). "host gaps" is the rest
 of the wall time: on CUDA the time the GPU was idle (the profiled wall time minus the union of
 its busy intervals: launch overhead, Python, synchronisation); on CPU the time outside every
-operator. Percentages are of the wall time; with overlapping streams (communication beside
-compute) the categories can sum past 100 %. The table prints ms per step, the percentage and
+operator. On CUDA the host gaps are then split by what the host was doing meanwhile ("while the
+GPU idled"): each CPU operator's self time that falls inside a GPU-idle interval, by operator and
+by its outermost operator (an autograd node, Optimizer.step, ...); "(no operator)" is idle time
+while no operator ran (Python between ops, data loading). Percentages are of the wall time; with overlapping streams (communication beside
+compute) the categories can sum past 100 %. With --sync-debug, one more step runs under
+torch.cuda.set_sync_debug_mode("warn") and the calls that made the host wait for the GPU
+(.item(), .tolist(), nonzero, ...) are counted by call site: each one drains the GPU's queue,
+so the host's Python after it shows up as GPU idle time. The table prints ms per step, the percentage and
 each category's biggest items; --out writes the same as JSON.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -76,6 +84,75 @@ def _union_us(intervals: List[Tuple[float, float]]) -> float:
     return total
 
 
+def _idle_intervals(busy: List[Tuple[float, float]], start: float, end: float) -> List[Tuple[float, float]]:
+    """The parts of [start, end] that no busy interval covers, in order."""
+    out, t = [], start
+    for a, b in sorted(busy):
+        if a > t:
+            out.append((t, min(a, end)))
+        t = max(t, b)
+        if t >= end:
+            break
+    if t < end:
+        out.append((t, end))
+    return [(a, b) for a, b in out if b > a]
+
+
+class _Covered:
+    """Length of an interval's overlap with a fixed set of disjoint sorted intervals, O(log n)."""
+
+    def __init__(self, intervals: List[Tuple[float, float]]):
+        self.starts = [a for a, _ in intervals]
+        self.ends = [b for _, b in intervals]
+        self.cum = [0.0]
+        for a, b in intervals:
+            self.cum.append(self.cum[-1] + b - a)
+
+    def _upto(self, x: float) -> float:  # covered length of (-inf, x]
+        i = bisect.bisect_right(self.starts, x)
+        return 0.0 if i == 0 else self.cum[i - 1] + min(x, self.ends[i - 1]) - self.starts[i - 1]
+
+    def over(self, a: float, b: float) -> float:
+        return self._upto(b) - self._upto(a) if b > a else 0.0
+
+
+def idle_activity(cpu_events, idle: List[Tuple[float, float]], top: int = 8) -> dict:
+    """What the host did while the GPU idled: each CPU operator's self time inside the idle
+    intervals (its overlap minus its children's), summed by name (`ops`) and by its outermost
+    operator (`roots`); `no_operator` = idle time no operator on any thread covered. In us."""
+    cov = _Covered(idle)
+    by_op: Dict[str, float] = {}
+    by_root: Dict[str, float] = {}
+    roots = []
+    for e in cpu_events:
+        s, t = e.time_range.start, e.time_range.end
+        own = cov.over(s, t) - sum(cov.over(c.time_range.start, c.time_range.end) for c in e.cpu_children)
+        if e.cpu_parent is None:
+            roots.append((s, t))
+        if own <= 0:
+            continue
+        r = e
+        while r.cpu_parent is not None:
+            r = r.cpu_parent
+        by_op[e.name] = by_op.get(e.name, 0.0) + own
+        by_root[r.name] = by_root.get(r.name, 0.0) + own
+    any_op = _Covered(_merge(roots))
+    no_op = sum(b - a for a, b in idle) - sum(any_op.over(a, b) for a, b in idle)
+    order = lambda d: [[n[:120], us] for n, us in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+    return {"ops": order(by_op), "roots": order(by_root), "no_operator": no_op,
+            "intervals": len(idle), "over_1ms": sum(1 for a, b in idle if b - a >= 1000)}
+
+
+def _merge(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    out: List[List[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
 def _device_items(events, device) -> List[Tuple[str, float, List[str]]]:
     """(kernel name, us, names of the operators that launched it) of every device event.
 
@@ -104,9 +181,15 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
 
     device = [e for e in events if e.device_type == DeviceType.CUDA]
     items: List[Tuple[str, float, List[str]]] = []  # (name, us, parent names)
+    gaps = None
     if device:
         items = _device_items(events, device)
-        busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+        busy = [(e.time_range.start, e.time_range.end) for e in device]
+        busy_us = _union_us(busy)
+        cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+        start = min(e.time_range.start for e in cpu + device)
+        idle = _idle_intervals(busy, start, max(e.time_range.end for e in cpu + device))
+        gaps = idle_activity(cpu, idle, top)
     else:
         for e in events:
             if e.device_type == DeviceType.CPU and not e.is_async and e.self_cpu_time_total > 0:
@@ -126,8 +209,16 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
     gap_us = max(0.0, wall_us - busy_us)
     rows.append({"category": "host gaps", "ms_per_step": gap_us / 1e3 / steps,
                  "percent": 100 * gap_us / wall_us, "top": []})
-    return {"timeline": "cuda" if device else "cpu", "steps": steps, "step_wall_ms": wall_us / 1e3 / steps,
-            "busy_ms_per_step": busy_us / 1e3 / steps, "categories": rows}
+    out = {"timeline": "cuda" if device else "cpu", "steps": steps, "step_wall_ms": wall_us / 1e3 / steps,
+           "busy_ms_per_step": busy_us / 1e3 / steps, "categories": rows}
+    if gaps is not None:  # per step, ms
+        per = lambda us: us / 1e3 / steps  # noqa: E731
+        out["while_gpu_idle"] = {"ops": [[n, per(us)] for n, us in gaps["ops"]],
+                                 "roots": [[n, per(us)] for n, us in gaps["roots"]],
+                                 "no_operator_ms": per(gaps["no_operator"]),
+                                 "idle_intervals": gaps["intervals"] / steps,
+                                 "idle_intervals_over_1ms": gaps["over_1ms"] / steps}
+    return out
 
 
 def format_table(s: dict) -> str:
@@ -138,11 +229,57 @@ def format_table(s: dict) -> str:
     lines.append(f"{'step (wall)':<20} {s['step_wall_ms']:>10.2f} {100.0:>9.1f}%   "
                  f"({s['timeline']} timeline; {'GPU busy' if s['timeline'] == 'cuda' else 'in operators'} "
                  f"{s['busy_ms_per_step']:.2f} ms/step)")
+    g = s.get("while_gpu_idle")
+    if g:
+        lines.append(f"while the GPU idled ({g['idle_intervals']:.0f} intervals per step, "
+                     f"{g['idle_intervals_over_1ms']:.0f} of them >= 1 ms): no operator {g['no_operator_ms']:.2f} ms/step")
+        for key, what in (("ops", "operator (self)"), ("roots", "outermost op")):
+            lines.append(f"  by {what}: " + ", ".join(f"{n[:56]} {ms:.2f}" for n, ms in g[key][:6]))
     return "\n".join(lines)
 
 
+def _site(frames) -> str:
+    """The innermost frames outside torch of a stack, as 'file:line <- file:line ...'."""
+    def short(f):
+        name = f.filename
+        name = name.split("site-packages/")[-1] if "site-packages/" in name else os.path.relpath(name, REPO)
+        return f"{name}:{f.lineno} ({f.name})"
+
+    own = [f for f in frames if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
+    return " <- ".join(short(f) for f in own[::-1][:3]) or "(no Python frame)"
+
+
+def synchronizing_calls(run_step, top: int = 15) -> dict:
+    """Run `run_step()` under torch.cuda.set_sync_debug_mode("warn") and count the calls that
+    made the host wait for the GPU, by call site (the innermost frames outside torch)."""
+    import traceback
+    import warnings
+
+    import torch
+
+    counts: Dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            site = _site(traceback.extract_stack()[:-1])
+            counts[site] = counts.get(site, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_step()
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    order = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {"total": sum(counts.values()), "sites": [[k, n] for k, n in order[:top]]}
+
+
 def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,
-            trace: Optional[str] = None) -> dict:
+            trace: Optional[str] = None, sync_debug: bool = False) -> dict:
     """Set up the recipe as ham-train does, run `warmup` steps, profile `steps` steps."""
     import warnings
 
@@ -187,6 +324,8 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
         summary = summarise(prof.events(), wall, steps)
         if trace and rank0:
             prof.export_chrome_trace(trace)
+        if sync_debug and torch.cuda.is_available():
+            summary["synchronizing_calls"] = synchronizing_calls(lambda: train_step(tr))
     finally:
         tr.log.close()
         dist.destroy_process_group()
@@ -211,6 +350,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")
     ap.add_argument("--trace", default=None, help="also write the Chrome trace here (rank 0; large)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="CUDA: run one more step under torch.cuda.set_sync_debug_mode('warn') and "
+                         "list the calls that made the host wait for the GPU, by call site")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
@@ -221,7 +363,7 @@ def main(argv=None) -> int:
 
     try:
         with tempfile.TemporaryDirectory(prefix="profile_step_") as work:
-            s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace)
+            s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace, args.sync_debug)
     except ConfigError as e:
         print(f"profile_step: config error: {e}", file=sys.stderr)
         return 2
@@ -231,6 +373,11 @@ def main(argv=None) -> int:
           f"{s['global_batch_size']} x {s['seq_length']} tokens in micro-batches of {s['micro_batch_size']}, "
           f"{s['steps']} profiled step(s)")
     print(format_table(s))
+    sc = s.get("synchronizing_calls")
+    if sc is not None:
+        print(f"\nsynchronizing calls in one more step: {sc['total']}")
+        for site, n in sc["sites"]:
+            print(f"  {n:6d}  {site}")
     if args.out:
         from megatron_ham.training.atomic import atomic_write_text
 

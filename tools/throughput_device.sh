@@ -33,12 +33,12 @@ OUT=${1:?usage: throughput_device.sh OUT_DIR [DEADLINE_S] [STAGES]}
 DEADLINE=${2:-540}
 STAGES=${3:-"ham_bench ham_profile transformer_profile transformer_bench"}
 START=$(date +%s)
-CC=$PWD/runs/compile_cache
-mkdir -p "$OUT" "$CC"
+CACHE=$PWD/runs/compile_cache  # not CC: an exported CC (the C compiler Triton calls) would be overwritten
+mkdir -p "$OUT" "$CACHE"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-echo "compile cache $CC at start: $(find "$CC" -type f | wc -l) files" >> "$OUT/gpu.txt"
+echo "compile cache $CACHE at start: $(find "$CACHE" -type f | wc -l) files" >> "$OUT/gpu.txt"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
 left() { echo $((DEADLINE - ($(date +%s) - START))); }
@@ -53,10 +53,10 @@ stage() {  # stage NAME GPU: run one stage on one GPU under what is left of the 
   if [ "$kind" = bench ]; then
     CUDA_VISIBLE_DEVICES=$gpu timeout "$t" python tools/bench_recipes.py --recipes "$recipe" --mode both \
       --steps 10 --warmup 3 --recipe-steps 1 --recipe-warmup 1 --timeout "$t" \
-      --set "train.compile_cache_dir=$CC" --out "$OUT/bench_$arch.json" > "$OUT/bench_$arch.log" 2>&1
+      --set "train.compile_cache_dir=$CACHE" --out "$OUT/bench_$arch.json" > "$OUT/bench_$arch.log" 2>&1
   else
     CUDA_VISIBLE_DEVICES=$gpu timeout "$t" python tools/profile_step.py "$recipe" --steps 1 --warmup 1 \
-      --set "train.compile_cache_dir=$CC" train.global_batch_size=4 \
+      --set "train.compile_cache_dir=$CACHE" train.global_batch_size=4 --sync-debug \
       --out "$OUT/profile_$arch.json" > "$OUT/profile_$arch.log" 2>&1
   fi
   echo "[throughput] $name exit $? after $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt" >&2

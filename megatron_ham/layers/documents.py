@@ -57,8 +57,19 @@ def document_cu_seqlens(packed_seq_params, b: int, s: int) -> Optional[torch.Ten
             f"over the flattened batch, see document_forward_kwargs), got {fmt!r}"
         )
     cu = packed_seq_params.cu_seqlens_q
-    cached_document_ids(packed_seq_params, b, s, cu.device)  # validates (once per forward)
-    return cu.to(torch.int64)
+    cache = getattr(packed_seq_params, "_ham_cu64", None)
+    if cache is None or cache[0] is not cu:
+        cached_document_ids(packed_seq_params, b, s, cu.device)  # validates (once per forward)
+        # one int64 tensor object for every layer of the forward: the GDN kernels' chunk
+        # indices (fla's identity-keyed cache) are then computed once, not once per layer
+        cache = (cu, cu.to(torch.int64))
+        setattr(packed_seq_params, "_ham_cu64", cache)
+    return cache[1]
+
+
+def host_cu_seqlens(packed_seq_params) -> Optional[list]:
+    """The boundaries as host ints when document_forward_kwargs kept them (no device sync)."""
+    return getattr(packed_seq_params, "_ham_cu_host", None)
 
 
 def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
@@ -68,7 +79,8 @@ def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
     document), and every batch row starts a new document.
     Returns {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q = cu_seqlens_kv
     = int32 boundaries over the flattened batch (index = row * s + position), max_seqlen_q =
-    max_seqlen_kv = s)}. The HAM / GDN mixers restart their state, conv and scratchpad at each
+    max_seqlen_kv = s)}, computed on the host (one copy of the tokens; the host list is kept
+    for SDPACoreAttention, host_cu_seqlens). The HAM / GDN mixers restart their state, conv and scratchpad at each
     boundary; SDPACoreAttention masks attention to the same document. RoPE positions stay the
     row positions (relative, so unaffected). Pass the same dict to every pipeline stage.
     """
@@ -78,19 +90,20 @@ def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
         raise ValueError(f"tokens must be an int tensor [b, s], got "
                          f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     b, s = tokens.shape
-    ends = tokens[:, :-1] == eod_id  # boundary after position i (i < s-1)
-    rows = torch.arange(b, device=tokens.device)
+    # on the host: one copy of the tokens, then no data-dependent op on the device (nonzero /
+    # unique there would each wait for the GPU)
+    host = tokens.detach().to("cpu")
+    ends = host[:, :-1] == eod_id  # boundary after position i (i < s-1)
     # positions in flattened coordinates
     if s > 1:
         r, c = torch.nonzero(ends, as_tuple=True)
         inner = r * s + c + 1
     else:
-        inner = torch.zeros(0, dtype=torch.long, device=tokens.device)
-    row_starts = rows * s
-    cu = torch.cat([row_starts, inner, torch.tensor([b * s], device=tokens.device)])
-    cu = torch.unique(cu).to(torch.int32)
-    return {
-        "packed_seq_params": PackedSeqParams(
-            qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s
-        )
-    }
+        inner = torch.zeros(0, dtype=torch.long)
+    cu = torch.unique(torch.cat([torch.arange(b) * s, inner, torch.tensor([b * s])])).to(torch.int32)
+    dev = cu.to(tokens.device)
+    params = PackedSeqParams(
+        qkv_format="sbhd", cu_seqlens_q=dev, cu_seqlens_kv=dev, max_seqlen_q=s, max_seqlen_kv=s
+    )
+    setattr(params, "_ham_cu_host", cu.tolist())  # read by host_cu_seqlens (SDPA's spans)
+    return {"packed_seq_params": params}

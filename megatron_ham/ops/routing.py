@@ -170,9 +170,10 @@ class LearnedRouter(nn.Module):
         self.error_weight = nn.Parameter(torch.ones(1)) if error_feature else None
 
     def logits(self, x: torch.Tensor, err: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fp32 z `[...]`, computed in fp32 whatever the dtype of x and of the parameters (the
-        parameters share the model's dtype, so that the distributed optimizer holds one dtype;
-        a bf16 z would put many tokens exactly on tau)."""
+        """fp32 z `[...]`: fc1 runs in x's dtype (the model's matmul precision, fp32 accumulation:
+        in bf16 training the router's only wide GEMM stays on the tensor cores), the activation
+        and fc2 in fp32 (the parameters share the model's dtype, so that the distributed
+        optimizer holds one dtype; a bf16 z would put many tokens exactly on tau)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {got}")
@@ -185,7 +186,8 @@ class LearnedRouter(nn.Module):
         def f32(t):
             return None if t is None else t.float()
 
-        h = self.act(F.linear(x.float(), f32(self.fc1.weight), f32(self.fc1.bias)))
+        b1 = None if self.fc1.bias is None else self.fc1.bias.to(x.dtype)
+        h = self.act(F.linear(x, self.fc1.weight.to(x.dtype), b1).float())
         z = F.linear(h, f32(self.fc2.weight), f32(self.fc2.bias)).squeeze(-1)
         if err is None:
             return z
