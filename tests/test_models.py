@@ -200,3 +200,49 @@ def test_models_in_one_process():
     attention == Megatron's DotProductAttention; packed documents do not leak (state, conv,
     scratchpad and attention all restart at the boundary); compiled fusions on == off."""
     run_world(_single_worker, 1)
+
+
+def _rope_worker(rank, world):
+    """The `local` backend's RoPE (SDPACoreAttention + ops.apply_rope) equals Megatron's rotary
+    embedding on the same weights: logits with and without documents, GQA, fp32."""
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_ham import distributed as D
+    from megatron_ham.layers import SDPACoreAttention
+    from megatron_ham.layers.kinds import parse_pattern
+    from megatron_ham.layers.specs import get_backend, layer_spec
+    from megatron_ham.models import ModelConfig, build_model, document_forward_kwargs
+    from megatron_ham.models.builder import transformer_config
+
+    D.initialize(tp=1, seed=0)
+    cfg = ModelConfig(architecture="transformer", num_layers=2, hidden_size=64, num_attention_heads=4,
+                      num_query_groups=2, seq_length=32, vocab_size=128, dtype="fp32",
+                      use_cpu_initialization=True, fusions="off")
+    ours = build_model(cfg).eval()
+    assert ours.position_embedding_type == "none"  # the core attention rotates q and k itself
+
+    class MegatronRope(SDPACoreAttention):
+        applies_rope = False  # Megatron's RotaryEmbedding and apply_rotary_pos_emb instead
+
+    backend = dataclasses.replace(get_backend("local"), core_attention=MegatronRope)
+    specs = [layer_spec(k, backend, cfg) for k in parse_pattern(cfg.resolved_pattern(), cfg.num_layers)]
+    ref = GPTModel(config=transformer_config(cfg), transformer_layer_spec=TransformerBlockSubmodules(
+        layer_specs=specs, layer_norm=backend.norm), vocab_size=cfg.padded_vocab_size(),
+        max_sequence_length=cfg.seq_length, position_embedding_type="rope", rotary_base=cfg.rotary_base,
+        share_embeddings_and_output_weights=cfg.tie_embeddings).eval()
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 128, (2, 32), generator=g)
+    tokens[0, 9] = tokens[1, 20] = 0  # EOD: three documents
+    pos = torch.arange(32).expand(2, 32)
+    with torch.no_grad():
+        for kw in ({}, document_forward_kwargs(tokens, 0)):
+            a, b = ours(tokens, pos, None, **kw), ref(tokens, pos, None, **kw)
+            assert torch.allclose(a, b, atol=1e-5), (bool(kw), (a - b).abs().max())
+
+
+def test_local_rope_equals_megatron_rotary_embedding():
+    run_world(_rope_worker, 1)

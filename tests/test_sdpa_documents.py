@@ -1,7 +1,8 @@
 """SDPACoreAttention with packed documents: one call per row, one call per document, or the
 block-diagonal mask (above MAX_DOCUMENT_CALLS) all equal attention under the block-diagonal
 causal mask written out below (outputs and gradients; real megatron-core, one gloo process).
-On the GPU (`gpu` mark): the per-document flash calls at 16k in bf16 equal the mask path in fp32."""
+On the GPU (`gpu` mark): the per-document calls at 16k in bf16, with every sdpa_backend, equal the
+mask path in fp32."""
 from __future__ import annotations
 
 import math
@@ -70,6 +71,18 @@ def _worker(rank, world):
         for x, y, which in zip(got, want, "qkv"):
             assert torch.allclose(x, y, atol=1e-5), (name, f"d{which}", (x - y).abs().max())
 
+    # model.sdpa_backend picks the CUDA kernel; on CPU it changes nothing
+    cudnn = SDPACoreAttention(tc, 1, AttnMaskType.causal, "self",
+                              pg_collection=ProcessGroupCollection.use_mpu_process_groups(), sdpa_backend="cudnn")
+    assert torch.equal(cudnn(q, k, v, None, packed_seq_params=psp), attn(q, k, v, None, packed_seq_params=psp))
+    with pytest.raises(ValueError, match="sdpa_backend must be one of"):
+        SDPACoreAttention(tc, 1, AttnMaskType.causal, "self", sdpa_backend="fa3")
+    from megatron_ham.models.config import SettingError
+
+    with pytest.raises(SettingError, match="sdpa_backend"):
+        ModelConfig(architecture="transformer", num_layers=1, hidden_size=32, num_attention_heads=n,
+                    sdpa_backend="flash3").validate()
+
     bad = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor([0, 30, 48], dtype=torch.int32),
                           cu_seqlens_kv=torch.tensor([0, 30, 48], dtype=torch.int32), max_seqlen_q=s,
                           max_seqlen_kv=s)
@@ -96,14 +109,15 @@ def _gpu_worker(rank, world):
     tc = transformer_config(ModelConfig(architecture="transformer", num_layers=1, hidden_size=n * d,
                                         num_attention_heads=n, seq_length=s, vocab_size=64,
                                         make_vocab_size_divisible_by=64, dtype="bf16"))
-    attn = SDPACoreAttention(tc, 1, AttnMaskType.causal, "self",
-                             pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(s, 1, n, d, generator=g, device="cuda").bfloat16() for _ in range(3))
     dout = torch.randn(s, 1, n * d, generator=g, device="cuda").bfloat16()
     cu = torch.tensor([0, 5003, 5004, 12000, s], dtype=torch.int32, device="cuda")
     results = []
-    for dtype, limit in ((torch.bfloat16, 64), (torch.float32, 0)):  # per document (flash) / mask
+    runs = [(torch.bfloat16, 64, kernel) for kernel in ("auto", "cudnn", "flash", "efficient")]
+    for dtype, limit, kernel in runs + [(torch.float32, 0, "auto")]:  # per document / the mask
+        attn = SDPACoreAttention(tc, 1, AttnMaskType.causal, "self", pg_collection=pgs, sdpa_backend=kernel)
         leaves = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
         psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s,
                               max_seqlen_kv=s)
@@ -115,9 +129,10 @@ def _gpu_worker(rank, world):
         assert hasattr(psp, "_ham_sdpa_mask") == (limit == 0)
         out.backward(dout.to(dtype))
         results.append([out.float(), *(x.grad.float() for x in leaves)])
-    for name, a, b in zip(("o", "dq", "dk", "dv"), *results):
-        rel = ((a - b).norm() / b.norm()).item()
-        assert rel < 2e-2, (name, rel)
+    for (_, _, kernel), got in zip(runs, results):
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, results[-1]):
+            rel = ((a - b).norm() / b.norm()).item()
+            assert rel < 2e-2, (kernel, name, rel)
 
 
 @pytest.mark.gpu

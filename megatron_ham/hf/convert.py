@@ -44,7 +44,7 @@ from .tokenizer_files import check_tokenizer, write_tokenizer
 PROG = "ham-convert-hf"
 MARKER = "train_state.json"
 OPS_FILES = ("gated_delta_rule.py", "scratchpad.py", "routing.py", "combine.py", "short_conv.py",
-             "gdn_activations.py", "norm.py", "_checks.py", "_kernels.py")
+             "gdn_activations.py", "norm.py", "rope.py", "_checks.py", "_kernels.py")
 CODE_FILES = ("configuration_ham.py", "modeling_ham.py")
 EXPORT_JSON = "megatron_ham_export.json"
 #: a decoder layer's norms: (Megatron name, HF name)

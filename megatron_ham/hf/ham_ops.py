@@ -12,7 +12,8 @@ from ..ops.combine import gated_combine, gated_rms_norm
 from ..ops.short_conv import causal_conv_silu
 from ..ops.gdn_activations import gdn_activations
 from ..ops.norm import hidden_norm
+from ..ops.rope import apply_rope, rope_cos_sin
 
 __all__ = ["gated_delta_rule", "scratchpad_attention", "LearnedRouter", "min_over_heads", "random_router_scores", "route",
            "router_weighted_values", "gated_combine", "gated_rms_norm", "causal_conv_silu",
-           "gdn_activations", "hidden_norm"]
+           "gdn_activations", "hidden_norm", "apply_rope", "rope_cos_sin"]

@@ -52,6 +52,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_ham import HAMConfig
 from .ham_ops import (
     LearnedRouter,
+    apply_rope,
     causal_conv_silu,
     gated_combine,
     gated_delta_rule,
@@ -60,6 +61,7 @@ from .ham_ops import (
     hidden_norm,
     min_over_heads,
     random_router_scores,
+    rope_cos_sin,
     route,
     router_weighted_values,
     scratchpad_attention,
@@ -217,24 +219,6 @@ class HAMMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _rope_cos_sin(head_dim: int, base: float, positions: torch.Tensor):
-    """cos, sin [B, T, head_dim] (fp32) for integer positions [B, T]; Megatron's RotaryEmbedding
-    (non-interleaved: frequencies repeated as [f, f])."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                            device=positions.device) / head_dim))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def _apply_rope(x, cos, sin):
-    """x [B, T, n, d]; cos / sin [B, T, d] -> x * cos + rotate_half(x) * sin in x's dtype."""
-    x1, x2 = torch.chunk(x, 2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    c, s = cos.to(x.dtype)[:, :, None, :], sin.to(x.dtype)[:, :, None, :]
-    return x * c + rot * s
-
-
 def _sectioned(module, config: HAMConfig, layer_idx: int, param: str, suffix: str, make):
     """Add `make(rows)` as `<HF name>_<suffix>` to `module` for every section of the fused Megatron
     parameter `param` of this layer's kind (its section table, kind_sections); returns the
@@ -265,8 +249,9 @@ class HAMAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.d)
         k = self.k_proj(x).view(B, T, self.nkv, self.d)
         v = self.v_proj(x).view(B, T, self.nkv, self.d)
-        cos, sin = _rope_cos_sin(self.d, self.base, positions)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        cos, sin = rope_cos_sin(self.d, self.base, positions)                    # [B, T, d]
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         i = self.layer_idx
         old = cache is not None and cache.keys[i] is not None and cache.keys[i].shape[1] > 0
         keys, vals = (torch.cat([cache.keys[i], k], 1), torch.cat([cache.values[i], v], 1)) if old else (k, v)

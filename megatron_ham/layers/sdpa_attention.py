@@ -26,17 +26,26 @@ boolean "True = masked") is honoured when given and no packed_seq_params are.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from .documents import cached_document_ids
+from megatron_ham.ops.rope import apply_rope, rope_cos_sin
 
+from .documents import cached_document_ids, host_cu_seqlens
+from .fusion import maybe_compiled
+
+
+#: sdpa_backend -> the torch SDPA kernels allowed on CUDA (None: torch's own choice)
+SDPA_BACKENDS = {"auto": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "efficient": "EFFICIENT_ATTENTION"}
 
 #: The most documents in one forward that get one SDPA call each; above it, the block-diagonal
 #: mask (the per-call launch and slicing cost would exceed what the dense mask wastes).
@@ -45,11 +54,14 @@ MAX_DOCUMENT_CALLS = 64
 
 def _document_spans(packed_seq_params, b, s):
     """[(row, start, end)] of every document, host ints, from cu_seqlens over the flattened
-    batch; computed once per PackedSeqParams object (one device-to-host copy per forward).
+    batch; computed once per PackedSeqParams object (from the host copy document_forward_kwargs
+    keeps, else one device-to-host copy per forward).
     Raises ValueError when the boundaries are not a partition of b*s into documents of one row."""
     cache = getattr(packed_seq_params, "_ham_sdpa_spans", None)
     if cache is None or cache[0] != (b, s):
-        cu = packed_seq_params.cu_seqlens_q.reshape(-1).to("cpu", torch.int64).tolist()
+        cu = host_cu_seqlens(packed_seq_params)
+        if cu is None:  # built elsewhere: one device-to-host copy
+            cu = packed_seq_params.cu_seqlens_q.reshape(-1).to("cpu", torch.int64).tolist()
         if len(cu) < 2 or cu[0] != 0 or cu[-1] != b * s or any(e <= a for a, e in zip(cu, cu[1:])):
             raise ValueError(
                 f"packed_seq_params.cu_seqlens must rise from 0 to b*s = {b * s} "
@@ -84,7 +96,15 @@ def _document_mask(packed_seq_params, b, s, causal, device) -> torch.Tensor:
 
 
 class SDPACoreAttention(MegatronModule):
-    """Core attention on torch SDPA. Args as Megatron's DotProductAttention."""
+    """Core attention on torch SDPA. Args as Megatron's DotProductAttention, plus
+    sdpa_backend (a key of SDPA_BACKENDS: the kernel torch prefers on CUDA; CPU ignores it),
+    rotary_base (RoPE applied here to query and key, megatron_ham.ops.apply_rope; None: no RoPE)
+    and fuse_rope (RoPE as one compiled kernel per tensor instead of Megatron's unfused chain of
+    concatenations and products on strided views, layers/fusion.py)."""
+
+    #: the attention kind passes sdpa_backend / rotary_base / fuse_rope, and the model is built
+    #: without Megatron's own rotary embedding (models/builder.py)
+    applies_rope = True
 
     def __init__(
         self,
@@ -96,9 +116,24 @@ class SDPACoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        sdpa_backend: str = "auto",
+        rotary_base: Optional[float] = None,
+        fuse_rope: bool = False,
         **kwargs,
     ):
         super().__init__(config=config)
+        self.rotary_base = rotary_base
+        self._rope = maybe_compiled(apply_rope, bool(fuse_rope))
+        self._cos_sin = None  # (s, device), cos, sin: [s, 1, 1, d] float32
+        if sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {list(SDPA_BACKENDS)}, got {sdpa_backend!r}")
+        name = SDPA_BACKENDS[sdpa_backend]
+        if name is None:
+            self.sdpa_backends = None
+        else:  # the chosen kernel first, the others as fallbacks (shapes it does not support)
+            order = [getattr(torch.nn.attention.SDPBackend, n) for n in
+                     (name, "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")]
+            self.sdpa_backends = list(dict.fromkeys(order))
         if config.context_parallel_size != 1:
             raise ValueError(
                 "SDPACoreAttention: context_parallel_size must be 1 "
@@ -153,6 +188,11 @@ class SDPACoreAttention(MegatronModule):
         sk = key.shape[0]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = mask_type in (AttnMaskType.causal, getattr(AttnMaskType, "padding_causal", None))
+        if self.rotary_base is not None:
+            if sq != sk:
+                raise ValueError("SDPACoreAttention: RoPE needs sq == sk (self-attention)")
+            cos, sin = self._rotary(sq, query.device)
+            query, key = self._rope(query, cos, sin), self._rope(key, cos, sin)
         # [s, b, n, d] -> [b, n, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
@@ -163,6 +203,26 @@ class SDPACoreAttention(MegatronModule):
             v = v.repeat_interleave(rep, dim=1)
         sdpa = functools.partial(F.scaled_dot_product_attention,
                                  dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+        with self._kernel_choice(q):
+            out = self._attend(sdpa, q, k, v, attention_mask, causal, packed_seq_params, b, sq, sk)
+        # [b, n, s, d] -> [s, b, n*d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
+
+    def _kernel_choice(self, q):
+        """The sdpa_backend restriction on CUDA, else nothing."""
+        if self.sdpa_backends is None or not q.is_cuda:
+            return contextlib.nullcontext()
+        return torch.nn.attention.sdpa_kernel(self.sdpa_backends, set_priority=True)
+
+    def _rotary(self, s: int, device):
+        """cos, sin float32 [s, 1, 1, d] of positions 0..s-1 (the row positions), cached."""
+        if self._cos_sin is None or self._cos_sin[0] != (s, str(device)):
+            cos, sin = rope_cos_sin(self.head_dim, self.rotary_base, torch.arange(s, device=device))
+            self._cos_sin = ((s, str(device)), cos[:, None, None], sin[:, None, None])
+        return self._cos_sin[1:]
+
+    def _attend(self, sdpa, q, k, v, attention_mask, causal, packed_seq_params, b, sq, sk):
+        """q, k, v [b, n, s, d] -> [b, n, s, d], masked to documents / causal / attention_mask."""
         spans = self._spans(packed_seq_params, b, sq, sk)
         if spans is None or len(spans) == b:  # no documents, or one per row
             mask = None
@@ -176,8 +236,7 @@ class SDPACoreAttention(MegatronModule):
                              for row in range(b)], dim=0)                        # [b, n, s, d]
         else:
             out = sdpa(q, k, v, attn_mask=_document_mask(packed_seq_params, b, sq, causal, q.device))
-        # [b, n, s, d] -> [s, b, n*d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hn)
+        return out
 
     @staticmethod
     def _spans(packed_seq_params, b, sq, sk):

@@ -23,7 +23,8 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     get_transformer_layer_offset / get_num_layers_to_build), and TransformerLayer adds the offset
     to layer_number itself. Embedding: vocab padded to a multiple of
     make_vocab_size_divisible_by (independent of TP). Position embedding: RoPE when a layer kind
-    of the pattern uses it (attention), none otherwise (GDN / HAM mixers ignore rotary arguments).
+    of the pattern uses it (attention), none otherwise (GDN / HAM mixers ignore rotary arguments);
+    on `local` the core attention applies it (SDPACoreAttention), on `te` Megatron's.
     Raises SettingError (a ValueError) naming the setting for a bad configuration.
     """
     from megatron.core import parallel_state
@@ -50,7 +51,10 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     n = get_num_layers_to_build(tc, vp_stage)
     block = TransformerBlockSubmodules(layer_specs=specs[offset : offset + n],
                                        layer_norm=backend.norm)
-    pos = "rope" if any(k.uses_rope for k in kinds) else "none"
+    # RoPE: Megatron's rotary embedding, unless the backend's core attention applies it itself
+    # (SDPACoreAttention on `local`: one fused kernel instead of Megatron's unfused chain)
+    own_rope = getattr(backend.core_attention, "applies_rope", False)
+    pos = "rope" if any(k.uses_rope for k in kinds) and not own_rope else "none"
     kw = {}
     if vp_stage is not None:
         kw["vp_stage"] = vp_stage

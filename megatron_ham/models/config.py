@@ -39,7 +39,9 @@ class ModelConfig:
         architecture: its symbol), gdn_gsa "G*" repeated (attention every
         `gsa_attention_every`-th layer, counting from 1).
     Attention layers: num_attention_heads, num_query_groups (0 = MHA), kv_channels (0 =
-        hidden/heads), RoPE with rotary_base.
+        hidden/heads), RoPE with rotary_base, sdpa_backend (the `local` backend's torch SDPA
+        kernel on CUDA: "auto" = torch's choice (cuDNN on Hopper), "cudnn", "flash",
+        "efficient"; CPU always uses torch's choice; docs/training.md "Attention kernel").
     GDN / HAM layers: mixer_num_heads, mixer_key_head_dim, mixer_value_head_dim, conv_kernel,
         mixer_norm_eps (eps of the gated per-head output RMSNorm; 1e-6, the value every model
         trained before it was a setting used; `norm_eps` is the hidden-state norms'),
@@ -94,6 +96,7 @@ class ModelConfig:
     num_query_groups: int = 0
     kv_channels: int = 0
     rotary_base: int = 10000
+    sdpa_backend: str = "auto"
     # GDN / HAM mixers
     mixer_num_heads: int = 4
     mixer_key_head_dim: int = 16

@@ -11,6 +11,7 @@ from .combine import gated_combine, gated_rms_norm
 from .short_conv import causal_conv_silu
 from .gdn_activations import gdn_activations
 from .norm import hidden_norm
+from .rope import apply_rope, rope_cos_sin
 
 __all__ = [
     "gated_delta_rule",
@@ -25,4 +26,6 @@ __all__ = [
     "causal_conv_silu",
     "gdn_activations",
     "hidden_norm",
+    "apply_rope",
+    "rope_cos_sin",
 ]

@@ -3,7 +3,9 @@
 Megatron's SelfAttention (fused linear_qkv, rows per query group [q x heads/groups, k, v] x
 head_dim; linear_proj) with the backend's core attention (SDPACoreAttention on `local`). Its
 settings are Megatron's own (num_attention_heads, num_query_groups, kv_channels, rotary_base),
-reaching it through the TransformerConfig (models/builder.transformer_config).
+reaching it through the TransformerConfig (models/builder.transformer_config). On `local`,
+SDPACoreAttention applies RoPE itself (fused with model.fusions) and takes sdpa_backend, through
+the spec's params; on `te`, Megatron's rotary embedding and TE's attention do.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ class AttentionKind(LayerKind):
     hf_slot = "self_attn"
 
     def check(self, cfg, tp: int) -> None:
+        from megatron_ham.layers.sdpa_attention import SDPA_BACKENDS
+
+        if cfg.sdpa_backend not in SDPA_BACKENDS:
+            raise SettingError("sdpa_backend", f"one of {list(SDPA_BACKENDS)}", cfg.sdpa_backend)
         nh = cfg.num_attention_heads
         if cfg.hidden_size % nh and not cfg.kv_channels:
             raise SettingError("num_attention_heads", f"a divisor of hidden_size={cfg.hidden_size} "
@@ -35,12 +41,17 @@ class AttentionKind(LayerKind):
         from megatron.core.transformer.identity_op import IdentityOp
         from megatron.core.transformer.spec_utils import ModuleSpec
 
+        core = backend.core_attention
+        if getattr(core, "applies_rope", False):
+            core = ModuleSpec(module=core, params={"sdpa_backend": cfg.sdpa_backend,
+                                                   "rotary_base": float(cfg.rotary_base),
+                                                   "fuse_rope": cfg.resolved_fusions()})
         return ModuleSpec(
             module=SelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=backend.column_parallel_linear,
-                core_attention=backend.core_attention,
+                core_attention=core,
                 linear_proj=backend.row_parallel_linear,
                 q_layernorm=IdentityOp,
                 k_layernorm=IdentityOp,
