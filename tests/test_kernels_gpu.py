@@ -300,11 +300,11 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
 
 
 def test_compiled_elementwise_ops_match_eager():
-    """Every op the mixers run through torch.compile (model.fusions, layers/fusion.py) equals its
+    """Every op the layers run through torch.compile (model.fusions, layers/fusion.py) equals its
     eager reference in bf16, forward and backward, with documents for the conv."""
     from megatron_ham.layers.fusion import maybe_compiled
     from megatron_ham.layers.gdn_mixer import gdn_activations
-    from megatron_ham.ops import causal_conv_silu, gated_combine, gated_rms_norm
+    from megatron_ham.ops import apply_rope, causal_conv_silu, gated_combine, gated_rms_norm, rope_cos_sin
 
     T, H, K, V = 4096, 16, 128, 128
     g_ = torch.Generator(device=DEV).manual_seed(5)
@@ -319,6 +319,10 @@ def test_compiled_elementwise_ops_match_eager():
         "gated_rms_norm": (gated_rms_norm, (r(1, T, H, V), r(1, T, H, V), r(V)), {"eps": 1e-6}),
         "gated_combine": (gated_combine, (r(1, T, H, V), r(1, T, H, V), r(1, T, H), r(1, T, H),
                                           r(1, T, H, V), r(V)), {"eps": 1e-6}),
+        # SDPACoreAttention's RoPE on a strided query (a slice of the fused qkv output) [s, b, n, d]
+        "apply_rope": (apply_rope, (r(T, 1, H, 3 * K)[..., :K],
+                                    *(c[:, None, None] for c in rope_cos_sin(K, 10000.0, torch.arange(T, device=DEV)))),
+                       {}),
     }
     for name, (fn, args, kw) in cases.items():
         outs = []
