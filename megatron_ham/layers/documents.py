@@ -80,8 +80,8 @@ def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
     Returns {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q = cu_seqlens_kv
     = int32 boundaries over the flattened batch (index = row * s + position), max_seqlen_q =
     max_seqlen_kv = s)}, computed on the host (one copy of the tokens; the host list is kept
-    for SDPACoreAttention, host_cu_seqlens). The HAM / GDN mixers restart their state, conv and scratchpad at each
-    boundary; SDPACoreAttention masks attention to the same document. RoPE positions stay the
+    for SDPACoreAttention, host_cu_seqlens). The HAM / GDN mixers restart their state, conv and
+    scratchpad at each boundary; SDPACoreAttention masks attention to the same document. RoPE positions stay the
     row positions (relative, so unaffected). Pass the same dict to every pipeline stage.
     """
     from megatron.core.packed_seq_params import PackedSeqParams

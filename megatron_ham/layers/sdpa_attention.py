@@ -9,6 +9,10 @@ Engine.
 Layout: query [sq, b, np, hn], key/value [sk, b, ng, hn] (np/ng = this TP rank's query heads /
 query groups); output [sq, b, np*hn]. Heads are split over TP by SelfAttention.
 
+RoPE: with `rotary_base` set (what the attention kind passes on the `local` backend; the model
+then has no Megatron rotary embedding), query and key are rotated here at the row positions
+(megatron_ham.ops.apply_rope, compiled into one kernel per tensor with `fuse_rope`).
+
 Document boundaries: when `packed_seq_params` is given with qkv_format "sbhd" (what
 megatron_ham.layers.documents.document_forward_kwargs produces), `cu_seqlens_q` are boundaries over the
 flattened batch (index = batch_index * s + position) and attention is restricted to the same
@@ -43,7 +47,7 @@ from .documents import cached_document_ids, host_cu_seqlens
 from .fusion import maybe_compiled
 
 
-#: sdpa_backend -> the torch SDPA kernels allowed on CUDA (None: torch's own choice)
+#: sdpa_backend -> the torch SDPA kernel preferred on CUDA (None: torch's own choice)
 SDPA_BACKENDS = {"auto": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION"}
 
