@@ -75,13 +75,19 @@ def _parents(e) -> List[str]:
     return out
 
 
-def _union_us(intervals: List[Tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
+def _merge(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    out: List[List[float]] = []
     for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _union_us(intervals: List[Tuple[float, float]]) -> float:
+    """Total length covered by the intervals (overlaps once)."""
+    return sum(b - a for a, b in _merge(intervals))
 
 
 def _idle_intervals(busy: List[Tuple[float, float]], start: float, end: float) -> List[Tuple[float, float]]:
@@ -141,16 +147,6 @@ def idle_activity(cpu_events, idle: List[Tuple[float, float]], top: int = 8) -> 
     order = lambda d: [[n[:120], us] for n, us in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
     return {"ops": order(by_op), "roots": order(by_root), "no_operator": no_op,
             "intervals": len(idle), "over_1ms": sum(1 for a, b in idle if b - a >= 1000)}
-
-
-def _merge(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    out: List[List[float]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
 
 
 def _device_items(events, device) -> List[Tuple[str, float, List[str]]]:
