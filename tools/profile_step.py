@@ -19,13 +19,14 @@ of the wall time: on CUDA the time the GPU was idle (the profiled wall time minu
 its busy intervals: launch overhead, Python, synchronisation); on CPU the time outside every
 operator. On CUDA the host gaps are then split by what the host was doing meanwhile ("while the
 GPU idled"): each CPU operator's self time that falls inside a GPU-idle interval, by operator and
-by its outermost operator (an autograd node, Optimizer.step, ...); "(no operator)" is idle time
-while no operator ran (Python between ops, data loading). Percentages are of the wall time; with overlapping streams (communication beside
-compute) the categories can sum past 100 %. With --sync-debug, one more step runs under
-torch.cuda.set_sync_debug_mode("warn") and the calls that made the host wait for the GPU
-(.item(), .tolist(), nonzero, ...) are counted by call site: each one drains the GPU's queue,
-so the host's Python after it shows up as GPU idle time. The table prints ms per step, the percentage and
-each category's biggest items; --out writes the same as JSON.
+by its outermost operator (an autograd node, Optimizer.step, ...); "no operator" is idle time
+while no operator ran (Python between ops, data loading). Percentages are of the wall time;
+with overlapping streams (communication beside compute) the categories can sum past 100 %.
+With --sync-debug, one more step runs under torch.cuda.set_sync_debug_mode("warn") and the
+calls that made the host wait for the GPU (.item(), .tolist(), nonzero, ...) are counted by
+call site: each one drains the GPU's queue, so the host's Python after it shows up as GPU idle
+time. The table prints ms per step, the percentage and each category's biggest items; --out
+writes the same as JSON.
 """
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
     gaps = None
     if device:
         items = _device_items(events, device)
-        busy = [(e.time_range.start, e.time_range.end) for e in device]
+        busy = _merge([(e.time_range.start, e.time_range.end) for e in device])  # sorted, disjoint
         busy_us = _union_us(busy)
         cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
         start = min(e.time_range.start for e in cpu + device)
