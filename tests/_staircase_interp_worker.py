@@ -24,7 +24,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def case(name, T, H, K, V, routed, cu=None, tiles=(16, 16), dtype=torch.float32, B=1, scale=None,
-         strided=False, seed=0):
+         strided=False, seed=0, kv_layout="compact"):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     if strided:  # q, k, v as views of one [B,T,H,2K+V] projection (unit last stride only)
@@ -33,7 +33,8 @@ def case(name, T, H, K, V, routed, cu=None, tiles=(16, 16), dtype=torch.float32,
     else:
         q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    o = scratchpad_attention_triton(*leaves, routed, scale=scale, cu_seqlens=cu, tiles=tiles)
+    o = scratchpad_attention_triton(*leaves, routed, scale=scale, cu_seqlens=cu, tiles=tiles,
+                                    kv_layout=kv_layout)
     do = torch.randn(o.shape, generator=g).to(dtype)
     o.backward(do)
     refs = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
@@ -43,7 +44,7 @@ def case(name, T, H, K, V, routed, cu=None, tiles=(16, 16), dtype=torch.float32,
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     errs = {"o": rel(o, o_r)}
     errs.update({n: rel(a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv"), leaves, refs)})
-    print(f"{name}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    print(f"{name} [{kv_layout}]: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     assert max(errs.values()) < tol, (name, errs)
     # exact zeros: unrouted keys get no gradient; queries that see no key give 0 and get 0
     unrouted = ~routed
@@ -58,7 +59,10 @@ def main():
     rand = lambda B, T, f: torch.rand(B, T, generator=g) < f  # noqa: E731
     case("T=100 f=0.3", 100, 2, 16, 32, rand(1, 100, 0.3))
     cu = torch.tensor([0, 30, 31, 90, 130])
-    case("T=130 docs f=0.5 tiles 16x32", 130, 2, 16, 16, rand(1, 130, 0.5), cu=cu, tiles=(16, 32))
+    r = rand(1, 130, 0.5)
+    for kv_layout in ("compact", "gather"):   # same inputs, both ways of reading K and V
+        case("T=130 docs f=0.5 tiles 16x32", 130, 2, 16, 16, r, cu=cu, tiles=(16, 32),
+             kv_layout=kv_layout)
     r = rand(1, 200, 0.3)
     r[:, :50] = False
     r[:, 120:150] = False                       # the third document starts with no routed key
@@ -68,8 +72,10 @@ def main():
     case("T=64 f=0", 64, 2, 16, 16, torch.zeros(1, 64, dtype=torch.bool))
     case("T=64 docs f=1", 64, 1, 16, 16, torch.ones(1, 64, dtype=torch.bool),
          cu=torch.tensor([0, 20, 64]), tiles=(32, 16))
-    case("B=2 f=0.2/0.6 strided K=24 V=20", 80, 2, 24, 20,
-         torch.cat([rand(1, 80, 0.2), rand(1, 80, 0.6)]), B=2, strided=True)
+    r = torch.cat([rand(1, 80, 0.2), rand(1, 80, 0.6)])
+    for kv_layout in ("compact", "gather"):
+        case("B=2 f=0.2/0.6 strided K=24 V=20", 80, 2, 24, 20, r, B=2, strided=True,
+             kv_layout=kv_layout)
     case("T=96 fp16 f=0.4", 96, 2, 16, 16, rand(1, 96, 0.4), dtype=torch.float16, tiles=(32, 32))
     print("OK")
 

@@ -41,13 +41,14 @@ can be passed (``tiles=``) -- the CPU tests run the kernels under Triton's inter
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["scratchpad_attention_triton", "compaction_plan", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+__all__ = ["scratchpad_attention_triton", "compaction_plan", "SUPPORTED_DTYPES", "MAX_HEAD_DIM",
+           "KV_LAYOUTS"]
 
 #: what ``impl="auto"`` sends here. float32 inputs also run (ieee fp32 dots, for tests), but their
 #: kernels take minutes to compile on an H200 host (measured: > 120 s each), so auto keeps them off.
@@ -225,11 +226,19 @@ def _slot_tile(order, start, i, cnt, T, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt, DK: tl.constexpr, DV: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tile i of slots from start: positions, validity, and K, V gathered at those positions."""
+             BK: tl.constexpr, BV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             COMPACT: tl.constexpr):
+    """Tile i of slots from start: positions, validity, and the K, V rows of those slots: row
+    ``slot`` of the compacted copies (COMPACT; clamped to T-1 in masked tiles, whose slots may run
+    past T), else gathered at the positions. Unmasked tiles leave ``pos`` unused, so COMPACT
+    loads them without reading the order at all."""
     offs_s, pos, valid = _slot_tile(order, start, i, cnt, T, BLOCK_N)
-    k = _load_rows(kb, pos, s_kt, valid, DK, BK, False)
-    v = _load_rows(vb, pos, s_vt, valid, DV, BV, False)
+    if COMPACT:
+        rows = tl.minimum(offs_s, T - 1) if MASKED else offs_s
+    else:
+        rows = pos
+    k = _load_rows(kb, rows, s_kt, valid, DK, BK, False)
+    v = _load_rows(vb, rows, s_vt, valid, DV, BV, False)
     return pos, valid, k, v
 
 
@@ -250,10 +259,10 @@ def _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n_tiles, offs_m, ds_rows,
                s_kt, s_vt, qk_scale,
                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, COMPACT: tl.constexpr):
     for i in range(n_tiles):
-        pos, valid, k, v = _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt,
-                                    DK, DV, BK, BV, BLOCK_N)             # k [BN, BK], v [BN, BV]
+        pos, valid, k, v = _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt, DK, DV, BK, BV,
+                                    BLOCK_N, MASKED, COMPACT)           # k [BN, BK], v [BN, BV]
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale       # [BM, BN] log2 units
         if MASKED:
             s = tl.where(_visible(pos, valid, offs_m, ds_rows, HAS_DOC), s, float("-inf"))
@@ -275,7 +284,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                 T, H, qk_scale,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+                HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
         _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
@@ -292,7 +301,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
         start, n = _phase(ph, lo, n_a, start_b, n_b, start_c, n_c)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n, offs_m, ds_rows,
                                    cnt, T, s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, ph != 1,
-                                   HAS_DOC, PREC)
+                                   HAS_DOC, PREC, COMPACT)
     empty = l_i == 0.0                                             # sees no routed key: o = 0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -309,10 +318,10 @@ def _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n_tiles, offs_m, ds_r
               s_kt, s_vt, qk_scale,
               DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, COMPACT: tl.constexpr):
     for i in range(n_tiles):
-        pos, valid, k, v = _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt,
-                                    DK, DV, BK, BV, BLOCK_N)             # k [BN, BK], v [BN, BV]
+        pos, valid, k, v = _kv_tile(order, start, i, cnt, T, kb, vb, s_kt, s_vt, DK, DV, BK, BV,
+                                    BLOCK_N, MASKED, COMPACT)           # k [BN, BK], v [BN, BV]
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -329,7 +338,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
                    s_db, s_dt, s_dh, s_gb, s_gt, s_gh,
                    T, H, qk_scale, sm_scale,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+                   HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
         _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
@@ -348,7 +357,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
     for ph in tl.static_range(3):
         start, n = _phase(ph, lo, n_a, start_b, n_b, start_c, n_c)
         dq = _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n, offs_m, ds_rows, cnt, T,
-                       s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, ph != 1, HAS_DOC, PREC)
+                       s_kt, s_vt, qk_scale, DK, DV, BK, BV, BLOCK_N, ph != 1, HAS_DOC, PREC,
+                       COMPACT)
     _store_rows(DQ + i_b * s_gb + i_h * s_gh, rows, s_gt, dq * sm_scale, m_row, DK, BK)
 
 
@@ -445,25 +455,33 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC"]
+_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC", "COMPACT"]
 # Two candidates each, chosen by compiling for sm_90 (ptxas register report: no spills at head
 # dim 128); few on purpose, every candidate is a compilation of a few seconds at first use.
 _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
 # dkdv: BLOCK_N = key slots (the dk/dv accumulator rows), BLOCK_M = queries per tile
 _DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)]
+_KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}
 _tuned = {}
 
+#: ``tiles=`` of :func:`scratchpad_attention_triton`: (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N,
+#: num_warps, num_stages) for every kernel, or a dict of those per kernel ("fwd", "dq", "dkdv";
+#: a kernel left out is autotuned)
+Tiles = Union[Tuple[int, ...], Dict[str, Tuple[int, ...]]]
 
-def _kernel(name: str, tiles: Optional[Tuple[int, int]]):
+
+def _kernel(name: str, tiles: Optional[Tiles]):
     """(kernel, launch kwargs): the autotuned kernel, or the plain one with fixed tiles
-    (BLOCK_M, BLOCK_N) = tiles (for dkdv BLOCK_N is the key-slot block)."""
-    raw, configs = {"fwd": (_fwd_kernel, _FWD_CONFIGS), "dq": (_bwd_dq_kernel, _DQ_CONFIGS),
-                    "dkdv": (_bwd_dkdv_kernel, _DKDV_CONFIGS)}[name]
-    if tiles is not None:
-        return raw, {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "num_warps": 4, "num_stages": 2}
+    (BLOCK_M, BLOCK_N[, num_warps, num_stages]) (for dkdv BLOCK_N is the key-slot block)."""
+    raw = globals()[_KERNELS[name]]
+    t = tiles.get(name) if isinstance(tiles, dict) else tiles
+    if t is not None:
+        bm, bn, warps, stages = tuple(t) + (4, 2)[len(t) - 2:]
+        return raw, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if name not in _tuned:
-        _tuned[name] = triton.autotune(configs=configs, key=_KEY)(raw)
+        configs = {"fwd": _FWD_CONFIGS, "dq": _DQ_CONFIGS, "dkdv": _DKDV_CONFIGS}[name]
+        _tuned[name] = triton.autotune(configs=configs, key=_KEY if name != "dkdv" else _KEY[:-1])(raw)
     return _tuned[name], {}
 
 
@@ -476,6 +494,14 @@ def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _compacted(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x ``[B,T,H,D]`` -> its rows in slot order, contiguous: row s of batch b is
+    ``x[b, order[b, s]]`` (the routed keys first, in position order). One gather of T rows."""
+    B, T = order.shape
+    idx = order if B == 1 else order + torch.arange(B, device=order.device, dtype=order.dtype)[:, None] * T
+    return x.flatten(0, 1).index_select(0, idx.flatten()).view(B, T, *x.shape[2:])
+
+
 def _dims(q, v):
     DK, DV = q.shape[-1], v.shape[-1]
     prec = "ieee" if q.dtype == torch.float32 else None
@@ -485,18 +511,22 @@ def _dims(q, v):
 
 class _StaircaseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, routed, scale, cu_seqlens, tiles):
+    def forward(ctx, q, k, v, routed, scale, cu_seqlens, tiles, kv_layout):
         B, T, H, _ = q.shape
         q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+        compact = kv_layout == "compact"
         cum, order, dstart, dend = compaction_plan(routed, cu_seqlens)
+        kk, vv = (_compacted(k, order), _compacted(v, order)) if compact else (k, v)
         o = torch.empty(B, T, H, v.shape[-1], dtype=v.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         kern, kw = _kernel("fwd", tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        kern[grid](q, k, v, o, lse, cum, order, dstart, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
-                   T, H, scale * _LOG2E, HAS_DOC=dstart is not None, **_dims(q, v), **kw)
+        kern[grid](q, kk, vv, o, lse, cum, order, dstart, *_bht(q), *_bht(kk), *_bht(vv), *_bht(o),
+                   T, H, scale * _LOG2E, HAS_DOC=dstart is not None, COMPACT=compact,
+                   **_dims(q, v), **kw)
+        del kk, vv                      # the backward gathers them again rather than keep them
         ctx.save_for_backward(q, k, v, o, lse, cum, order, dstart, dend)
-        ctx.scale, ctx.tiles = scale, tiles
+        ctx.scale, ctx.tiles, ctx.compact = scale, tiles, compact
         return o
 
     @staticmethod
@@ -507,17 +537,22 @@ class _StaircaseAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(lse)
         common = dict(HAS_DOC=dstart is not None, **_dims(q, v))
+        kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
         kern, kw = _kernel("dq", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        kern[grid](q, k, v, o, do, dq, lse, delta, cum, order, dstart, *_bht(q), *_bht(k), *_bht(v),
-                   *_bht(o), *_bht(do), *_bht(dq), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   **common, **kw)
+        kern[grid](q, kk, vv, o, do, dq, lse, delta, cum, order, dstart, *_bht(q), *_bht(kk),
+                   *_bht(vv), *_bht(o), *_bht(do), *_bht(dq), T, H, ctx.scale * _LOG2E, ctx.scale,
+                   COMPACT=ctx.compact, **common, **kw)
+        del kk, vv
         kern, kw = _kernel("dkdv", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
         kern[grid](q, k, v, do, dk, dv, lse, delta, cum, order, dstart, dend, *_bht(q), *_bht(k),
                    *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, ctx.scale * _LOG2E, ctx.scale,
                    **common, **kw)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+KV_LAYOUTS = ("compact", "gather")
 
 
 def scratchpad_attention_triton(
@@ -528,7 +563,8 @@ def scratchpad_attention_triton(
     *,
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
-    tiles: Optional[Tuple[int, int]] = None,
+    tiles: Optional[Tiles] = None,
+    kv_layout: str = "compact",
 ) -> torch.Tensor:
     """Scratchpad attention with the Triton staircase kernel.
 
@@ -537,8 +573,14 @@ def scratchpad_attention_triton(
     ``[N+1]`` (B == 1). Returns o ``[B,T,H,V]`` contiguous in v's dtype; differentiable in q,
     k, v. Arguments are assumed validated by the op (``megatron_ham.ops.scratchpad_attention``).
     ``tiles=(BLOCK_M, BLOCK_N)`` fixes the tile sizes instead of autotuning them (each >= 16,
-    powers of two).
+    powers of two; see :data:`Tiles` for warps, stages and per-kernel tiles).
+    ``kv_layout``: how the forward and dq kernels read K and V: "compact" (default) from copies
+    gathered once into slot order (one index_select of T rows per call and per backward, so the
+    inner loops load contiguous rows), "gather" through the order inside the loop (no copies;
+    each tile's loads wait for its order entries). dk/dv always read through the order.
     """
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
@@ -547,4 +589,5 @@ def scratchpad_attention_triton(
         return q.new_zeros(B, T, H, v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device)
-    return _StaircaseAttention.apply(q, k, v, routed.to(device=q.device), scale, cu_seqlens, tiles)
+    return _StaircaseAttention.apply(q, k, v, routed.to(device=q.device), scale, cu_seqlens, tiles,
+                                     kv_layout)
