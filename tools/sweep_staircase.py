@@ -13,6 +13,9 @@ BLOCK_N, warps, stages) of each kernel:
   bwd/dkdv  the same per dk/dv configuration (BLOCK_N = key slots), dq fixed
   best    the best of each, forward + backward together
 
+for each number of backward passes (2: a dq kernel, then a dk/dv kernel; 1: the dk/dv kernel
+also adds each tile's dq share to an fp32 buffer with atomics).
+
 Times are CUDA-event medians; TFLOP/s count the visible (query, key) pairs P (4 P D H forward,
 2.5x that backward: FlashAttention's convention, whatever the kernel recomputes). Every
 configuration is compiled first in parallel worker processes at a small T (same binaries: T is
@@ -39,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 FWD = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2),
        (64, 128, 4, 3)]
 DQ = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2)]
-DKDV = [(32, 64, 4, 3), (32, 128, 8, 3), (32, 128, 4, 5), (64, 128, 8, 3), (64, 64, 4, 3),
-        (16, 128, 8, 3)]
+DKDV = [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (16, 128, 8, 3),
+        (64, 128, 8, 2), (128, 64, 8, 2)]
 LAYOUTS = ("compact", "gather")
 
 
@@ -53,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--fracs", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0],
                    help="KV fractions (1.0 = every key: causal attention)")
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    p.add_argument("--passes", type=int, nargs="+", default=[2, 1], choices=[1, 2],
+                   help="backward passes (2: dq kernel + dk/dv kernel; 1: dk/dv with atomic dq)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-workers", type=int, default=8,
@@ -99,14 +104,16 @@ def tflops(pairs, H, D, ms, factor):
     return 4.0 * pairs * D * H * factor / (ms * 1e-3) / 1e12
 
 
-def run_case(st, q, k, v, routed, tiles, layout, warmup, iters):
-    """(fwd ms, bwd ms) of one configuration."""
+def run_case(st, q, k, v, routed, job, warmup, iters):
+    """(fwd ms, bwd ms) of one job."""
     import torch
+    kw = dict(tiles={n: tuple(c) for n, c in job["tiles"].items()}, kv_layout=job["layout"],
+              backward_passes=job["passes"])
 
     def fwd():
         with torch.no_grad():
-            st.scratchpad_attention_triton(q, k, v, routed, tiles=tiles, kv_layout=layout)
-    o = st.scratchpad_attention_triton(q, k, v, routed, tiles=tiles, kv_layout=layout)
+            st.scratchpad_attention_triton(q, k, v, routed, **kw)
+    o = st.scratchpad_attention_triton(q, k, v, routed, **kw)
     do = torch.randn_like(o)
 
     def bwd():
@@ -114,13 +121,17 @@ def run_case(st, q, k, v, routed, tiles, layout, warmup, iters):
     return median_ms(fwd, warmup, iters), median_ms(bwd, warmup, iters)
 
 
-def jobs(layouts):
-    """Every (layout, tiles) the sweep runs."""
+def jobs(layouts, passes):
+    """Every run of the sweep: dicts of layout, backward passes, the kernel varied, the tiles."""
     out = []
     for layout in layouts:
-        out += [(layout, {"fwd": c, "dq": DQ[0], "dkdv": DKDV[0]}) for c in FWD]
-        out += [(layout, {"fwd": FWD[0], "dq": c, "dkdv": DKDV[0]}) for c in DQ[1:]]
-        out += [(layout, {"fwd": FWD[0], "dq": DQ[0], "dkdv": c}) for c in DKDV[1:]]
+        for n in passes:
+            base = {"fwd": FWD[0], "dq": DQ[0], "dkdv": DKDV[0]}
+            vary = [("fwd", c) for c in FWD] if n == passes[0] else [("fwd", FWD[0])]
+            vary += [("dq", c) for c in DQ[1:]] if n == 2 else []
+            vary += [("dkdv", c) for c in DKDV[1:]]
+            out += [{"layout": layout, "passes": n, "kernel": kern, "tiles": {**base, kern: c}}
+                    for kern, c in vary]
     return out
 
 
@@ -129,9 +140,10 @@ def compile_only(spec: str):
     from megatron_ham.kernels import staircase as st
     args = json.loads(spec)
     q, k, v, routed = inputs(256, args["H"], args["D"], 0.5)
-    for layout, tiles in args["jobs"]:
-        tiles = {n: tuple(c) for n, c in tiles.items()}
-        o = st.scratchpad_attention_triton(q, k, v, routed, tiles=tiles, kv_layout=layout)
+    for job in args["jobs"]:
+        tiles = {n: tuple(c) for n, c in job["tiles"].items()}
+        o = st.scratchpad_attention_triton(q, k, v, routed, tiles=tiles, kv_layout=job["layout"],
+                                           backward_passes=job["passes"])
         o.sum().backward()
 
 
@@ -164,7 +176,7 @@ def main(argv=None):
         raise SystemExit("sweep_staircase.py needs a CUDA GPU")
     from megatron_ham.kernels import staircase as st
 
-    all_jobs = jobs(args.layouts)
+    all_jobs = jobs(args.layouts, args.passes)
     if args.compile_workers > 0:
         precompile(args, all_jobs)
     T, H, D = args.T, args.H, args.D
@@ -191,43 +203,45 @@ def main(argv=None):
           f"({rows[0]['bwd_tflops']:.0f})", flush=True)
     del o, do
 
-    hdr = f"{'f':>5} {'layout':>8} {'kernel':>5} {'config':>18} {'fwd ms':>8} {'bwd ms':>8} " \
-          f"{'fwd TF/s':>8} {'bwd TF/s':>8} {'x f*SDPA':>8}"
+    hdr = f"{'f':>5} {'layout':>8} {'pass':>4} {'kernel':>5} {'config':>18} {'fwd ms':>8} " \
+          f"{'bwd ms':>8} {'fwd TF/s':>8} {'bwd TF/s':>8} {'x f*SDPA':>8}"
     print(hdr, flush=True)
     for frac in args.fracs:
         q, k, v, routed = inputs(T, H, D, frac)
         pairs = visible_pairs(routed)
         ref = frac * (s_fwd + s_bwd)
-        for layout, tiles in all_jobs:
-            kernel = ("fwd" if tiles["dq"] == DQ[0] and tiles["dkdv"] == DKDV[0] else
-                      "dq" if tiles["dkdv"] == DKDV[0] else "dkdv")
-            cfg = tiles[kernel]
-            f_ms, b_ms = run_case(st, q, k, v, routed, tiles, layout, args.warmup, args.iters)
-            row = {"case": "staircase", "f": frac, "layout": layout, "kernel": kernel,
-                   "config": list(cfg), "tiles": {n: list(c) for n, c in tiles.items()},
-                   "fwd_ms": f_ms, "bwd_ms": b_ms, "fwd_tflops": tflops(pairs, H, D, f_ms, 1),
+        mine = []
+        for job in all_jobs:
+            f_ms, b_ms = run_case(st, q, k, v, routed, job, args.warmup, args.iters)
+            cfg = job["tiles"][job["kernel"]]
+            row = {"case": "staircase", "f": frac, **job, "fwd_ms": f_ms, "bwd_ms": b_ms,
+                   "fwd_tflops": tflops(pairs, H, D, f_ms, 1),
                    "bwd_tflops": tflops(pairs, H, D, b_ms, 2.5), "x_f_sdpa": (f_ms + b_ms) / ref}
-            rows.append(row)
-            print(f"{frac:>5} {layout:>8} {kernel:>5} {str(cfg):>18} {f_ms:8.3f} {b_ms:8.3f} "
-                  f"{row['fwd_tflops']:8.0f} {row['bwd_tflops']:8.0f} {row['x_f_sdpa']:8.2f}",
-                  flush=True)
-        for layout in args.layouts:
-            mine = [r for r in rows if r.get("f") == frac and r.get("layout") == layout]
-            pick = {"fwd": (lambda r: r["kernel"] == "fwd", "fwd_ms"),
-                    "dq": (lambda r: r["tiles"]["dkdv"] == list(DKDV[0]), "bwd_ms"),
-                    "dkdv": (lambda r: r["tiles"]["dq"] == list(DQ[0]), "bwd_ms")}
-            best = {n: min(filter(keep, mine), key=lambda r: r[t])["tiles"][n]
-                    for n, (keep, t) in pick.items()}
-            tiles = {n: tuple(c) for n, c in best.items()}
-            f_ms, b_ms = run_case(st, q, k, v, routed, tiles, layout, args.warmup, args.iters)
-            row = {"case": "best", "f": frac, "layout": layout, "tiles": best, "fwd_ms": f_ms,
-                   "bwd_ms": b_ms, "total_ms": f_ms + b_ms,
-                   "x_sdpa": (f_ms + b_ms) / (s_fwd + s_bwd), "x_f_sdpa": (f_ms + b_ms) / ref,
-                   "tflops": tflops(pairs, H, D, f_ms + b_ms, 3.5)}
-            rows.append(row)
-            print(f"BEST f={frac} {layout}: {best}  fwd {f_ms:.3f} + bwd {b_ms:.3f} = "
-                  f"{f_ms + b_ms:.3f} ms, {row['x_sdpa']:.3f}x SDPA, {row['x_f_sdpa']:.2f}x (f x SDPA), "
-                  f"{row['tflops']:.0f} TFLOP/s", flush=True)
+            mine.append(row)
+            print(f"{frac:>5} {job['layout']:>8} {job['passes']:>4} {job['kernel']:>5} {str(cfg):>18} "
+                  f"{f_ms:8.3f} {b_ms:8.3f} {row['fwd_tflops']:8.0f} {row['bwd_tflops']:8.0f} "
+                  f"{row['x_f_sdpa']:8.2f}", flush=True)
+        rows += mine
+        best_fwd = {lay: min((r for r in mine if r["layout"] == lay and r["kernel"] == "fwd"),
+                             key=lambda r: r["fwd_ms"])["tiles"]["fwd"] for lay in args.layouts}
+        for lay in args.layouts:
+            for n in args.passes:
+                cand = [r for r in mine if r["layout"] == lay and r["passes"] == n]
+                best = {"fwd": best_fwd[lay]}
+                for kern in ("dq", "dkdv"):   # each with the other kernel at its first config
+                    other = {"dq": "dkdv", "dkdv": "dq"}[kern]
+                    base = DQ[0] if other == "dq" else DKDV[0]
+                    best[kern] = min((r for r in cand if r["tiles"][other] == base),
+                                     key=lambda r: r["bwd_ms"])["tiles"][kern]
+                job = {"layout": lay, "passes": n, "kernel": "best", "tiles": best}
+                f_ms, b_ms = run_case(st, q, k, v, routed, job, args.warmup, args.iters)
+                row = {"case": "best", "f": frac, **job, "fwd_ms": f_ms, "bwd_ms": b_ms,
+                       "total_ms": f_ms + b_ms, "x_sdpa": (f_ms + b_ms) / (s_fwd + s_bwd),
+                       "x_f_sdpa": (f_ms + b_ms) / ref, "tflops": tflops(pairs, H, D, f_ms + b_ms, 3.5)}
+                rows.append(row)
+                print(f"BEST f={frac} {lay} {n}-pass: {best}  fwd {f_ms:.3f} + bwd {b_ms:.3f} = "
+                      f"{f_ms + b_ms:.3f} ms, {row['x_sdpa']:.3f}x SDPA, {row['x_f_sdpa']:.2f}x "
+                      f"(f x SDPA), {row['tflops']:.0f} TFLOP/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"T": T, "H": H, "D": D, "device": torch.cuda.get_device_name(),
                                                "torch": torch.__version__, "rows": rows}, indent=1))

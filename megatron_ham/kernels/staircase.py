@@ -339,7 +339,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
                    T, H, qk_scale, sm_scale,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DELTA_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
         _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
@@ -349,6 +349,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
     o = _load_rows(O + i_b * s_ob + i_h * s_oh, rows, s_ot, m_row, DV, BV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)       # [BM]
     tl.store(DELTA + i_bh.to(tl.int64) * T + offs_m, delta, mask=m_row)
+    if DELTA_ONLY:                                                 # one-pass backward: dq is
+        return                                                     # accumulated by dk/dv
     lse = tl.load(LSE + i_bh.to(tl.int64) * T + offs_m, mask=m_row, other=0.0)
     kb = K + i_b * s_kb + i_h * s_kh
     vb = V + i_b * s_vb + i_h * s_vh
@@ -366,11 +368,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
 # 4. backward: dk, dv per block of key slots, written to the routed positions
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n_tiles, T,
-                s_qt, s_dt, qk_scale,
+def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DQb, DSTART, start, n_tiles, T,
+                s_qt, s_dt, s_q32t, qk_scale,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, ONE_PASS: tl.constexpr):
     for i in range(n_tiles):
         offs_t = start + i * BLOCK_M + tl.arange(0, BLOCK_M)
         t_ok = offs_t < T
@@ -395,16 +397,21 @@ def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, 
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)               # [BN, BM]
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        if ONE_PASS:                    # this tile's share of dq, added in fp32 (unscaled)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC)   # [BM, BK]
+            offs_d = tl.arange(0, BK)
+            tl.atomic_add(DQb + rows[:, None].to(tl.int64) * s_q32t + offs_d[None, :], dq,
+                          mask=t_ok[:, None] & (offs_d < DK)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, DQ32, LSE, DELTA, CUM, ORDER, DSTART, DEND,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
+                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh, s_q32b, s_q32t, s_q32h,
                      T, H, qk_scale, sm_scale,
                      DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+                     HAS_DOC: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n = tl.program_id(0)                                         # slot block, most work first
     i_bh, i_b, i_h, cum, order, cnt = _batch_head(CUM, ORDER, T, H)
@@ -436,12 +443,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND
     DOb = DO + i_b * s_db + i_h * s_dh
     LSEb = LSE + i_bh.to(tl.int64) * T
     DELTAb = DELTA + i_bh.to(tl.int64) * T
+    if ONE_PASS:
+        DQb = DQ32 + i_b * s_q32b + i_h * s_q32h
+    else:
+        DQb = DQ32
     dk = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
     for ph in tl.static_range(3):
         start, n = _phase(ph, p_first, n_a, start_b, n_b, start_c, n_c)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n, T,
-                             s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1, HAS_DOC, PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DQb, DSTART, start, n, T,
+                             s_qt, s_dt, s_q32t, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1,
+                             HAS_DOC, PREC, ONE_PASS)
     dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
     dv = tl.where(valid[:, None], dv, 0.0)
     _store_rows(DK_ + i_b * s_gkb + i_h * s_gkh, rows, s_gkt, dk, in_t, DK, BK)
@@ -455,13 +467,16 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC", "COMPACT"]
+_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC"]
+_KEYS = {"fwd": _KEY + ["COMPACT"], "dq": _KEY + ["COMPACT", "DELTA_ONLY"],
+         "dkdv": _KEY + ["ONE_PASS"]}
 # Two candidates each, chosen by compiling for sm_90 (ptxas register report: no spills at head
 # dim 128); few on purpose, every candidate is a compilation of a few seconds at first use.
 _FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
 # dkdv: BLOCK_N = key slots (the dk/dv accumulator rows), BLOCK_M = queries per tile
 _DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)]
+_DELTA_TILES = (64, 64, 4, 1)      # the one-pass backward's delta-only launch of the dq kernel
 _KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}
 _tuned = {}
 
@@ -481,7 +496,7 @@ def _kernel(name: str, tiles: Optional[Tiles]):
         return raw, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if name not in _tuned:
         configs = {"fwd": _FWD_CONFIGS, "dq": _DQ_CONFIGS, "dkdv": _DKDV_CONFIGS}[name]
-        _tuned[name] = triton.autotune(configs=configs, key=_KEY if name != "dkdv" else _KEY[:-1])(raw)
+        _tuned[name] = triton.autotune(configs=configs, key=_KEYS[name])(raw)
     return _tuned[name], {}
 
 
@@ -511,7 +526,7 @@ def _dims(q, v):
 
 class _StaircaseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, routed, scale, cu_seqlens, tiles, kv_layout):
+    def forward(ctx, q, k, v, routed, scale, cu_seqlens, tiles, kv_layout, backward_passes):
         B, T, H, _ = q.shape
         q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
         compact = kv_layout == "compact"
@@ -527,6 +542,7 @@ class _StaircaseAttention(torch.autograd.Function):
         del kk, vv                      # the backward gathers them again rather than keep them
         ctx.save_for_backward(q, k, v, o, lse, cum, order, dstart, dend)
         ctx.scale, ctx.tiles, ctx.compact = scale, tiles, compact
+        ctx.backward_passes = backward_passes
         return o
 
     @staticmethod
@@ -534,22 +550,34 @@ class _StaircaseAttention(torch.autograd.Function):
         q, k, v, o, lse, cum, order, dstart, dend = ctx.saved_tensors
         B, T, H, _ = q.shape
         do = _rowmajor(do)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(lse)
         common = dict(HAS_DOC=dstart is not None, **_dims(q, v))
-        kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
-        kern, kw = _kernel("dq", ctx.tiles)
+        one_pass = ctx.backward_passes == 1
+        # pass 1: delta = rowsum(o * do), and (two passes) dq walking the query blocks
+        if one_pass:
+            dq = dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            kk, vv = k, v
+            kern, kw = _kernel("dq", {"dq": _DELTA_TILES})
+        else:
+            dq, dq32 = torch.empty_like(q), None
+            kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
+            kern, kw = _kernel("dq", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
         kern[grid](q, kk, vv, o, do, dq, lse, delta, cum, order, dstart, *_bht(q), *_bht(kk),
                    *_bht(vv), *_bht(o), *_bht(do), *_bht(dq), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   COMPACT=ctx.compact, **common, **kw)
+                   COMPACT=ctx.compact and not one_pass, DELTA_ONLY=one_pass, **common, **kw)
         del kk, vv
+        # pass 2: dk, dv per block of key slots (one pass: also dq, added in fp32)
         kern, kw = _kernel("dkdv", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
-        kern[grid](q, k, v, do, dk, dv, lse, delta, cum, order, dstart, dend, *_bht(q), *_bht(k),
-                   *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   **common, **kw)
-        return dq, dk, dv, None, None, None, None, None
+        kern[grid](q, k, v, do, dk, dv, dq32, lse, delta, cum, order, dstart, dend, *_bht(q),
+                   *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dv),
+                   *(_bht(dq32) if one_pass else (0, 0, 0)), T, H, ctx.scale * _LOG2E, ctx.scale,
+                   ONE_PASS=one_pass, **common, **kw)
+        if one_pass:
+            dq = (dq32 * ctx.scale).to(q.dtype)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 KV_LAYOUTS = ("compact", "gather")
@@ -565,6 +593,7 @@ def scratchpad_attention_triton(
     cu_seqlens: Optional[torch.Tensor] = None,
     tiles: Optional[Tiles] = None,
     kv_layout: str = "compact",
+    backward_passes: int = 2,
 ) -> torch.Tensor:
     """Scratchpad attention with the Triton staircase kernel.
 
@@ -578,7 +607,12 @@ def scratchpad_attention_triton(
     gathered once into slot order (one index_select of T rows per call and per backward, so the
     inner loops load contiguous rows), "gather" through the order inside the loop (no copies;
     each tile's loads wait for its order entries). dk/dv always read through the order.
+    ``backward_passes``: 2 (default) = a dq kernel over query blocks, then dk/dv over key-slot
+    blocks (7 matmuls per tile pair, no atomics); 1 = delta only, then dk/dv also computing each
+    tile's dq share, added to an fp32 buffer with atomics (5 matmuls, FlashAttention-2 style).
     """
+    if backward_passes not in (1, 2):
+        raise ValueError(f"backward_passes must be 1 or 2, got {backward_passes!r}")
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     B, T, H, K = q.shape
@@ -590,4 +624,4 @@ def scratchpad_attention_triton(
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device)
     return _StaircaseAttention.apply(q, k, v, routed.to(device=q.device), scale, cu_seqlens, tiles,
-                                     kv_layout)
+                                     kv_layout, backward_passes)
