@@ -24,7 +24,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def case(name, T, H, K, V, routed, cu=None, tiles=(16, 16), dtype=torch.float32, B=1, scale=None,
-         strided=False, seed=0, kv_layout="compact", passes=2):
+         strided=False, seed=0, kv_layout="compact"):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     if strided:  # q, k, v as views of one [B,T,H,2K+V] projection (unit last stride only)
@@ -34,7 +34,7 @@ def case(name, T, H, K, V, routed, cu=None, tiles=(16, 16), dtype=torch.float32,
         q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
     o = scratchpad_attention_triton(*leaves, routed, scale=scale, cu_seqlens=cu, tiles=tiles,
-                                    kv_layout=kv_layout, backward_passes=passes)
+                                    kv_layout=kv_layout)
     do = torch.randn(o.shape, generator=g).to(dtype)
     o.backward(do)
     refs = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
@@ -44,7 +44,7 @@ def case(name, T, H, K, V, routed, cu=None, tiles=(16, 16), dtype=torch.float32,
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     errs = {"o": rel(o, o_r)}
     errs.update({n: rel(a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv"), leaves, refs)})
-    print(f"{name} [{kv_layout}, {passes}-pass backward]: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    print(f"{name} [{kv_layout}]: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     assert max(errs.values()) < tol, (name, errs)
     # exact zeros: unrouted keys get no gradient; queries that see no key give 0 and get 0
     unrouted = ~routed
@@ -60,23 +60,22 @@ def main():
     case("T=100 f=0.3", 100, 2, 16, 32, rand(1, 100, 0.3))
     cu = torch.tensor([0, 30, 31, 90, 130])
     r = rand(1, 130, 0.5)
-    for kv_layout, passes in (("compact", 2), ("gather", 2), ("compact", 1)):   # same inputs
+    for kv_layout in ("compact", "gather"):   # same inputs, both ways of reading K and V
         case("T=130 docs f=0.5 tiles 16x32", 130, 2, 16, 16, r, cu=cu, tiles=(16, 32),
-             kv_layout=kv_layout, passes=passes)
+             kv_layout=kv_layout)
     r = rand(1, 200, 0.3)
     r[:, :50] = False
     r[:, 120:150] = False                       # the third document starts with no routed key
-    for passes in (2, 1):
-        blind = case("T=200 docs, queries with no key", 200, 1, 16, 16, r,
-                     cu=torch.tensor([0, 60, 120, 200]), tiles=(32, 16), scale=0.9, passes=passes)
+    blind = case("T=200 docs, queries with no key", 200, 1, 16, 16, r,
+                 cu=torch.tensor([0, 60, 120, 200]), tiles=(32, 16), scale=0.9)
     assert blind[0, :50].all() and blind[0, 120:150].all() and not blind.all()
     case("T=64 f=0", 64, 2, 16, 16, torch.zeros(1, 64, dtype=torch.bool))
     case("T=64 docs f=1", 64, 1, 16, 16, torch.ones(1, 64, dtype=torch.bool),
          cu=torch.tensor([0, 20, 64]), tiles=(32, 16))
     r = torch.cat([rand(1, 80, 0.2), rand(1, 80, 0.6)])
-    for kv_layout, passes in (("compact", 2), ("gather", 2), ("compact", 1)):
+    for kv_layout in ("compact", "gather"):
         case("B=2 f=0.2/0.6 strided K=24 V=20", 80, 2, 24, 20, r, B=2, strided=True,
-             kv_layout=kv_layout, passes=passes)
+             kv_layout=kv_layout)
     case("T=96 fp16 f=0.4", 96, 2, 16, 16, rand(1, 96, 0.4), dtype=torch.float16, tiles=(32, 32))
     print("OK")
 

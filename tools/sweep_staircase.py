@@ -12,9 +12,8 @@ BLOCK_N, warps, stages) of each kernel:
   bwd/dq  backward alone (torch.autograd.grad on a kept graph) per dq configuration, dk/dv fixed
   bwd/dkdv  the same per dk/dv configuration (BLOCK_N = key slots), dq fixed
   best    the best of each, forward + backward together
-
-for each number of backward passes (2: a dq kernel, then a dk/dv kernel; 1: the dk/dv kernel
-also adds each tile's dq share to an fp32 buffer with atomics).
+  kernels the best configuration's kernels under torch.profiler: ms per call by kernel (the
+          plan, the K/V copies, forward, dq, dk/dv)
 
 Times are CUDA-event medians; TFLOP/s count the visible (query, key) pairs P (4 P D H forward,
 2.5x that backward: FlashAttention's convention, whatever the kernel recomputes). Every
@@ -56,8 +55,6 @@ def parse_args(argv=None):
     p.add_argument("--fracs", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0],
                    help="KV fractions (1.0 = every key: causal attention)")
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
-    p.add_argument("--passes", type=int, nargs="+", default=[2, 1], choices=[1, 2],
-                   help="backward passes (2: dq kernel + dk/dv kernel; 1: dk/dv with atomic dq)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-workers", type=int, default=8,
@@ -107,8 +104,7 @@ def tflops(pairs, H, D, ms, factor):
 def run_case(st, q, k, v, routed, job, warmup, iters):
     """(fwd ms, bwd ms) of one job."""
     import torch
-    kw = dict(tiles={n: tuple(c) for n, c in job["tiles"].items()}, kv_layout=job["layout"],
-              backward_passes=job["passes"])
+    kw = dict(tiles={n: tuple(c) for n, c in job["tiles"].items()}, kv_layout=job["layout"])
 
     def fwd():
         with torch.no_grad():
@@ -121,18 +117,33 @@ def run_case(st, q, k, v, routed, job, warmup, iters):
     return median_ms(fwd, warmup, iters), median_ms(bwd, warmup, iters)
 
 
-def jobs(layouts, passes):
-    """Every run of the sweep: dicts of layout, backward passes, the kernel varied, the tiles."""
-    out = []
-    for layout in layouts:
-        for n in passes:
-            base = {"fwd": FWD[0], "dq": DQ[0], "dkdv": DKDV[0]}
-            vary = [("fwd", c) for c in FWD] if n == passes[0] else [("fwd", FWD[0])]
-            vary += [("dq", c) for c in DQ[1:]] if n == 2 else []
-            vary += [("dkdv", c) for c in DKDV[1:]]
-            out += [{"layout": layout, "passes": n, "kernel": kern, "tiles": {**base, kern: c}}
-                    for kern, c in vary]
-    return out
+def jobs(layouts):
+    """Every run of the sweep: dicts of layout, the kernel varied and the tiles."""
+    base = {"fwd": FWD[0], "dq": DQ[0], "dkdv": DKDV[0]}
+    vary = [("fwd", c) for c in FWD] + [("dq", c) for c in DQ[1:]] + [("dkdv", c) for c in DKDV[1:]]
+    return [{"layout": layout, "kernel": kern, "tiles": {**base, kern: c}}
+            for layout in layouts for kern, c in vary]
+
+
+def kernel_times(st, q, k, v, routed, job, reps=5):
+    """ms per call of each GPU kernel of one fwd+bwd of job, from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    kw = dict(tiles={n: tuple(c) for n, c in job["tiles"].items()}, kv_layout=job["layout"])
+    do = torch.randn_like(q)
+    for _ in range(2):
+        torch.autograd.grad(st.scratchpad_attention_triton(q, k, v, routed, **kw), (q, k, v), do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            torch.autograd.grad(st.scratchpad_attention_triton(q, k, v, routed, **kw), (q, k, v), do)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.key.startswith(("_", "void", "triton", "at::", "Memset", "index")):
+            out[e.key[:60]] = us / 1e3 / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def compile_only(spec: str):
@@ -142,8 +153,7 @@ def compile_only(spec: str):
     q, k, v, routed = inputs(256, args["H"], args["D"], 0.5)
     for job in args["jobs"]:
         tiles = {n: tuple(c) for n, c in job["tiles"].items()}
-        o = st.scratchpad_attention_triton(q, k, v, routed, tiles=tiles, kv_layout=job["layout"],
-                                           backward_passes=job["passes"])
+        o = st.scratchpad_attention_triton(q, k, v, routed, tiles=tiles, kv_layout=job["layout"])
         o.sum().backward()
 
 
@@ -176,7 +186,7 @@ def main(argv=None):
         raise SystemExit("sweep_staircase.py needs a CUDA GPU")
     from megatron_ham.kernels import staircase as st
 
-    all_jobs = jobs(args.layouts, args.passes)
+    all_jobs = jobs(args.layouts)
     if args.compile_workers > 0:
         precompile(args, all_jobs)
     T, H, D = args.T, args.H, args.D
@@ -202,9 +212,16 @@ def main(argv=None):
     print(f"sdpa: fwd {s_fwd:.3f} ms ({rows[0]['fwd_tflops']:.0f} TFLOP/s)  bwd {s_bwd:.3f} ms "
           f"({rows[0]['bwd_tflops']:.0f})", flush=True)
     del o, do
+    _, _, _, routed = inputs(T, H, D, 0.5)
+    order = st.compaction_plan(routed, None)[1]
+    g_ms = median_ms(lambda: (st._compacted(k, order), st._compacted(v, order)), args.warmup,
+                     args.iters)
+    rows.append({"case": "kv_copies", "ms": g_ms})
+    print(f"K and V copies in slot order (kv_layout=compact, once per forward and backward): "
+          f"{g_ms:.3f} ms", flush=True)
 
-    hdr = f"{'f':>5} {'layout':>8} {'pass':>4} {'kernel':>5} {'config':>18} {'fwd ms':>8} " \
-          f"{'bwd ms':>8} {'fwd TF/s':>8} {'bwd TF/s':>8} {'x f*SDPA':>8}"
+    hdr = f"{'f':>5} {'layout':>8} {'kernel':>5} {'config':>18} {'fwd ms':>8} {'bwd ms':>8} " \
+          f"{'fwd TF/s':>8} {'bwd TF/s':>8} {'x f*SDPA':>8}"
     print(hdr, flush=True)
     for frac in args.fracs:
         q, k, v, routed = inputs(T, H, D, frac)
@@ -218,30 +235,29 @@ def main(argv=None):
                    "fwd_tflops": tflops(pairs, H, D, f_ms, 1),
                    "bwd_tflops": tflops(pairs, H, D, b_ms, 2.5), "x_f_sdpa": (f_ms + b_ms) / ref}
             mine.append(row)
-            print(f"{frac:>5} {job['layout']:>8} {job['passes']:>4} {job['kernel']:>5} {str(cfg):>18} "
-                  f"{f_ms:8.3f} {b_ms:8.3f} {row['fwd_tflops']:8.0f} {row['bwd_tflops']:8.0f} "
+            print(f"{frac:>5} {job['layout']:>8} {job['kernel']:>5} {str(cfg):>18} {f_ms:8.3f} "
+                  f"{b_ms:8.3f} {row['fwd_tflops']:8.0f} {row['bwd_tflops']:8.0f} "
                   f"{row['x_f_sdpa']:8.2f}", flush=True)
         rows += mine
-        best_fwd = {lay: min((r for r in mine if r["layout"] == lay and r["kernel"] == "fwd"),
-                             key=lambda r: r["fwd_ms"])["tiles"]["fwd"] for lay in args.layouts}
         for lay in args.layouts:
-            for n in args.passes:
-                cand = [r for r in mine if r["layout"] == lay and r["passes"] == n]
-                best = {"fwd": best_fwd[lay]}
-                for kern in ("dq", "dkdv"):   # each with the other kernel at its first config
-                    other = {"dq": "dkdv", "dkdv": "dq"}[kern]
-                    base = DQ[0] if other == "dq" else DKDV[0]
-                    best[kern] = min((r for r in cand if r["tiles"][other] == base),
-                                     key=lambda r: r["bwd_ms"])["tiles"][kern]
-                job = {"layout": lay, "passes": n, "kernel": "best", "tiles": best}
-                f_ms, b_ms = run_case(st, q, k, v, routed, job, args.warmup, args.iters)
-                row = {"case": "best", "f": frac, **job, "fwd_ms": f_ms, "bwd_ms": b_ms,
-                       "total_ms": f_ms + b_ms, "x_sdpa": (f_ms + b_ms) / (s_fwd + s_bwd),
-                       "x_f_sdpa": (f_ms + b_ms) / ref, "tflops": tflops(pairs, H, D, f_ms + b_ms, 3.5)}
-                rows.append(row)
-                print(f"BEST f={frac} {lay} {n}-pass: {best}  fwd {f_ms:.3f} + bwd {b_ms:.3f} = "
-                      f"{f_ms + b_ms:.3f} ms, {row['x_sdpa']:.3f}x SDPA, {row['x_f_sdpa']:.2f}x "
-                      f"(f x SDPA), {row['tflops']:.0f} TFLOP/s", flush=True)
+            cand = [r for r in mine if r["layout"] == lay]
+            best = {"fwd": min((r for r in cand if r["kernel"] == "fwd"),
+                               key=lambda r: r["fwd_ms"])["tiles"]["fwd"]}
+            for kern, other, base in (("dq", "dkdv", DKDV[0]), ("dkdv", "dq", DQ[0])):
+                best[kern] = min((r for r in cand if r["tiles"][other] == base),
+                                 key=lambda r: r["bwd_ms"])["tiles"][kern]
+            job = {"layout": lay, "kernel": "best", "tiles": best}
+            f_ms, b_ms = run_case(st, q, k, v, routed, job, args.warmup, args.iters)
+            row = {"case": "best", "f": frac, **job, "fwd_ms": f_ms, "bwd_ms": b_ms,
+                   "total_ms": f_ms + b_ms, "x_sdpa": (f_ms + b_ms) / (s_fwd + s_bwd),
+                   "x_f_sdpa": (f_ms + b_ms) / ref, "tflops": tflops(pairs, H, D, f_ms + b_ms, 3.5),
+                   "kernels_ms": kernel_times(st, q, k, v, routed, job)}
+            rows.append(row)
+            print(f"BEST f={frac} {lay}: {best}  fwd {f_ms:.3f} + bwd {b_ms:.3f} = "
+                  f"{f_ms + b_ms:.3f} ms, {row['x_sdpa']:.3f}x SDPA, {row['x_f_sdpa']:.2f}x "
+                  f"(f x SDPA), {row['tflops']:.0f} TFLOP/s", flush=True)
+            print("   kernels (ms per fwd+bwd): " + ", ".join(
+                f"{n} {ms:.3f}" for n, ms in row["kernels_ms"].items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"T": T, "H": H, "D": D, "device": torch.cuda.get_device_name(),
                                                "torch": torch.__version__, "rows": rows}, indent=1))

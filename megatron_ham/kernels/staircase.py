@@ -5,13 +5,17 @@ Same contract as ``megatron_ham.ops.scratchpad_attention`` (layout ``[B,T,H,D]``
 
     o_t = sum_{j <= t, routed[b,j], doc(j) == doc(t)} softmax_j(scale * q_t . k_j) v_j   (0 if none)
 
-FlashAttention-2 style (online softmax in fp32, log-sum-exp saved for the backward), but K and V
-are read THROUGH the routing order: nothing is gathered into a compacted copy, and the backward
-writes dk, dv straight to the routed positions (every other position gets an exact 0), so there
-is no scatter-add and no full-length buffer besides the gradients themselves.
+FlashAttention-2 style (online softmax in fp32, log-sum-exp saved for the backward) over the
+routed keys in position order ("slots"). The forward and dq kernels read K and V from copies
+gathered once into slot order (``kv_layout="compact"``, the default: one ``index_select`` of T
+rows per call, 0.1 ms at 16k x 16 x 128, freed after the kernel), so their inner loops load
+contiguous rows; ``kv_layout="gather"`` reads them through the order inside the loop instead (no
+copies; measured 5-25 % slower, docs/benchmarks.md). The backward writes dk, dv straight to the
+routed positions (every other position gets an exact 0): no scatter-add, nothing saved beyond
+the inputs, o, the lse and the plan.
 
-Four launches per call, all on static shapes (one compilation per (dtype, head dims, documents or
-not), never per routing; the routed count is only ever read on the device):
+Four launches per call (plus the copies), all on static shapes (one compilation per (dtype, head
+dims, documents or not, layout), never per routing; the routed count is only read on the device):
 
 1. :func:`_compaction_kernel` (one program per batch row, + one for the documents): ``cum[b, t]``
    = routed count in ``[0, t]``; ``order[b, :]`` = the routed positions in position order, then
@@ -32,8 +36,11 @@ not), never per routing; the routed count is only ever read on the device):
    ``order[s]`` (zeros for slots past the routed count, i.e. the unrouted positions).
 
 Cost: proportional to the routed work (about f x a causal attention), plus O(T) integer work in
-step 1 and the O(T) ``delta`` read of step 3. Saved for the backward: q, k, v, o, the lse
-``[B,H,T]`` fp32 and the plan (``cum``, ``order`` int32 ``[B,T]``; ``dstart``, ``dend`` ``[T]``).
+step 1, the O(T) copies and the O(T) ``delta`` read of step 3. Saved for the backward: q, k, v,
+o, the lse ``[B,H,T]`` fp32 and the plan (``cum``, ``order`` int32 ``[B,T]``; ``dstart``,
+``dend`` ``[T]``); the backward gathers its copies again (freed before dk, dv are allocated).
+The backward recomputes (7 matmuls per tile pair, FlashAttention-2's is 5 with dq added by
+atomics): measured on an H200, atomics for dq made it 12-40 % slower (docs/benchmarks.md).
 
 Tiles: autotuned per (T, head dims, documents) on the GPU (a few configurations each); fixed tiles
 can be passed (``tiles=``) -- the CPU tests run the kernels under Triton's interpreter that way.
@@ -339,7 +346,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
                    T, H, qk_scale, sm_scale,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
-                   DELTA_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
         _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
@@ -349,8 +356,6 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
     o = _load_rows(O + i_b * s_ob + i_h * s_oh, rows, s_ot, m_row, DV, BV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)       # [BM]
     tl.store(DELTA + i_bh.to(tl.int64) * T + offs_m, delta, mask=m_row)
-    if DELTA_ONLY:                                                 # one-pass backward: dq is
-        return                                                     # accumulated by dk/dv
     lse = tl.load(LSE + i_bh.to(tl.int64) * T + offs_m, mask=m_row, other=0.0)
     kb = K + i_b * s_kb + i_h * s_kh
     vb = V + i_b * s_vb + i_h * s_vh
@@ -368,11 +373,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
 # 4. backward: dk, dv per block of key slots, written to the routed positions
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DQb, DSTART, start, n_tiles, T,
-                s_qt, s_dt, s_q32t, qk_scale,
+def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n_tiles, T,
+                s_qt, s_dt, qk_scale,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
-                PREC: tl.constexpr, ONE_PASS: tl.constexpr):
+                PREC: tl.constexpr):
     for i in range(n_tiles):
         offs_t = start + i * BLOCK_M + tl.arange(0, BLOCK_M)
         t_ok = offs_t < T
@@ -397,21 +402,16 @@ def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DQb, DSTART, st
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)               # [BN, BM]
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
-        if ONE_PASS:                    # this tile's share of dq, added in fp32 (unscaled)
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC)   # [BM, BK]
-            offs_d = tl.arange(0, BK)
-            tl.atomic_add(DQb + rows[:, None].to(tl.int64) * s_q32t + offs_d[None, :], dq,
-                          mask=t_ok[:, None] & (offs_d < DK)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, DQ32, LSE, DELTA, CUM, ORDER, DSTART, DEND,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh, s_q32b, s_q32t, s_q32h,
+                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
                      T, H, qk_scale, sm_scale,
                      DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     HAS_DOC: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
+                     HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n = tl.program_id(0)                                         # slot block, most work first
     i_bh, i_b, i_h, cum, order, cnt = _batch_head(CUM, ORDER, T, H)
@@ -443,17 +443,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, DQ32, LSE, DELTA, CUM, ORDER, DSTART
     DOb = DO + i_b * s_db + i_h * s_dh
     LSEb = LSE + i_bh.to(tl.int64) * T
     DELTAb = DELTA + i_bh.to(tl.int64) * T
-    if ONE_PASS:
-        DQb = DQ32 + i_b * s_q32b + i_h * s_q32h
-    else:
-        DQb = DQ32
     dk = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
     for ph in tl.static_range(3):
         start, n = _phase(ph, p_first, n_a, start_b, n_b, start_c, n_c)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DQb, DSTART, start, n, T,
-                             s_qt, s_dt, s_q32t, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1,
-                             HAS_DOC, PREC, ONE_PASS)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n, T,
+                             s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1, HAS_DOC, PREC)
     dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
     dv = tl.where(valid[:, None], dv, 0.0)
     _store_rows(DK_ + i_b * s_gkb + i_h * s_gkh, rows, s_gkt, dk, in_t, DK, BK)
@@ -467,16 +462,14 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC"]
-_KEYS = {"fwd": _KEY + ["COMPACT"], "dq": _KEY + ["COMPACT", "DELTA_ONLY"],
-         "dkdv": _KEY + ["ONE_PASS"]}
-# Two candidates each, chosen by compiling for sm_90 (ptxas register report: no spills at head
-# dim 128); few on purpose, every candidate is a compilation of a few seconds at first use.
-_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
+_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC", "COMPACT"]
+# Two candidates each: the best of tools/sweep_staircase.py on an H200 (T = 16k, 16 x 128 heads,
+# f = 0.1 .. 1, docs/benchmarks.md 2026-12-02 23:28); few on purpose, every candidate is a
+# compilation of a few seconds at first use.
+_FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
 # dkdv: BLOCK_N = key slots (the dk/dv accumulator rows), BLOCK_M = queries per tile
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)]
-_DELTA_TILES = (64, 64, 4, 1)      # the one-pass backward's delta-only launch of the dq kernel
+_DKDV_CONFIGS = [_cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3)]
 _KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}
 _tuned = {}
 
@@ -496,7 +489,7 @@ def _kernel(name: str, tiles: Optional[Tiles]):
         return raw, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if name not in _tuned:
         configs = {"fwd": _FWD_CONFIGS, "dq": _DQ_CONFIGS, "dkdv": _DKDV_CONFIGS}[name]
-        _tuned[name] = triton.autotune(configs=configs, key=_KEYS[name])(raw)
+        _tuned[name] = triton.autotune(configs=configs, key=_KEY if name != "dkdv" else _KEY[:-1])(raw)
     return _tuned[name], {}
 
 
@@ -526,7 +519,7 @@ def _dims(q, v):
 
 class _StaircaseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, routed, scale, cu_seqlens, tiles, kv_layout, backward_passes):
+    def forward(ctx, q, k, v, routed, scale, cu_seqlens, tiles, kv_layout):
         B, T, H, _ = q.shape
         q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
         compact = kv_layout == "compact"
@@ -542,7 +535,6 @@ class _StaircaseAttention(torch.autograd.Function):
         del kk, vv                      # the backward gathers them again rather than keep them
         ctx.save_for_backward(q, k, v, o, lse, cum, order, dstart, dend)
         ctx.scale, ctx.tiles, ctx.compact = scale, tiles, compact
-        ctx.backward_passes = backward_passes
         return o
 
     @staticmethod
@@ -550,34 +542,22 @@ class _StaircaseAttention(torch.autograd.Function):
         q, k, v, o, lse, cum, order, dstart, dend = ctx.saved_tensors
         B, T, H, _ = q.shape
         do = _rowmajor(do)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        delta = torch.empty_like(lse)
+        dq, delta = torch.empty_like(q), torch.empty_like(lse)
         common = dict(HAS_DOC=dstart is not None, **_dims(q, v))
-        one_pass = ctx.backward_passes == 1
-        # pass 1: delta = rowsum(o * do), and (two passes) dq walking the query blocks
-        if one_pass:
-            dq = dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            kk, vv = k, v
-            kern, kw = _kernel("dq", {"dq": _DELTA_TILES})
-        else:
-            dq, dq32 = torch.empty_like(q), None
-            kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
-            kern, kw = _kernel("dq", ctx.tiles)
+        kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
+        kern, kw = _kernel("dq", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
         kern[grid](q, kk, vv, o, do, dq, lse, delta, cum, order, dstart, *_bht(q), *_bht(kk),
                    *_bht(vv), *_bht(o), *_bht(do), *_bht(dq), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   COMPACT=ctx.compact and not one_pass, DELTA_ONLY=one_pass, **common, **kw)
-        del kk, vv
-        # pass 2: dk, dv per block of key slots (one pass: also dq, added in fp32)
+                   COMPACT=ctx.compact, **common, **kw)
+        del kk, vv                      # freed before dk, dv exist: the peak stays 3 x |q|
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         kern, kw = _kernel("dkdv", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
-        kern[grid](q, k, v, do, dk, dv, dq32, lse, delta, cum, order, dstart, dend, *_bht(q),
-                   *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dv),
-                   *(_bht(dq32) if one_pass else (0, 0, 0)), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   ONE_PASS=one_pass, **common, **kw)
-        if one_pass:
-            dq = (dq32 * ctx.scale).to(q.dtype)
-        return dq, dk, dv, None, None, None, None, None, None
+        kern[grid](q, k, v, do, dk, dv, lse, delta, cum, order, dstart, dend, *_bht(q), *_bht(k),
+                   *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, ctx.scale * _LOG2E, ctx.scale,
+                   **common, **kw)
+        return dq, dk, dv, None, None, None, None, None
 
 
 KV_LAYOUTS = ("compact", "gather")
@@ -593,7 +573,6 @@ def scratchpad_attention_triton(
     cu_seqlens: Optional[torch.Tensor] = None,
     tiles: Optional[Tiles] = None,
     kv_layout: str = "compact",
-    backward_passes: int = 2,
 ) -> torch.Tensor:
     """Scratchpad attention with the Triton staircase kernel.
 
@@ -607,12 +586,7 @@ def scratchpad_attention_triton(
     gathered once into slot order (one index_select of T rows per call and per backward, so the
     inner loops load contiguous rows), "gather" through the order inside the loop (no copies;
     each tile's loads wait for its order entries). dk/dv always read through the order.
-    ``backward_passes``: 2 (default) = a dq kernel over query blocks, then dk/dv over key-slot
-    blocks (7 matmuls per tile pair, no atomics); 1 = delta only, then dk/dv also computing each
-    tile's dq share, added to an fp32 buffer with atomics (5 matmuls, FlashAttention-2 style).
     """
-    if backward_passes not in (1, 2):
-        raise ValueError(f"backward_passes must be 1 or 2, got {backward_passes!r}")
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     B, T, H, K = q.shape
@@ -624,4 +598,4 @@ def scratchpad_attention_triton(
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device)
     return _StaircaseAttention.apply(q, k, v, routed.to(device=q.device), scale, cu_seqlens, tiles,
-                                     kv_layout, backward_passes)
+                                     kv_layout)
