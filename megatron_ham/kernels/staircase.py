@@ -8,9 +8,9 @@ Same contract as ``megatron_ham.ops.scratchpad_attention`` (layout ``[B,T,H,D]``
 FlashAttention-2 style (online softmax in fp32, log-sum-exp saved for the backward) over the
 routed keys in position order ("slots"). The forward and dq kernels read K and V from copies
 gathered once into slot order (``kv_layout="compact"``, the default: one ``index_select`` of T
-rows per call, 0.1 ms at 16k x 16 x 128, freed after the kernel), so their inner loops load
-contiguous rows; ``kv_layout="gather"`` reads them through the order inside the loop instead (no
-copies; measured 5-25 % slower, docs/benchmarks.md). The backward writes dk, dv straight to the
+rows per call, 0.105 ms for K and V at 16k x 16 x 128, freed after the kernel), so their inner
+loops load contiguous rows; ``kv_layout="gather"`` reads them through the order inside the loop
+instead (no copies; measured 5-6 % slower forward+backward at f >= 0.25, docs/benchmarks.md). The backward writes dk, dv straight to the
 routed positions (every other position gets an exact 0): no scatter-add, nothing saved beyond
 the inputs, o, the lse and the plan.
 
@@ -40,7 +40,7 @@ step 1, the O(T) copies and the O(T) ``delta`` read of step 3. Saved for the bac
 o, the lse ``[B,H,T]`` fp32 and the plan (``cum``, ``order`` int32 ``[B,T]``; ``dstart``,
 ``dend`` ``[T]``); the backward gathers its copies again (freed before dk, dv are allocated).
 The backward recomputes (7 matmuls per tile pair, FlashAttention-2's is 5 with dq added by
-atomics): measured on an H200, atomics for dq made it 12-40 % slower (docs/benchmarks.md).
+atomics): measured on an H200, atomics for dq made it 14-37 % slower (docs/benchmarks.md).
 
 Tiles: autotuned per (T, head dims, documents) on the GPU (a few configurations each); fixed tiles
 can be passed (``tiles=``) -- the CPU tests run the kernels under Triton's interpreter that way.
