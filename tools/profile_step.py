@@ -276,7 +276,7 @@ def synchronizing_calls(run_step, top: int = 15) -> dict:
 
 
 def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,
-            trace: Optional[str] = None, sync_debug: bool = False) -> dict:
+            trace: Optional[str] = None, sync_debug: bool = False, top: int = 5) -> dict:
     """Set up the recipe as ham-train does, run `warmup` steps, profile `steps` steps."""
     import warnings
 
@@ -318,7 +318,7 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
                 train_step(tr)
             sync()
             wall = time.perf_counter() - t0
-        summary = summarise(prof.events(), wall, steps)
+        summary = summarise(prof.events(), wall, steps, top=top)
         if trace and rank0:
             prof.export_chrome_trace(trace)
         if sync_debug and torch.cuda.is_available():
@@ -346,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1, help="profiled optimizer steps (default 1)")
     ap.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")
+    ap.add_argument("--top", type=int, default=5,
+                    help="biggest kernels kept per category in the JSON (the table prints 3)")
     ap.add_argument("--trace", default=None, help="also write the Chrome trace here (rank 0; large)")
     ap.add_argument("--sync-debug", action="store_true",
                     help="CUDA: run one more step under torch.cuda.set_sync_debug_mode('warn') and "
@@ -360,7 +362,8 @@ def main(argv=None) -> int:
 
     try:
         with tempfile.TemporaryDirectory(prefix="profile_step_") as work:
-            s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace, args.sync_debug)
+            s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace, args.sync_debug,
+                        top=args.top)
     except ConfigError as e:
         print(f"profile_step: config error: {e}", file=sys.stderr)
         return 2

@@ -48,9 +48,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ham.ops.combine import gated_rms_norm
 from megatron_ham.ops.gdn_activations import gdn_activations
-from megatron_ham.ops.short_conv import causal_conv_silu
+from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
-from .documents import cached_document_ids, document_cu_seqlens
+from .documents import cached_document_ids, document_cu_seqlens, host_cu_seqlens
 from .fusion import maybe_compiled
 from .sectioned import SectionedMixer, param_device
 from .tp_utils import all_reduce_backward
@@ -193,11 +193,17 @@ class GDNMixer(SectionedMixer):
         if cu is not None:
             doc = cached_document_ids(packed_seq_params, b, s, proj.device)
         proj = proj.transpose(0, 1)  # [b, s, D_l]
-        parts = dict(zip(self.section_names("in_proj.weight"),
-                         torch.split(proj, self.local_widths("in_proj.weight"), dim=-1)))
-        qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
+        parts = self._split_sections(proj)  # views; "qkv" one view when q, k, v are adjacent
+        qkv = parts.pop("qkv", None)
+        if qkv is None:
+            qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
-        qkv = self._fused(causal_conv_silu)(qkv, w, doc)
+        if conv_impl("auto", qkv) == "fla":  # fla's Triton conv, uncompiled
+            host = host_cu_seqlens(packed_seq_params) if cu is not None else None
+            qkv = causal_conv_silu(qkv, w, doc, cu_seqlens=cu, impl="fla",
+                                   cu_seqlens_cpu=None if host is None else torch.tensor(host))
+        else:
+            qkv = self._fused(causal_conv_silu)(qkv, w, doc)
         q, k, v, g, beta = self._fused(gdn_activations)(
             qkv, parts["a"], parts["beta"], self.A_log, self.dt_bias, self.H_l, self.K, self.V)
         out = dict(q=q, k=k, v=v, g=g, beta=beta)
@@ -209,6 +215,15 @@ class GDNMixer(SectionedMixer):
         if cu is not None:  # documents: one row [1, b*s] with cu_seqlens
             out = {n: t.reshape((1, b * s) + t.shape[2:]) for n, t in out.items()}
         return out, cu, s, b
+
+    def _split_sections(self, proj: torch.Tensor) -> dict:
+        """The in-projection's sections as views of proj (one torch.split, so the backward
+        writes proj's gradient in one concatenation). q, k, v adjacent in that order come out
+        as ONE view "qkv" (the conv's input, read in place: no concatenation either way)."""
+        names, widths = self.section_names("in_proj.weight"), self.local_widths("in_proj.weight")
+        if names[:3] == ["q", "k", "v"]:
+            names, widths = ["qkv"] + names[3:], [sum(widths[:3])] + widths[3:]
+        return dict(zip(names, torch.split(proj, widths, dim=-1)))
 
     def _norm_weight(self) -> torch.Tensor:
         return all_reduce_backward(self.norm_weight, self.tp_group)
