@@ -54,3 +54,31 @@ def test_short_sequences_and_bad_input():
         causal_conv_silu(x, torch.randn(5, 4))
     with pytest.raises(ValueError, match="doc"):
         causal_conv_silu(x, w, torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_impl_dispatch_on_cpu():
+    """auto is the reference on CPU tensors (what the layers compile); fla asked for on CPU and
+    unknown impls are clear errors."""
+    from megatron_ham.ops.short_conv import conv_impl
+
+    x, w = torch.randn(1, 8, 3), torch.randn(3, 4)
+    assert conv_impl("auto", x) == "reference" and conv_impl("reference", x) == "reference"
+    torch.testing.assert_close(causal_conv_silu(x, w, impl="auto"), _conv1d(x, w))
+    with pytest.raises(ValueError, match="impl='fla' needs CUDA tensors"):
+        causal_conv_silu(x, w, impl="fla")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        causal_conv_silu(x, w, impl="cuda")
+
+
+def test_mixer_reads_qkv_as_one_view_of_the_projection():
+    """The mixers split the fused projection once, q, k, v as one view (no concatenation)."""
+    from megatron_ham.layers.gdn_mixer import GDNMixer
+
+    class Fake:  # just what _split_sections reads
+        section_names = lambda self, p: ["q", "k", "v", "z", "beta", "a"]  # noqa: E731
+        local_widths = lambda self, p: [4, 4, 6, 6, 2, 2]  # noqa: E731
+    proj = torch.randn(2, 5, 24)
+    parts = GDNMixer._split_sections(Fake(), proj)
+    assert list(parts) == ["qkv", "z", "beta", "a"]
+    assert parts["qkv"].data_ptr() == proj.data_ptr() and parts["qkv"].shape[-1] == 14
+    torch.testing.assert_close(parts["a"], proj[..., 22:])
