@@ -335,32 +335,3 @@ def test_compiled_elementwise_ops_match_eager():
             outs.append(list(res) + [a.grad for a in leaves if torch.is_tensor(a) and a.requires_grad])
         for i, (a, b) in enumerate(zip(*outs)):
             assert rel(b, a) < 1e-2, (name, i, rel(b, a))
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_conv_fla_matches_reference(packed):
-    """causal_conv_silu(impl="fla") (fla's Triton conv, what the GDN / HAM mixers run on CUDA)
-    against the fp32 reference: output, dx, dw, with documents (a one-token document, boundaries
-    off fla's 64-token chunks) and x a strided view of a wider projection, as the mixers pass it."""
-    from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
-
-    T, C, W = 4096, 3 * 1536, 4
-    g_ = torch.Generator(device=DEV).manual_seed(7)
-    proj = torch.randn(1, T, C + 48, generator=g_, device=DEV).bfloat16()
-    w = torch.randn(C, W, generator=g_, device=DEV).bfloat16() * 0.5
-    doc = cu = None
-    if packed:
-        lens = torch.tensor([1000, 1, 2000, T - 3001], device=DEV)
-        doc = torch.repeat_interleave(torch.arange(4, device=DEV), lens)[None]
-        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    assert conv_impl("auto", proj) == "fla"
-    outs = []
-    for impl, dt in (("fla", torch.bfloat16), ("reference", torch.float32)):
-        p = proj.detach().to(dt).requires_grad_(True)
-        ww = w.detach().to(dt).requires_grad_(True)
-        y = causal_conv_silu(p[..., :C], ww, doc, cu_seqlens=cu, impl=impl)
-        (y.float() * torch.linspace(-1, 1, C, device=DEV)).sum().backward()
-        outs.append((y, p.grad, ww.grad))
-    for name, a, b in zip(("y", "dx", "dw"), *outs):
-        assert rel(a, b) < 1e-2, (name, rel(a, b))
-    assert (outs[0][1][..., C:] == 0).all()

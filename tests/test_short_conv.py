@@ -56,20 +56,6 @@ def test_short_sequences_and_bad_input():
         causal_conv_silu(x, w, torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_impl_dispatch_on_cpu():
-    """auto is the reference on CPU tensors (what the layers compile); fla asked for on CPU and
-    unknown impls are clear errors."""
-    from megatron_ham.ops.short_conv import conv_impl
-
-    x, w = torch.randn(1, 8, 3), torch.randn(3, 4)
-    assert conv_impl("auto", x) == "reference" and conv_impl("reference", x) == "reference"
-    torch.testing.assert_close(causal_conv_silu(x, w, impl="auto"), _conv1d(x, w))
-    with pytest.raises(ValueError, match="impl='fla' needs CUDA tensors"):
-        causal_conv_silu(x, w, impl="fla")
-    with pytest.raises(ValueError, match="impl must be one of"):
-        causal_conv_silu(x, w, impl="cuda")
-
-
 def test_mixer_reads_qkv_as_one_view_of_the_projection():
     """The mixers split the fused projection once, q, k, v as one view (no concatenation)."""
     from megatron_ham.layers.gdn_mixer import GDNMixer

@@ -12,14 +12,12 @@ submodule only for CUDA tensors.
   what ``scratchpad_attention(impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
   routed keys + FlexAttention with a staircase BlockMask (the fallback, ``impl="flex"``).
-* :mod:`megatron_ham.kernels.short_conv` -- ``causal_conv_silu_fla``: fla's Triton causal conv
-  with SiLU (what ``causal_conv_silu(impl="auto")`` runs on CUDA without a padding mask).
 """
 from __future__ import annotations
 
 import functools
 
-__all__ = ["gdn_available", "flex_available", "staircase_available", "conv_available"]
+__all__ = ["gdn_available", "flex_available", "staircase_available"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,13 +50,6 @@ def staircase_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and _try_import("megatron_ham.kernels.staircase") is None
-
-
-def conv_available() -> bool:
-    """True when CUDA is usable and ``megatron_ham.kernels.short_conv`` (fla's conv) imports."""
-    import torch
-
-    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.short_conv") is None
 
 
 def import_error(name: str):

@@ -48,9 +48,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ham.ops.combine import gated_rms_norm
 from megatron_ham.ops.gdn_activations import gdn_activations
-from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
+from megatron_ham.ops.short_conv import causal_conv_silu
 
-from .documents import cached_document_ids, document_cu_seqlens, host_cu_seqlens
+from .documents import cached_document_ids, document_cu_seqlens
 from .fusion import maybe_compiled
 from .sectioned import SectionedMixer, param_device
 from .tp_utils import all_reduce_backward
@@ -198,12 +198,7 @@ class GDNMixer(SectionedMixer):
         if qkv is None:
             qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
-        if conv_impl("auto", qkv) == "fla":  # fla's Triton conv, uncompiled
-            host = host_cu_seqlens(packed_seq_params) if cu is not None else None
-            qkv = causal_conv_silu(qkv, w, doc, cu_seqlens=cu, impl="fla",
-                                   cu_seqlens_cpu=None if host is None else torch.tensor(host))
-        else:
-            qkv = self._fused(causal_conv_silu)(qkv, w, doc)
+        qkv = self._fused(causal_conv_silu)(qkv, w, doc)
         q, k, v, g, beta = self._fused(gdn_activations)(
             qkv, parts["a"], parts["beta"], self.A_log, self.dt_bias, self.H_l, self.K, self.V)
         out = dict(q=q, k=k, v=v, g=g, beta=beta)

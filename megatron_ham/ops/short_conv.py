@@ -8,11 +8,6 @@ current token (nn.Conv1d's depthwise weight `[C,1,W]` with its middle dim squeez
 Padding (`mask` False: a token that is not there) is no tap: the j-th tap of a token is the j-th
 real token before it, so a row's real tokens give what they give without the padding; a padding
 position's output is 0.
-
-Two implementations of the same math (``impl``): ``"reference"`` (below: W shifted products, the
-definition; what the CPU runs, compiled by the layers when ``model.fusions`` is on) and ``"fla"``
-(``megatron_ham.kernels.short_conv``: fla's Triton causal conv, CUDA, no padding mask, documents
-as ``cu_seqlens``). :func:`conv_impl` is the one dispatch point.
 """
 from __future__ import annotations
 
@@ -22,53 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_tensor
-from ._kernels import kernel_import_error, load_kernels
-
-#: accepted values of ``impl``
-IMPLS = ("auto", "reference", "fla")
-
-
-def conv_impl(impl: str, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> str:
-    """The implementation ``impl`` resolves to for x: "auto" is "fla" for CUDA tensors without a
-    padding mask when fla's conv imports, else "reference"; "fla" asked for where it cannot run
-    is a ValueError. A caller that compiles the reference (the layers) asks this first and
-    calls the fla path uncompiled."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    kernels = load_kernels() if x.is_cuda else None
-    ok = kernels is not None and mask is None and kernels.conv_available()
-    if impl == "auto":
-        return "fla" if ok else "reference"
-    if impl == "fla" and not ok:
-        raise ValueError(f"impl='fla' needs CUDA tensors, no mask and fla's causal_conv1d (x on "
-                         f"{x.device}, mask {'given' if mask is not None else 'None'}; import: "
-                         f"{kernel_import_error('short_conv')})")
-    return impl
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
-                     doc: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, *,
-                     cu_seqlens: Optional[torch.Tensor] = None,
-                     cu_seqlens_cpu: Optional[torch.Tensor] = None,
-                     impl: str = "reference") -> torch.Tensor:
+                     doc: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x `[B,T,C]`, weight `[C,W]`, doc int `[B,T]` document ids (None = one document per row),
     mask bool `[B,T]` (None = every token is there; False = padding, skipped).
-    Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype.
-    ``impl`` (see :func:`conv_impl`; default the reference): "fla" takes the documents as
-    ``cu_seqlens`` over the B*T flattened tokens (required with ``doc``; the host copy
-    ``cu_seqlens_cpu`` optional) and ignores ``doc``."""
+    Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
     check_tensor("x", x, [None, None, None], "[B,T,C]")
     B, T, C = x.shape
     check_tensor("weight", weight, [C, None], "[C,W]")
     if doc is not None:
         check_tensor("doc", doc, [B, T], "[B,T]", floating=False)
-    if conv_impl(impl, x, mask) == "fla":
-        if doc is not None and cu_seqlens is None:
-            raise ValueError("causal_conv_silu(impl='fla') takes documents as cu_seqlens, got doc only")
-        conv = load_kernels("short_conv").causal_conv_silu_fla
-        if cu_seqlens is None:
-            return conv(x, weight)
-        return conv(x.reshape(1, B * T, C), weight, cu_seqlens, cu_seqlens_cpu).reshape(B, T, C)
     if mask is None:
         return _conv(x, weight, doc)
     check_tensor("mask", mask, [B, T], "[B,T]", floating=False)
