@@ -8,7 +8,7 @@ submodule only for CUDA tensors.
   (forward, final state, gradients) plus the per-token routing error read from fla's chunk
   intermediates by our own Triton kernel (detached).
 * :mod:`megatron_ham.kernels.staircase` -- ``scratchpad_attention_triton``: our Triton staircase
-  kernel (reads K/V through the routing order, only the tiles under the staircase, fwd + bwd);
+  kernel (the routed keys in position order, only the tiles under the staircase, fwd + bwd);
   what ``scratchpad_attention(impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
   routed keys + FlexAttention with a staircase BlockMask (the fallback, ``impl="flex"``).

@@ -23,8 +23,8 @@ Implementations (`impl=`):
               routed count), masks "pos[j] <= t" (a staircase) plus same document, and walks the
               queries in blocks, each block only over the compacted keys it can see. Memory is
               O(T x n_routed), cost follows the routed fraction. Differentiable (gather).
-  "triton"    GPU: our Triton staircase kernel (megatron_ham.kernels.staircase): reads K/V through
-              the routing order, visits only the tiles under the staircase, fwd + bwd; no
+  "triton"    GPU: our Triton staircase kernel (megatron_ham.kernels.staircase): the routed keys
+              in position order, only the tiles under the staircase, fwd + bwd; no
               `doc_ids` / `past`.
   "flex"      GPU: compaction + FlexAttention with a staircase BlockMask (megatron_ham.kernels),
               the fallback and a second reference on the GPU; no `doc_ids` / `past`.
