@@ -14,7 +14,7 @@ forward, 3.5x that forward+backward: FlashAttention's convention, whatever the k
   sdpa+gdn         both in one fwd+bwd (the memory target's comparison)
   plan             the staircase kernel's compaction plan alone (one launch, fwd only)
   scratch@f        the scratchpad alone at KV fraction f: megatron_ham.kernels.staircase (what
-                   impl="auto" runs on CUDA; plan + forward + dq + dk/dv kernels, all timed)
+                   impl="auto" runs on CUDA; plan, K/V copies, forward, dq, dk/dv, all timed)
   scratch_fwd@f    the same, forward only
   ham@f            HAM mixer core: GDN + error + min over heads + threshold routing + scratchpad
                    (ops.scratchpad_attention, impl="auto") + gated_combine (torch.compile'd; the
