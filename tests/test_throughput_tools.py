@@ -239,3 +239,26 @@ def test_profile_counts_synchronizing_calls():
     # each waiting call is counted (2026-12-02, H200: 3, the .item() copy and its wait apart)
     assert got["total"] - base["total"] >= 2, (got, base)
     assert any("test_throughput_tools.py" in site for site, _ in got["sites"]), got
+
+
+def test_sweep_staircase_plan_and_cpu_refusal():
+    """tools/sweep_staircase.py varies one kernel at a time (every candidate of each kernel once
+    per layout, the others at their first candidate) and says plainly that it needs a GPU."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import sweep_staircase as sw
+    finally:
+        sys.path.pop(0)
+    jobs = sw.jobs(["compact", "gather"])
+    for layout in ("compact", "gather"):
+        mine = [j for j in jobs if j["layout"] == layout]
+        for kern, cands in (("fwd", sw.FWD), ("dq", sw.DQ), ("dkdv", sw.DKDV)):
+            assert sorted({j["tiles"][kern] for j in mine}) == sorted(cands)
+        base = {"fwd": sw.FWD[0], "dq": sw.DQ[0], "dkdv": sw.DKDV[0]}
+        for j in mine:  # only the kernel it names differs from the base
+            assert all(j["tiles"][k] == base[k] for k in base if k != j["kernel"])
+    if not __import__("torch").cuda.is_available():
+        r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "sweep_staircase.py"),
+                            "--compile-workers", "0"], capture_output=True, text=True,
+                           env=subprocess_env(), timeout=120)
+        assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
