@@ -65,24 +65,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def time_fwd_bwd(fn, leaves, warmup, iters):
-    """Median ms of fn() (which runs forward and backward) and its peak extra memory in MiB."""
-    def clear():
-        for x in leaves:
-            x.grad = None
+def cuda_median_ms(fn, warmup, iters, before=lambda: None):
+    """(median ms, all ms) of fn() by CUDA events, after `warmup` untimed calls; before() runs
+    untimed ahead of every call."""
     for _ in range(warmup):
-        clear()
+        before()
         fn()
     torch.cuda.synchronize()
     ts = []
     for _ in range(iters):
-        clear()
+        before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
         b.record()
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b))
+    return statistics.median(ts), ts
+
+
+def time_fwd_bwd(fn, leaves, warmup, iters):
+    """Median ms of fn() (which runs forward and backward) and its peak extra memory in MiB."""
+    def clear():
+        for x in leaves:
+            x.grad = None
+    med, ts = cuda_median_ms(fn, warmup, iters, before=clear)
     clear()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -91,7 +98,7 @@ def time_fwd_bwd(fn, leaves, warmup, iters):
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     clear()
-    return statistics.median(ts), peak, ts
+    return med, peak, ts
 
 
 ATTENTION_ROWS = ("sdpa", "sdpa_fwd", "plan", "scratch", "scratch_fwd", "flex", "flex_fwd")

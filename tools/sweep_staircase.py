@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -66,19 +65,8 @@ def parse_args(argv=None):
 
 
 def median_ms(fn, warmup, iters):
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    from bench_kernels import cuda_median_ms  # tools/, this script's directory
+    return cuda_median_ms(fn, warmup, iters)[0]
 
 
 def inputs(T, H, D, frac, seed=0):
