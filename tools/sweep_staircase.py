@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tile and K/V-layout sweep of the Triton staircase kernel, against dense causal SDPA in the same run.
+"""Tile and K/V-layout sweep of the Triton staircase kernel, against causal SDPA in the same run.
 
 B=1, H heads, head dim D, bf16, T (default 16384), routing drawn at random at exactly each KV
 fraction f (f = 1 routes every key: the kernel then does causal attention, SDPA's own work, so
@@ -124,7 +124,8 @@ def kernel_times(st, q, k, v, routed, job, reps=5):
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            torch.autograd.grad(st.scratchpad_attention_triton(q, k, v, routed, **kw), (q, k, v), do)
+            o = st.scratchpad_attention_triton(q, k, v, routed, **kw)
+            torch.autograd.grad(o, (q, k, v), do)
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
@@ -148,7 +149,8 @@ def compile_only(spec: str):
 def precompile(args, all_jobs):
     n = max(1, args.compile_workers)
     chunks = [all_jobs[i::n] for i in range(n)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
 
     def one(chunk):
         spec = json.dumps({"H": args.H, "D": args.D, "jobs": chunk})
@@ -196,7 +198,8 @@ def main(argv=None):
                       args.warmup, args.iters)
     causal = T * (T + 1) // 2
     rows = [{"case": "sdpa", "f": 1.0, "fwd_ms": s_fwd, "bwd_ms": s_bwd,
-             "fwd_tflops": tflops(causal, H, D, s_fwd, 1), "bwd_tflops": tflops(causal, H, D, s_bwd, 2.5)}]
+             "fwd_tflops": tflops(causal, H, D, s_fwd, 1),
+             "bwd_tflops": tflops(causal, H, D, s_bwd, 2.5)}]
     print(f"sdpa: fwd {s_fwd:.3f} ms ({rows[0]['fwd_tflops']:.0f} TFLOP/s)  bwd {s_bwd:.3f} ms "
           f"({rows[0]['bwd_tflops']:.0f})", flush=True)
     del o, do
@@ -247,8 +250,9 @@ def main(argv=None):
             print("   kernels (ms per fwd+bwd): " + ", ".join(
                 f"{n} {ms:.3f}" for n, ms in row["kernels_ms"].items()), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"T": T, "H": H, "D": D, "device": torch.cuda.get_device_name(),
-                                               "torch": torch.__version__, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"T": T, "H": H, "D": D, "rows": rows,
+                                               "device": torch.cuda.get_device_name(),
+                                               "torch": torch.__version__}, indent=1))
 
 
 if __name__ == "__main__":

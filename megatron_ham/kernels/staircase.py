@@ -10,9 +10,9 @@ routed keys in position order ("slots"). The forward and dq kernels read K and V
 gathered once into slot order (``kv_layout="compact"``, the default: one ``index_select`` of T
 rows per call, 0.105 ms for K and V at 16k x 16 x 128, freed after the kernel), so their inner
 loops load contiguous rows; ``kv_layout="gather"`` reads them through the order inside the loop
-instead (no copies; measured 5-6 % slower forward+backward at f >= 0.25, docs/benchmarks.md). The backward writes dk, dv straight to the
-routed positions (every other position gets an exact 0): no scatter-add, nothing saved beyond
-the inputs, o, the lse and the plan.
+instead (no copies; measured 5-6 % slower forward+backward at f >= 0.25, docs/benchmarks.md).
+The backward writes dk, dv straight to the routed positions (every other position gets an exact
+0): no scatter-add, nothing saved beyond the inputs, o, the lse and the plan.
 
 Four launches per call (plus the copies), all on static shapes (one compilation per (dtype, head
 dims, documents or not, layout), never per routing; the routed count is only read on the device):
@@ -462,7 +462,8 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC", "COMPACT"]
+_KEY = ["T", "DK", "DV", "HAS_DOC", "PREC"]
+_KEYS = {"fwd": _KEY + ["COMPACT"], "dq": _KEY + ["COMPACT"], "dkdv": _KEY}  # dk/dv: no layout
 # Two candidates each: the best of tools/sweep_staircase.py on an H200 (T = 16k, 16 x 128 heads,
 # f = 0.1 .. 1, docs/benchmarks.md 2026-12-02 23:28); few on purpose, every candidate is a
 # compilation of a few seconds at first use.
@@ -489,7 +490,7 @@ def _kernel(name: str, tiles: Optional[Tiles]):
         return raw, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if name not in _tuned:
         configs = {"fwd": _FWD_CONFIGS, "dq": _DQ_CONFIGS, "dkdv": _DKDV_CONFIGS}[name]
-        _tuned[name] = triton.autotune(configs=configs, key=_KEY if name != "dkdv" else _KEY[:-1])(raw)
+        _tuned[name] = triton.autotune(configs=configs, key=_KEYS[name])(raw)
     return _tuned[name], {}
 
 
@@ -506,8 +507,9 @@ def _compacted(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """x ``[B,T,H,D]`` -> its rows in slot order, contiguous: row s of batch b is
     ``x[b, order[b, s]]`` (the routed keys first, in position order). One gather of T rows."""
     B, T = order.shape
-    idx = order if B == 1 else order + torch.arange(B, device=order.device, dtype=order.dtype)[:, None] * T
-    return x.flatten(0, 1).index_select(0, idx.flatten()).view(B, T, *x.shape[2:])
+    if B > 1:                                                       # rows of x.flatten(0, 1)
+        order = order + torch.arange(B, device=order.device, dtype=order.dtype)[:, None] * T
+    return x.flatten(0, 1).index_select(0, order.flatten()).view(B, T, *x.shape[2:])
 
 
 def _dims(q, v):
