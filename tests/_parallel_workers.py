@@ -32,8 +32,41 @@ def _same_on_all_ranks(name, t, group=None):
 
 
 # ---------------------------------------------------------------------------- mixer (TP, SP)
+def _gdn_mixer_kernels_worker(rank, world):
+    """One CUDA process: the GDN mixer in bf16 with its GPU kernels (fla's conv and GDN, model
+    impl "auto") == the same mixer on the reference ops (impl "chunk"), forward and backward,
+    on a batch of 2 rows with documents (the conv's flattened-batch path)."""
+    from megatron_ham import distributed as D
+    from megatron_ham.models import document_forward_kwargs
+    from megatron_ham.ops.short_conv import conv_impl
 
-def _build_mixer(kind, router, sp, device, seed=7):
+    D.initialize(tp=1, seed=11, backend="nccl")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    s, b, h = 512, 2, 256
+    g = torch.Generator().manual_seed(5)
+    x_full, dout_full = torch.randn(s, b, h, generator=g), torch.randn(s, b, h, generator=g)
+    tokens = torch.randint(1, 50, (b, s), generator=g)
+    tokens[0, 100] = tokens[1, 7] = tokens[1, 300] = 0
+    docs = document_forward_kwargs(tokens, 0)
+    psp = docs["packed_seq_params"]
+    psp.cu_seqlens_q, psp.cu_seqlens_kv = psp.cu_seqlens_q.to(dev), psp.cu_seqlens_kv.to(dev)
+    m = _build_mixer("gdn", "error_l2", False, dev, hidden_size=h, mixer_num_heads=2,
+                     mixer_key_head_dim=64, mixer_value_head_dim=64, dtype="bf16", fusions="off")
+    assert conv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "fla"
+    res = {}
+    for impl in ("auto", "chunk"):
+        m.impl = impl
+        out, xg = _mixer_case(m, x_full.bfloat16(), dout_full.bfloat16(), False, 1, 0, dev, docs)
+        res[impl] = [out, xg] + [p.grad for p in m.parameters()]
+    for i, (a, r) in enumerate(zip(res["auto"], res["chunk"])):
+        a, r = a.float(), r.float()
+        rel = ((a - r).norm() / r.norm().clamp_min(1e-12)).item()
+        if rel > 2e-2:
+            raise AssertionError(f"GDN mixer, kernels vs reference ops: tensor {i} rel diff {rel:.3e}")
+
+
+
+def _build_mixer(kind, router, sp, device, seed=7, **overrides):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.spec_utils import build_module
 
@@ -41,10 +74,11 @@ def _build_mixer(kind, router, sp, device, seed=7):
     from megatron_ham.models import ModelConfig
     from megatron_ham.models.builder import transformer_config
 
-    cfg = ModelConfig(architecture="ham", hidden_size=32, mixer_num_heads=4, mixer_key_head_dim=8,
-                      mixer_value_head_dim=8, router=router.split("+")[0], dtype="fp32",
-                      router_input="hidden+error" if router.endswith("+error") else "hidden",
-                      use_cpu_initialization=True, sequence_parallel=sp, impl="chunk")
+    settings = dict(architecture="ham", hidden_size=32, mixer_num_heads=4, mixer_key_head_dim=8,
+                    mixer_value_head_dim=8, router=router.split("+")[0], dtype="fp32",
+                    router_input="hidden+error" if router.endswith("+error") else "hidden",
+                    use_cpu_initialization=True, sequence_parallel=sp, impl="chunk")
+    cfg = ModelConfig(**{**settings, **overrides})
     tc = transformer_config(cfg)
     torch.manual_seed(seed)
     spec = get_kind(kind).spec(get_backend("local"), cfg)

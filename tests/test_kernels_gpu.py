@@ -299,6 +299,34 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
     assert _select_impl("auto", q.float(), v.float()) == "flex"
 
 
+@pytest.mark.parametrize("T", [1024, 16384])
+def test_short_conv_fla_matches_reference(T):
+    """causal_conv_silu impl="fla" (fla's Triton kernels) == the reference in bf16: output, dx
+    and dweight, reading x as a strided view of a wider projection (as the mixers do), with
+    documents (cu_seqlens, including a 1-token one) and with a batch of rows; "auto" picks it."""
+    from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
+
+    C, W = 3 * 16 * 128, 4
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    proj = torch.randn(2, T, C + 64, generator=gen, device=DEV).bfloat16()
+    w = (torch.randn(C, W, generator=gen, device=DEV) / 2).bfloat16()
+    cu = torch.tensor([0, 1000, 1001, T], device=DEV, dtype=torch.int64)
+    assert conv_impl(proj[..., :C]) == "fla" and conv_impl(proj[..., :C].float()) == "reference"
+    weights = torch.linspace(-1, 1, C, device=DEV)
+    for rows, kw in ((1, {"cu_seqlens": cu}), (2, {}), (1, {})):
+        res = {}
+        for impl in ("fla", "reference"):  # the reference in fp32
+            p = proj[:rows].detach().clone().requires_grad_(True)  # [rows, T, C+64]
+            wl = w.detach().clone().requires_grad_(True)
+            x, wx = (p[..., :C], wl) if impl == "fla" else (p[..., :C].float(), wl.float())
+            y = causal_conv_silu(x, wx, impl=impl, **kw)
+            (y.float() * weights).sum().backward()
+            res[impl] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
+        assert not p.grad[..., C:].any()
+        for name, a, b in zip(("y", "dx", "dw"), res["fla"], res["reference"]):
+            assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
+
+
 def test_compiled_elementwise_ops_match_eager():
     """Every op the layers run through torch.compile (model.fusions, layers/fusion.py) equals its
     eager reference in bf16, forward and backward, with documents for the conv."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _dist import run_world
-from _parallel_workers import _mixer_worker, _model_worker, _pp_worker
+from _parallel_workers import _gdn_mixer_kernels_worker, _mixer_worker, _model_worker, _pp_worker
 
 
 def test_mixer_tp2_matches_tp1():
@@ -24,6 +24,13 @@ def test_mixer_tp2_matches_tp1_nccl():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     run_world(_mixer_worker, 2, "cuda")
+
+
+@pytest.mark.gpu
+def test_gdn_mixer_gpu_kernels_match_reference_ops():
+    """The mixer's wiring of the GPU kernels (fla's conv with documents over a batch of rows,
+    fla's GDN) gives what the reference ops give."""
+    run_world(_gdn_mixer_kernels_worker, 1)
 
 
 def test_model_tp_sp_and_checkpoint_resharding(tmp_path):

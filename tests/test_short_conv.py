@@ -68,3 +68,24 @@ def test_mixer_reads_qkv_as_one_view_of_the_projection():
     assert list(parts) == ["qkv", "z", "beta", "a"]
     assert parts["qkv"].data_ptr() == proj.data_ptr() and parts["qkv"].shape[-1] == 14
     torch.testing.assert_close(parts["a"], proj[..., 22:])
+
+
+def test_boundaries_equal_document_ids_and_bad_documents():
+    """cu_seqlens (the form fla's kernel takes) give the same conv as the document ids; both at
+    once, or a kernel that cannot run here, are refused with the reason."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 13, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 1, 7]))[None]
+    cu = torch.tensor([0, 5, 6, 13])
+    torch.testing.assert_close(causal_conv_silu(x, w, cu_seqlens=cu), causal_conv_silu(x, w, doc))
+    with pytest.raises(ValueError, match="not both"):
+        causal_conv_silu(x, w, doc, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="must end at T = 13"):
+        causal_conv_silu(x, w, cu_seqlens=torch.tensor([0, 5, 12]))
+    with pytest.raises(ValueError, match="batch size B = 1"):
+        causal_conv_silu(x.expand(2, 13, 6), w, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="impl='fla' needs CUDA"):
+        causal_conv_silu(x, w, impl="fla")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        causal_conv_silu(x, w, impl="triton")

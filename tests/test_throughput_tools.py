@@ -262,3 +262,15 @@ def test_sweep_staircase_plan_and_cpu_refusal():
                             "--compile-workers", "0"], capture_output=True, text=True,
                            env=subprocess_env(), timeout=120)
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
+
+
+def test_bench_short_conv_refuses_cpu():
+    """tools/bench_short_conv.py explains itself and says plainly that it needs a GPU."""
+    tool = os.path.join(REPO, "tools", "bench_short_conv.py")
+    r = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    assert r.returncode == 0 and "conv_fla" in r.stdout
+    if not __import__("torch").cuda.is_available():
+        r = subprocess.run([sys.executable, tool], capture_output=True, text=True,
+                           env=subprocess_env(), timeout=120)
+        assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr

@@ -48,7 +48,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ham.ops.combine import gated_rms_norm
 from megatron_ham.ops.gdn_activations import gdn_activations
-from megatron_ham.ops.short_conv import causal_conv_silu
+from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
 from .documents import cached_document_ids, document_cu_seqlens
 from .fusion import maybe_compiled
@@ -189,16 +189,12 @@ class GDNMixer(SectionedMixer):
         proj, _ = self.in_proj(hidden_states)  # [s, b, D_l] (sequence gathered under SP)
         s, b = proj.shape[:2]
         cu = document_cu_seqlens(packed_seq_params, b, s)
-        doc = None
-        if cu is not None:
-            doc = cached_document_ids(packed_seq_params, b, s, proj.device)
         proj = proj.transpose(0, 1)  # [b, s, D_l]
         parts = self._split_sections(proj)  # views; "qkv" one view when q, k, v are adjacent
         qkv = parts.pop("qkv", None)
         if qkv is None:
             qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
-        w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
-        qkv = self._fused(causal_conv_silu)(qkv, w, doc)
+        qkv = self._conv(qkv, cu, packed_seq_params)
         q, k, v, g, beta = self._fused(gdn_activations)(
             qkv, parts["a"], parts["beta"], self.A_log, self.dt_bias, self.H_l, self.K, self.V)
         out = dict(q=q, k=k, v=v, g=g, beta=beta)
@@ -210,6 +206,19 @@ class GDNMixer(SectionedMixer):
         if cu is not None:  # documents: one row [1, b*s] with cu_seqlens
             out = {n: t.reshape((1, b * s) + t.shape[2:]) for n, t in out.items()}
         return out, cu, s, b
+
+    def _conv(self, qkv: torch.Tensor, cu: Optional[torch.Tensor], packed_seq_params):
+        """SiLU(causal short conv) of q, k, v [b, s, C_l]: fla's Triton kernel where it runs
+        (ops.short_conv.conv_impl; documents as the boundaries of the flattened batch), else the
+        reference, compiled with the fusions (documents as ids)."""
+        w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
+        b, s, c = qkv.shape
+        if conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "reference":
+            doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, qkv.device)
+            return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference")
+        if cu is None:
+            return causal_conv_silu(qkv, w, impl="fla")
+        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla").view(b, s, c)
 
     def _split_sections(self, proj: torch.Tensor) -> dict:
         """The in-projection's sections as views of proj (one torch.split, so the backward

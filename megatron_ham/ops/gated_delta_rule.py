@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_cu_seqlens, check_tensor
 from ._kernels import kernel_import_error, load_kernels
 
 __all__ = ["gated_delta_rule", "CHUNK_SIZE", "IMPLS", "ERROR_METRICS"]
@@ -206,24 +206,7 @@ def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_me
 
     N = B
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor):
-            raise ValueError(
-                f"cu_seqlens must be an integer torch.Tensor of shape [N+1], got {type(cu_seqlens).__name__}"
-            )
-        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {list(cu_seqlens.shape)}")
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs packed inputs with batch size B = 1, got B = {B}")
-        if not cu_seqlens.is_cuda:
-            cs = cu_seqlens.tolist()
-            if cs[0] != 0:
-                raise ValueError(f"cu_seqlens must start at 0, got {cs[0]}")
-            if cs[-1] != T:
-                raise ValueError(f"cu_seqlens must end at T = {T}, got {cs[-1]}")
-            if any(b < a for a, b in zip(cs[:-1], cs[1:])):
-                raise ValueError(f"cu_seqlens must be non-decreasing, got {cs}")
+        check_cu_seqlens(cu_seqlens, B, T)
         N = cu_seqlens.numel() - 1
 
     if initial_state is not None:

@@ -8,6 +8,11 @@ current token (nn.Conv1d's depthwise weight `[C,1,W]` with its middle dim squeez
 Padding (`mask` False: a token that is not there) is no tap: the j-th tap of a token is the j-th
 real token before it, so a row's real tokens give what they give without the padding; a padding
 position's output is 0.
+
+Two implementations (``impl``): ``"reference"`` (below: W shifted products, documents as ids, the
+definition; the mixers compile it with their fusions) and ``"fla"`` (fla 0.6.0's Triton kernels,
+megatron_ham.kernels.short_conv; CUDA, no padding, documents as ``cu_seqlens``). ``"auto"`` picks
+``"fla"`` where it can run (:func:`conv_impl`), else the reference.
 """
 from __future__ import annotations
 
@@ -16,19 +21,33 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_tensor
+from ._checks import check_cu_seqlens, check_tensor
+from ._kernels import kernel_import_error, load_kernels
+
+IMPLS = ("auto", "reference", "fla")
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
-                     doc: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     doc: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                     cu_seqlens: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
     """x `[B,T,C]`, weight `[C,W]`, doc int `[B,T]` document ids (None = one document per row),
-    mask bool `[B,T]` (None = every token is there; False = padding, skipped).
-    Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
+    mask bool `[B,T]` (None = every token is there; False = padding, skipped), cu_seqlens int
+    `[N+1]` (B == 1): the documents as boundaries instead of ids (give one or the other; "fla"
+    takes boundaries only). Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
     check_tensor("x", x, [None, None, None], "[B,T,C]")
     B, T, C = x.shape
     check_tensor("weight", weight, [C, None], "[C,W]")
     if doc is not None:
         check_tensor("doc", doc, [B, T], "[B,T]", floating=False)
+    if cu_seqlens is not None:
+        if doc is not None:
+            raise ValueError("causal_conv_silu: give the documents as doc ids or as cu_seqlens, not both")
+        check_cu_seqlens(cu_seqlens, B, T)
+    if conv_impl(x, impl, doc, mask) == "fla":
+        return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens)
+    if cu_seqlens is not None:  # boundaries -> the id of every token's document
+        doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(T, device=x.device),
+                                 right=True)[None]
     if mask is None:
         return _conv(x, weight, doc)
     check_tensor("mask", mask, [B, T], "[B,T]", floating=False)
@@ -41,6 +60,28 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
     y = _conv(x.gather(1, idx), weight, doc.gather(1, order) if doc is not None else None)
     y = torch.zeros_like(y).scatter(1, idx, y)
     return y * mask[..., None].to(y.dtype)
+
+
+def conv_impl(x: torch.Tensor, impl: str = "auto", doc: Optional[torch.Tensor] = None,
+              mask: Optional[torch.Tensor] = None) -> str:
+    """The implementation `causal_conv_silu` runs: THE single dispatch point. "auto" is "fla"
+    for CUDA bf16/fp16 x without padding or document ids when megatron_ham.kernels.short_conv
+    imports, else "reference"; "fla" asked for where it cannot run raises ValueError."""
+    if impl not in IMPLS:
+        raise ValueError(f"causal_conv_silu: impl must be one of {list(IMPLS)}, got {impl!r}")
+    runnable = (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and doc is None
+                and mask is None)
+    if impl == "reference" or (impl == "auto" and not runnable):
+        return "reference"
+    kernels = load_kernels()
+    if runnable and kernels is not None and kernels.conv_available():
+        return "fla"
+    if impl == "auto":
+        return "reference"
+    raise ValueError(f"causal_conv_silu: impl='fla' needs CUDA bf16/fp16 x without mask or doc ids "
+                     f"(documents as cu_seqlens); x is {x.dtype} on {x.device}, mask "
+                     f"{'given' if mask is not None else 'None'}, doc {'given' if doc is not None else 'None'}; "
+                     f"import: {kernel_import_error('short_conv')}")
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, doc: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,37 @@
+"""GPU depthwise causal short conv + SiLU: fla 0.6.0's Triton kernels.
+
+What ``megatron_ham.ops.causal_conv_silu(impl="auto")`` runs for CUDA bf16/fp16 inputs without
+padding (the reference there is the definition; tests/test_kernels_gpu.py checks the two agree):
+
+* forward: fla's ``causal_conv1d`` (``activation="silu"``): one kernel, tiles of 64 tokens x a
+  block of channels, the W taps loaded from x through its strides, so a strided x (the q, k, v
+  section of the in-projection's output, a view) is read in place;
+* backward: fla's (it recomputes the pre-activation, then one kernel for dx and per-tile partial
+  weight gradients, summed in fp32).
+
+The weight convention is ours: ``weight [C, W]``, tap W-1 the current token. Documents are
+``cu_seqlens`` over one packed row (B == 1): the taps restart at every boundary. The chunk
+indices fla derives from them are asked for with the same call as ``megatron_ham.kernels.gdn``,
+so fla's identity cache computes them once per forward for all layers (one host sync).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .gdn import CHUNK  # noqa: F401  (imports fla and checks its version: 0.6.0 only)
+from fla.modules.causal_conv1d import causal_conv1d  # noqa: E402
+from fla.ops.utils.index import prepare_chunk_indices  # noqa: E402
+
+__all__ = ["causal_conv_silu_fla"]
+
+
+def causal_conv_silu_fla(x: torch.Tensor, weight: torch.Tensor,
+                         cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x ``[B,T,C]`` (any strides with unit channel stride), weight ``[C,W]``, cu_seqlens int
+    ``[N+1]`` (B == 1) or None -> SiLU(causal depthwise conv) ``[B,T,C]`` contiguous, x's dtype."""
+    chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK) if cu_seqlens is not None else None
+    y, _ = causal_conv1d(x, weight, activation="silu", backend="triton",
+                         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    return y
