@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import compile_cache
+from . import compile_cache, grad_norm
 from megatron_ham.models.config import DTYPES
 
 from .config import RunConfig, dump_config
@@ -130,6 +130,7 @@ def build_optimizer(cfg: RunConfig, model_chunks):
     if missing:  # pragma: no cover - megatron-core API drift
         raise RuntimeError(f"megatron-core OptimizerConfig lacks {missing}")
     ocfg = OptimizerConfig(**{k: v for k, v in want.items() if k in known})
+    grad_norm.install()  # no per-tensor host syncs in the grad norm without apex / TE
     optimizer = get_megatron_optimizer(ocfg, model_chunks)
     decay = t.lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
