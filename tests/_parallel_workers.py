@@ -33,9 +33,10 @@ def _same_on_all_ranks(name, t, group=None):
 
 # ---------------------------------------------------------------------------- mixer (TP, SP)
 def _gdn_mixer_kernels_worker(rank, world):
-    """One CUDA process: the GDN mixer in bf16 with its GPU kernels (fla's conv and GDN, model
-    impl "auto") == the same mixer on the reference ops (impl "chunk"), forward and backward,
-    on a batch of 2 rows with documents (the conv's flattened-batch path)."""
+    """One CUDA process: the GDN mixer in bf16 on its GPU kernels (fla's conv and GDN, model
+    impl "auto") is as close to the fp32 mixer as the same bf16 mixer on the reference ops (impl
+    "chunk"): forward and backward, on a batch of 2 rows with documents (the conv's
+    flattened-batch path). Wrong wiring (documents, strides) would be far off."""
     from megatron_ham import distributed as D
     from megatron_ham.models import document_forward_kwargs
     from megatron_ham.ops.short_conv import conv_impl
@@ -50,21 +51,31 @@ def _gdn_mixer_kernels_worker(rank, world):
     docs = document_forward_kwargs(tokens, 0)
     psp = docs["packed_seq_params"]
     psp.cu_seqlens_q, psp.cu_seqlens_kv = psp.cu_seqlens_q.to(dev), psp.cu_seqlens_kv.to(dev)
-    m = _build_mixer("gdn", "error_l2", False, dev, hidden_size=h, mixer_num_heads=2,
-                     mixer_key_head_dim=64, mixer_value_head_dim=64, dtype="bf16", fusions="off")
+    dims = dict(hidden_size=h, mixer_num_heads=2, mixer_key_head_dim=64, mixer_value_head_dim=64,
+                fusions="off")
+    m = _build_mixer("gdn", "error_l2", False, dev, dtype="bf16", **dims)
+    m32 = _build_mixer("gdn", "error_l2", False, dev, dtype="fp32", **dims)
+    with torch.no_grad():  # the fp32 mixer holds the bf16 mixer's (rounded) weights
+        for p32, p in zip(m32.parameters(), m.parameters()):
+            p32.copy_(p.float())
     assert conv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "fla"
-    res = {}
+
+    def run(mixer, impl, dtype):
+        mixer.impl = impl
+        out, xg = _mixer_case(mixer, x_full.to(dtype), dout_full.to(dtype), False, 1, 0, dev, docs)
+        return [t.float() for t in [out, xg] + [p.grad for p in mixer.parameters()]]
+
+    exact = run(m32, "chunk", torch.float32)
+    names = ["out", "x.grad"] + [f"{n}.grad" for n, _ in m.named_parameters()]
+    errs = {}
     for impl in ("auto", "chunk"):
-        m.impl = impl
-        out, xg = _mixer_case(m, x_full.bfloat16(), dout_full.bfloat16(), False, 1, 0, dev, docs)
-        res[impl] = [out, xg] + [p.grad for p in m.parameters()]
-    for i, (a, r) in enumerate(zip(res["auto"], res["chunk"])):
-        a, r = a.float(), r.float()
-        rel = ((a - r).norm() / r.norm().clamp_min(1e-12)).item()
-        if rel > 2e-2:
-            raise AssertionError(f"GDN mixer, kernels vs reference ops: tensor {i} rel diff {rel:.3e}")
-
-
+        errs[impl] = [((a - e).norm() / e.norm().clamp_min(1e-12)).item()
+                      for a, e in zip(run(m, impl, torch.bfloat16), exact)]
+    for name, ek, er in zip(names, errs["auto"], errs["chunk"]):
+        print(f"[gdn mixer] {name}: rel. diff. from fp32: kernels {ek:.2e}, reference ops {er:.2e}")
+        if ek > max(1e-2, 1.25 * er):
+            raise AssertionError(f"GDN mixer {name}: bf16 kernels {ek:.3e} from fp32, the bf16 "
+                                 f"reference ops {er:.3e}")
 
 def _build_mixer(kind, router, sp, device, seed=7, **overrides):
     from megatron.core.process_groups_config import ProcessGroupCollection

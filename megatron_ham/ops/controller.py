@@ -124,24 +124,24 @@ class KVFractionController(nn.Module):
         if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.numel() == 0:
             raise ValueError("scores must be a non-empty floating-point tensor of any shape (e.g. [B,T])")
 
-    def _pooled_sample(self, s: torch.Tensor, group) -> torch.Tensor:
-        """This rank's strided subsample of the scores (<= max_samples), gathered over `group`."""
+    def _pooled_quantile(self, s: torch.Tensor, group) -> torch.Tensor:
+        """0-dim: the quantile (quantile_threshold) of this rank's strided subsample of the
+        scores (<= max_samples), pooled over `group`. No host sync: every rank sends max_samples
+        slots (NaN = empty), and the k-th largest is picked on the device."""
         stride = -(-s.numel() // self.max_samples)
-        mine = s[::stride].contiguous()
+        mine = s[::stride]
         if group is None:
-            return mine
-        size = torch.tensor([mine.numel()], dtype=torch.int64, device=s.device)
-        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX, group=group)
-        padded = torch.full((int(size),), float("nan"), dtype=mine.dtype, device=s.device)
+            return quantile_threshold(mine, self._target)
+        padded = torch.full((self.max_samples,), float("nan"), dtype=mine.dtype, device=s.device)
         padded[: mine.numel()] = mine
         parts = [torch.empty_like(padded) for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather(parts, padded, group=group)
         pooled = torch.cat(parts)
-        return pooled[~torch.isnan(pooled)]
-
-    def _quantile(self, sample: torch.Tensor) -> float:
-        """The score above which a fraction `target` of `sample` lies (>=: it is routed)."""
-        return float(quantile_threshold(sample, self._target))
+        empty = torch.isnan(pooled)
+        n = (~empty).sum().double()
+        n_top = torch.minimum(torch.clamp_min(torch.round(self._target * n), 1.0), n)
+        ranked = pooled.masked_fill(empty, -math.inf).sort(descending=True).values
+        return ranked.gather(0, (n_top.long() - 1).reshape(1)).reshape(())
 
     def batch_tau(self, scores: torch.Tensor) -> torch.Tensor:
         """The threshold of model.train_routing "batch": the quantile of THESE scores at
@@ -152,36 +152,41 @@ class KVFractionController(nn.Module):
             return quantile_threshold(scores.float(), self._target)
         return self.tau
 
-    @torch.no_grad()
     def update(self, scores: torch.Tensor, *, group=None) -> float:
         """Measure the routed fraction of `scores` at the current tau, move tau toward the
         quantile at 1 - target (module docstring). Collective over `group` (every rank calls it).
 
         Returns the measured fraction (averaged over `group` when given).
         """
+        return float(self.update_on_device(scores, group=group))
+
+    @torch.no_grad()
+    def update_on_device(self, scores: torch.Tensor, *, group=None) -> torch.Tensor:
+        """`update` without a host sync: returns the measured fraction as a 0-dim float64 tensor
+        on the scores' device (read it when convenient; step_kv_controllers reads all layers'
+        at once)."""
         self._check_scores(scores)
         s = scores.detach().reshape(-1).float()  # compared in fp32, as route() does
         tau = self.tau.to(device=s.device)
-        counts = torch.stack([(s >= tau).sum().double(), torch.tensor(float(s.numel()), dtype=torch.float64,
-                                                                      device=s.device)])
+        counts = torch.stack([(s >= tau).sum().double(),
+                              torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device)])
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
-        n_routed, n = counts.tolist()
-        f = n_routed / n
-        t = self._target
-        if 0.0 < t < 1.0:
-            q = self._quantile(self._pooled_sample(s, group))
-            cur = float(self.tau)
-            g = 1.0 if int(self.num_updates) < self.warmup or not math.isfinite(cur) else self.gain
-            if self.space == "log":
-                lo = math.log(self.min_tau)
-                lq = math.log(q) if q > self.min_tau else lo
-                lt = math.log(cur) if math.isfinite(cur) and cur > self.min_tau else lo
-                new = math.exp(lt + g * (lq - lt))
-                new = max(new, self.min_tau)
+        f = counts[0] / counts[1]
+        if 0.0 < self._target < 1.0:
+            q = self._pooled_quantile(s, group).double()
+            cur = tau.double()
+            finite = torch.isfinite(cur)
+            first = (self.num_updates.to(s.device) < self.warmup) | ~finite
+            g = torch.where(first, torch.ones_like(cur), torch.full_like(cur, self.gain))
+            if self.space == "log":  # floored at min_tau; log of a non-positive q is never picked
+                lo = torch.tensor(math.log(self.min_tau), dtype=torch.float64, device=s.device)
+                lq = torch.where(q > self.min_tau, q.clamp_min(self.min_tau).log(), lo)
+                lt = torch.where(finite & (cur > self.min_tau), cur.clamp_min(self.min_tau).log(), lo)
+                new = torch.exp(lt + g * (lq - lt)).clamp_min(self.min_tau)
             else:
-                new = (cur + g * (q - cur)) if math.isfinite(cur) else q
-            self.tau.fill_(new)
+                new = torch.where(finite, cur + g * (q - cur), q)
+            self.tau.copy_(new)
         else:
             self._apply_extreme_target()
         self.num_updates += 1

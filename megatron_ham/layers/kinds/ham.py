@@ -150,11 +150,14 @@ def step_kv_controllers(model_chunks, dp_group=None) -> Dict[int, Dict[str, floa
     Returns {global layer number: {"fraction": measured routed fraction at the step's tau,
     "tau": the new tau}}.
     """
-    out = {}
+    updated = []  # (layer number, fraction, tau), read to the host together at the end
     for m in _ham_mixers(model_chunks):
         scores = m.pop_recorded_scores()
         if scores is None:
             continue
-        f = m.kv_controller.update(scores, group=dp_group)
-        out[int(m.layer_number)] = {"fraction": float(f), "tau": float(m.kv_controller.tau)}
-    return out
+        f = m.kv_controller.update_on_device(scores, group=dp_group)
+        updated.append((int(m.layer_number), torch.stack([f, m.kv_controller.tau.to(f).reshape(())])))
+    if not updated:
+        return {}
+    values = torch.stack([v for _, v in updated]).tolist()  # the one host sync
+    return {n: {"fraction": f, "tau": tau} for (n, _), (f, tau) in zip(updated, values)}
