@@ -163,11 +163,13 @@ def main(argv=None) -> int:
             if "tokens_per_s_per_gpu" not in x:
                 print(f"{head} {'FAILED (rc ' + str(x['rc']) + ')':>10}")
                 continue
-            ratio = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
+            # no Transformer of this mode in the run: no ratio (None in the JSON, "-" here)
+            ratio = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
             x["vs_transformer"] = ratio
+            vs = "-" if ratio is None else f"{ratio:.2f}x"
             mfu = "n/a" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%"
             kv = "-" if x["kv_fraction_mean"] is None else f"{x['kv_fraction_mean']:.2f}"
-            print(f"{head} {x['tokens_per_s_per_gpu']:>10.0f} {ratio:>9.2f}x {mfu:>7} "
+            print(f"{head} {x['tokens_per_s_per_gpu']:>10.0f} {vs:>10} {mfu:>7} "
                   f"{x['step_time_s']:>8.3f} {x['mem_alloc_gib']:>8.1f} {kv:>8} {ttfs}")
         ham = next((x for x in results if x["mode"] == mode and x["architecture"] == "ham"
                     and "tokens_per_s_per_gpu" in x), None)
