@@ -6,9 +6,11 @@
 #   bash tools/gpu_checks.sh $OUT
 #
 # The two parts run at the same time (correctness only, nothing here is timed; 16 CPU cores compile for both):
-# 1. tests/test_kernels_gpu.py (kernels vs their CPU references; cut at 320 s)         -> OUT/gpu_tests.log
+# 1. tests/test_kernels_gpu.py (kernels vs their CPU references) and the GDN mixer on its GPU
+#    kernels vs the fp32 mixer (tests/test_parallel.py, one process); cut at 320 s     -> OUT/gpu_tests.log
 # 2. a bf16 learned-router HAM through ham-train on the GPU (distributed optimizer, a checkpoint
-#    every 10 steps), resumed to step 30, then ham-eval on the checkpoint               -> OUT/smoke.log, OUT/eval.json
+#    every 10 steps; the KV-fraction controllers update on the device after every step), resumed
+#    to step 30, then ham-eval on the checkpoint                                        -> OUT/smoke.log, OUT/eval.json
 #    (the bf16 learned-router save crashed in megatron-core 0.19.2 before the router held the
 #    model's dtype; ham-eval on a GPU-trained checkpoint)
 # Each part has its own limit (<= 330 s in all: one device call with room to spare); what finished is under OUT. Exit status: the number of failed parts.
@@ -20,7 +22,8 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True NCCL_
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 failed=0
-timeout 320 python -m pytest tests/test_kernels_gpu.py -q -rs --timeout=300 > "$OUT/gpu_tests.log" 2>&1 &
+timeout 320 python -m pytest tests/test_kernels_gpu.py \
+  tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops -q -rs --timeout=300 > "$OUT/gpu_tests.log" 2>&1 &
 PARITY=$!
 W=$(mktemp -d /tmp/gpu_checks.XXXXXX)
 C="recipes/evidence/ham_learned_f25.yaml data.backend=synthetic checkpoint.dir=$W/ckpt checkpoint.interval=10
