@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .gdn import CHUNK  # noqa: F401  (imports fla and checks its version: 0.6.0 only)
+from .gdn import CHUNK  # importing .gdn also checks fla's version (0.6.0 only)
 from fla.modules.causal_conv1d import causal_conv1d  # noqa: E402
 from fla.ops.utils.index import prepare_chunk_indices  # noqa: E402
 
