@@ -272,6 +272,23 @@ def test_mask_skips_tokens(impl, metric):
         run(impl, inp, mask=mask[:, 1:])
 
 
+def test_cu_seqlens_host_copy_changes_nothing():
+    """cu_seqlens_cpu (the boundaries' host copy the layers pass) gives the same result; its
+    values are checked in place of a device cu_seqlens'."""
+    lens = [5, 1, 70, 0, 3]
+    inp = make_inputs(1, sum(lens), 2, 8, 6, seed=7)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    for impl in ("naive", "chunk"):
+        want = run(impl, inp, cu_seqlens=cu)
+        got = run(impl, inp, cu_seqlens=cu, cu_seqlens_cpu=cu.clone())
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    bad = cu.clone()
+    bad[2] = 3  # decreasing
+    with pytest.raises(ValueError, match="non-decreasing"):
+        run("chunk", inp, cu_seqlens=cu, cu_seqlens_cpu=bad)
+
+
 def test_cu_seqlens_gradients_agree():
     lens = [3, 1, 9]
     inp = make_inputs(1, sum(lens), 1, 4, 4, h0=True, N=3, seed=37)

@@ -327,6 +327,44 @@ def test_short_conv_fla_matches_reference(T):
             assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
 
 
+def test_documents_with_host_boundaries_never_wait_for_the_gpu():
+    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), fla's conv and the
+    gated delta rule with its routing error on packed documents, forward and backward, never make
+    the host wait for the GPU: under sync_debug_mode("error") a synchronizing call raises. New
+    boundary tensors each micro-batch (new chunk indices), same shapes (compiled first); the
+    results equal those from the device boundaries alone."""
+    from megatron_ham.layers.documents import document_forward_kwargs, host_cu_seqlens
+    from megatron_ham.ops import causal_conv_silu, gated_delta_rule
+
+    T, H, K, V = 4096, 4, 128, 128
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    proj = torch.randn(1, T, H * (2 * K + V), generator=gen, device=DEV).bfloat16()
+    w = torch.randn(H * (2 * K + V), 4, generator=gen, device=DEV).bfloat16()
+    q, k, v, g, beta, _ = _gdn_inputs(T, H, K, V, 1, seed=4)
+    tokens = torch.randint(1, 50, (1, T))
+    tokens[0, [700, 701, 3000]] = 0  # EOD: documents of 701, 1, 2299 and 1095 tokens
+
+    def step(psp, with_host):
+        cu = psp.cu_seqlens_q.to(torch.int64)
+        host = host_cu_seqlens(psp) if with_host else None
+        leaves = [x.detach().clone().requires_grad_(True) for x in (proj, q, k, v, g, beta)]
+        y = causal_conv_silu(leaves[0], w, cu_seqlens=cu, cu_seqlens_cpu=host, impl="fla")
+        o, _, err = gated_delta_rule(*leaves[1:], return_error=True, cu_seqlens=cu,
+                                     cu_seqlens_cpu=host, impl="fla")
+        (y.float().square().mean() + o.float().square().mean()).backward()
+        return [y, o, err] + [x.grad for x in leaves]
+
+    want = step(document_forward_kwargs(tokens, 0, DEV)["packed_seq_params"], False)  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # a new micro-batch: its boundaries from the host tokens, then the ops
+        got = step(document_forward_kwargs(tokens, 0, DEV)["packed_seq_params"], True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, a, b in zip(("y", "o", "err", "dproj", "dq", "dk", "dv", "dg", "dbeta"), got, want):
+        assert rel(a, b) < 1e-3, (name, rel(a, b))  # same chunk indices: equal up to atomics' order
+
+
 def test_compiled_elementwise_ops_match_eager():
     """Every op the layers run through torch.compile (model.fusions, layers/fusion.py) equals its
     eager reference in bf16, forward and backward, with documents for the conv."""

@@ -80,7 +80,15 @@ def test_document_forward_kwargs_boundaries():
     psp = document_forward_kwargs(tokens, eod_id=0)["packed_seq_params"]
     # doc ends WITH its EOD; every row starts a document; boundaries over the flattened batch
     assert psp.cu_seqlens_q.tolist() == [0, 2, 5, 6, 7, 12]
+    assert psp.cu_seqlens_q.dtype == torch.int32
     assert psp.qkv_format == "sbhd" and psp.max_seqlen_q == 6
+    # the host copy the layers hand to the kernels as cu_seqlens_cpu (int64, on the host)
+    from megatron_ham.layers.documents import host_cu_seqlens
+    host = host_cu_seqlens(psp)
+    assert host.device.type == "cpu" and host.dtype == torch.int64 and host.tolist() == [0, 2, 5, 6, 7, 12]
+    # an explicit device: the boundaries go there, read from the host tokens
+    psp2 = document_forward_kwargs(tokens, 0, device="cpu")["packed_seq_params"]
+    assert psp2.cu_seqlens_q.tolist() == [0, 2, 5, 6, 7, 12]
     with pytest.raises(ValueError, match="tokens"):
         document_forward_kwargs(tokens[0], 0)
 

@@ -83,6 +83,15 @@ def test_boundaries_equal_document_ids_and_bad_documents():
         causal_conv_silu(x, w, doc, cu_seqlens=cu)
     with pytest.raises(ValueError, match="must end at T = 13"):
         causal_conv_silu(x, w, cu_seqlens=torch.tensor([0, 5, 12]))
+    # the host copy (cu_seqlens_cpu): the value checks read it; it must match in size and be on the host
+    torch.testing.assert_close(causal_conv_silu(x, w, cu_seqlens=cu, cu_seqlens_cpu=cu.clone()),
+                               causal_conv_silu(x, w, doc))
+    with pytest.raises(ValueError, match="must end at T = 13"):
+        causal_conv_silu(x, w, cu_seqlens=cu, cu_seqlens_cpu=torch.tensor([0, 5, 12, 12]))
+    with pytest.raises(ValueError, match="cu_seqlens_cpu has 3 entries, cu_seqlens 4"):
+        causal_conv_silu(x, w, cu_seqlens=cu, cu_seqlens_cpu=torch.tensor([0, 6, 13]))
+    with pytest.raises(ValueError, match="cu_seqlens_cpu must have an integer dtype"):
+        causal_conv_silu(x, w, cu_seqlens=cu, cu_seqlens_cpu=cu.double())
     with pytest.raises(ValueError, match="batch size B = 1"):
         causal_conv_silu(x.expand(2, 13, 6), w, cu_seqlens=cu)
     with pytest.raises(ValueError, match="impl='fla' needs CUDA"):

@@ -243,7 +243,7 @@ def _site(frames) -> str:
         return f"{name}:{f.lineno} ({f.name})"
 
     own = [f for f in frames if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
-    return " <- ".join(short(f) for f in own[::-1][:3]) or "(no Python frame)"
+    return " <- ".join(short(f) for f in own[::-1][:5]) or "(no Python frame)"
 
 
 def synchronizing_calls(run_step, top: int = 15) -> dict:

@@ -13,6 +13,8 @@ submodule only for CUDA tensors.
 * :mod:`megatron_ham.kernels.short_conv` -- ``causal_conv_silu_fla``: fla 0.6.0's Triton causal
   conv + SiLU (fwd + bwd, documents by cu_seqlens); what ``causal_conv_silu(impl="auto")`` runs
   on CUDA.
+* :mod:`megatron_ham.kernels.chunk_indices` -- ``chunk_indices``: fla's chunk indices of packed
+  documents for the two above, from the boundaries' host copy when given (no device sync).
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
   routed keys + FlexAttention with a staircase BlockMask (the fallback, ``impl="flex"``).
 """

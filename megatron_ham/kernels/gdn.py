@@ -24,7 +24,8 @@ routing decision. The CPU reference (``megatron_ham.ops.gated_delta_rule``, impl
 does give it a gradient; the parity tests compare its values only.
 
 Packed documents: ``cu_seqlens`` (int ``[N+1]``, B == 1) go straight to fla's varlen kernels and
-to the error kernel (which walks fla's ``chunk_indices``).
+to the error kernel (which walks fla's ``chunk_indices``, built once per boundaries tensor: on
+the host from ``cu_seqlens_cpu`` when given, see ``kernels.chunk_indices``).
 
 fla's version is checked at import: only 0.6.0 is validated (its stage functions' signatures and
 the meaning of ``v_new`` are internals); any other version raises ImportError naming it.
@@ -52,7 +53,8 @@ from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd  # noqa: E
 from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: E402
 from fla.ops.utils import chunk_local_cumsum  # noqa: E402
 from fla.ops.utils.constant import RCP_LN2  # noqa: E402
-from fla.ops.utils.index import prepare_chunk_indices  # noqa: E402
+
+from .chunk_indices import chunk_indices as varlen_chunk_indices  # noqa: E402
 
 __all__ = ["gdn_with_error", "routing_error_from_chunks", "CHUNK", "VALIDATED_FLA_VERSIONS"]
 
@@ -151,7 +153,7 @@ def routing_error_from_chunks(
     err = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     if cu_seqlens is not None:
         if chunk_indices is None:
-            chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
+            chunk_indices = varlen_chunk_indices(cu_seqlens, CHUNK)
         NT = chunk_indices.shape[0]
     else:
         NT = triton.cdiv(T, CHUNK)
@@ -174,9 +176,8 @@ def routing_error_from_chunks(
 class _GDNWithError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                return_error, metric):
+                chunk_indices, return_error, metric):
         ctx.set_materialize_grads(False)  # unused final state -> dht None (fla skips it)
-        chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK) if cu_seqlens is not None else None
         g_cum = chunk_local_cumsum(g, chunk_size=CHUNK, scale=RCP_LN2, cu_seqlens=cu_seqlens,
                                    chunk_indices=chunk_indices)
         w, u, A = chunk_gated_delta_rule_fwd_intra(
@@ -215,7 +216,7 @@ class _GDNWithError(torch.autograd.Function):
                 initial_state=initial_state, do=do.contiguous(),
                 dht=None if dht is None else dht.contiguous(), cu_seqlens=cu_seqlens,
                 chunk_indices=chunk_indices, chunk_size=CHUNK)
-        return (dq.to(q), dk.to(k), dv.to(v), dg, db.to(beta), None, dh0, None, None, None, None)
+        return (dq.to(q), dk.to(k), dv.to(v), dg, db.to(beta), None, dh0, None, None, None, None, None)
 
 
 def gdn_with_error(
@@ -231,6 +232,7 @@ def gdn_with_error(
     return_error: bool = False,
     error_metric: str = "l2",
     cu_seqlens: Optional[torch.Tensor] = None,
+    cu_seqlens_cpu: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """fla-backed gated delta rule on CUDA tensors; same contract as ``ops.gated_delta_rule``.
 
@@ -251,11 +253,13 @@ def gdn_with_error(
     beta = beta.to(dt).contiguous()
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
+    chunks = None
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long).contiguous()
+        chunks = varlen_chunk_indices(cu_seqlens, CHUNK, cu_seqlens_cpu)
     with torch.cuda.device(q.device):
         out = _GDNWithError.apply(q, k, v, g, beta, scale, initial_state, bool(output_final_state),
-                                  cu_seqlens, bool(return_error), error_metric)
+                                  cu_seqlens, chunks, bool(return_error), error_metric)
     if output_final_state:
         o, final_state, err = out
     else:

@@ -11,8 +11,9 @@ padding (the reference there is the definition; tests/test_kernels_gpu.py checks
 
 The weight convention is ours: ``weight [C, W]``, tap W-1 the current token. Documents are
 ``cu_seqlens`` over one packed row (B == 1): the taps restart at every boundary. The chunk
-indices fla derives from them are asked for with the same call as ``megatron_ham.kernels.gdn``,
-so fla's identity cache computes them once per forward for all layers (one host sync).
+indices fla walks come from ``kernels.chunk_indices`` with the same arguments as
+``megatron_ham.kernels.gdn``'s: built once per forward for all layers, on the host when the
+boundaries' host copy is given (no sync), else on the device (one sync).
 """
 from __future__ import annotations
 
@@ -22,16 +23,19 @@ import torch
 
 from .gdn import CHUNK  # importing .gdn also checks fla's version (0.6.0 only)
 from fla.modules.causal_conv1d import causal_conv1d  # noqa: E402
-from fla.ops.utils.index import prepare_chunk_indices  # noqa: E402
+
+from .chunk_indices import chunk_indices as varlen_chunk_indices  # noqa: E402
 
 __all__ = ["causal_conv_silu_fla"]
 
 
 def causal_conv_silu_fla(x: torch.Tensor, weight: torch.Tensor,
-                         cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         cu_seqlens: Optional[torch.Tensor] = None,
+                         cu_seqlens_cpu: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x ``[B,T,C]`` (any strides with unit channel stride), weight ``[C,W]``, cu_seqlens int
-    ``[N+1]`` (B == 1) or None -> SiLU(causal depthwise conv) ``[B,T,C]`` contiguous, x's dtype."""
-    chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK) if cu_seqlens is not None else None
+    ``[N+1]`` (B == 1) or None, cu_seqlens_cpu its host copy or None -> SiLU(causal depthwise
+    conv) ``[B,T,C]`` contiguous, x's dtype."""
+    chunks = None if cu_seqlens is None else varlen_chunk_indices(cu_seqlens, CHUNK, cu_seqlens_cpu)
     y, _ = causal_conv1d(x, weight, activation="silu", backend="triton",
-                         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+                         cu_seqlens=cu_seqlens, chunk_indices=chunks)
     return y

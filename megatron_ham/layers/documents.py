@@ -67,22 +67,35 @@ def document_cu_seqlens(packed_seq_params, b: int, s: int) -> Optional[torch.Ten
     return cache[1]
 
 
-def host_cu_seqlens(packed_seq_params) -> Optional[list]:
-    """The boundaries as host ints when document_forward_kwargs kept them (no device sync)."""
+def host_cu_seqlens(packed_seq_params) -> Optional[torch.Tensor]:
+    """The boundaries as an int64 CPU tensor when document_forward_kwargs kept them (no device
+    sync: SDPACoreAttention's spans, and the GPU kernels' chunk indices as ``cu_seqlens_cpu``)."""
     return getattr(packed_seq_params, "_ham_cu_host", None)
 
 
-def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: through pinned memory and a
+    non-blocking copy on CUDA (a pageable copy waits for the stream), a plain copy elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def document_forward_kwargs(tokens: torch.Tensor, eod_id: int, device=None) -> dict:
     """Extra kwargs for the model forward so nothing leaks across documents of a packed batch.
 
     tokens: int [b, s]; a document ends WITH its EOD token (the token after an EOD starts a new
-    document), and every batch row starts a new document.
+    document), and every batch row starts a new document. device: where the model runs (default
+    tokens' device). Give the tokens as the data loader made them, on the host: the boundaries
+    are computed there, and the device gets them without the host waiting for the GPU (tokens
+    already on a GPU cost one copy back, i.e. one sync).
     Returns {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q = cu_seqlens_kv
-    = int32 boundaries over the flattened batch (index = row * s + position), max_seqlen_q =
-    max_seqlen_kv = s)}, computed on the host (one copy of the tokens; the host list is kept
-    for SDPACoreAttention, host_cu_seqlens). The HAM / GDN mixers restart their state, conv and
-    scratchpad at each boundary; SDPACoreAttention masks attention to the same document. RoPE positions stay the
-    row positions (relative, so unaffected). Pass the same dict to every pipeline stage.
+    = int32 boundaries over the flattened batch (index = row * s + position) on `device`,
+    max_seqlen_q = max_seqlen_kv = s)}; the host copy stays with it (host_cu_seqlens). The HAM /
+    GDN mixers restart their state, conv and scratchpad at each boundary; SDPACoreAttention masks
+    attention to the same document. RoPE positions stay the row positions (relative, so
+    unaffected). Pass the same dict to every pipeline stage.
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -90,8 +103,8 @@ def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
         raise ValueError(f"tokens must be an int tensor [b, s], got "
                          f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     b, s = tokens.shape
-    # on the host: one copy of the tokens, then no data-dependent op on the device (nonzero /
-    # unique there would each wait for the GPU)
+    device = tokens.device if device is None else torch.device(device)
+    # on the host: no data-dependent op on the device (nonzero / unique there would each wait)
     host = tokens.detach().to("cpu")
     ends = host[:, :-1] == eod_id  # boundary after position i (i < s-1)
     # positions in flattened coordinates
@@ -100,10 +113,10 @@ def document_forward_kwargs(tokens: torch.Tensor, eod_id: int) -> dict:
         inner = r * s + c + 1
     else:
         inner = torch.zeros(0, dtype=torch.long)
-    cu = torch.unique(torch.cat([torch.arange(b) * s, inner, torch.tensor([b * s])])).to(torch.int32)
-    dev = cu.to(tokens.device)
+    cu = torch.unique(torch.cat([torch.arange(b) * s, inner, torch.tensor([b * s])]))  # int64
+    dev = to_device_async(cu.to(torch.int32), device)
     params = PackedSeqParams(
         qkv_format="sbhd", cu_seqlens_q=dev, cu_seqlens_kv=dev, max_seqlen_q=s, max_seqlen_kv=s
     )
-    setattr(params, "_ham_cu_host", cu.tolist())  # read by host_cu_seqlens (SDPA's spans)
+    setattr(params, "_ham_cu_host", cu)  # read by host_cu_seqlens
     return {"packed_seq_params": params}

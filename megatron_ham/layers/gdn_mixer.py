@@ -50,7 +50,7 @@ from megatron_ham.ops.combine import gated_rms_norm
 from megatron_ham.ops.gdn_activations import gdn_activations
 from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
-from .documents import cached_document_ids, document_cu_seqlens
+from .documents import cached_document_ids, document_cu_seqlens, host_cu_seqlens
 from .fusion import maybe_compiled
 from .sectioned import SectionedMixer, param_device
 from .tp_utils import all_reduce_backward
@@ -218,7 +218,8 @@ class GDNMixer(SectionedMixer):
             return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference")
         if cu is None:
             return causal_conv_silu(qkv, w, impl="fla")
-        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla").view(b, s, c)
+        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla",
+                                cu_seqlens_cpu=host_cu_seqlens(packed_seq_params)).view(b, s, c)
 
     def _split_sections(self, proj: torch.Tensor) -> dict:
         """The in-projection's sections as views of proj (one torch.split, so the backward
@@ -237,13 +238,13 @@ class GDNMixer(SectionedMixer):
         y = y.reshape(b, s, self.H_l * self.V).transpose(0, 1).contiguous()
         return self.out_proj(y)
 
-    def _recurrent(self, t, cu, return_error=False, error_metric="l2"):
+    def _recurrent(self, t, cu, packed_seq_params, return_error=False, error_metric="l2"):
         from megatron_ham.ops import gated_delta_rule
 
         o, _, err = gated_delta_rule(
             t["q"], t["k"], t["v"], t["g"], t["beta"],
             return_error=return_error, error_metric=error_metric,
-            cu_seqlens=cu, impl=self.impl,
+            cu_seqlens=cu, cu_seqlens_cpu=host_cu_seqlens(packed_seq_params), impl=self.impl,
         )
         return o, err
 
@@ -266,6 +267,6 @@ class GDNMixer(SectionedMixer):
         if inference_context is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("GDN/HAM mixers: Megatron inference contexts are not supported")
         t, cu, s, b = self._project(hidden_states, packed_seq_params)
-        o, _ = self._recurrent(t, cu)
+        o, _ = self._recurrent(t, cu, packed_seq_params)
         y = self._fused(gated_rms_norm)(o, t.get("z"), self._norm_weight(), eps=self.norm_eps)
         return self._output(y.to(hidden_states.dtype), s, b)

@@ -153,7 +153,7 @@ class HAMMixer(GDNMixer):
         want_err = self.router_kind.startswith("error") or (
             self.router is not None and self.router.error_weight is not None)
         metric = "cosine" if self.router_kind == "error_cosine" else "l2"
-        o_rnn, err = self._recurrent(t, cu, return_error=want_err, error_metric=metric)
+        o_rnn, err = self._recurrent(t, cu, packed_seq_params, return_error=want_err, error_metric=metric)
         scores, r = self._scores(hidden_states, t, err, cu, s, b)
         tau = self.kv_controller.tau
         if self.training and self.batch_routing:  # this micro-batch's own quantile (exact f)

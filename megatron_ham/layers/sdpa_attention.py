@@ -65,7 +65,8 @@ def _document_spans(packed_seq_params, b, s):
     if cache is None or cache[0] != (b, s):
         cu = host_cu_seqlens(packed_seq_params)
         if cu is None:  # built elsewhere: one device-to-host copy
-            cu = packed_seq_params.cu_seqlens_q.reshape(-1).to("cpu", torch.int64).tolist()
+            cu = packed_seq_params.cu_seqlens_q.reshape(-1).to("cpu", torch.int64)
+        cu = cu.tolist()
         if len(cu) < 2 or cu[0] != 0 or cu[-1] != b * s or any(e <= a for a, e in zip(cu, cu[1:])):
             raise ValueError(
                 f"packed_seq_params.cu_seqlens must rise from 0 to b*s = {b * s} "

@@ -27,26 +27,38 @@ def check_tensor(
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_cu_seqlens(cu_seqlens, B: int, T: int) -> None:
+def check_cu_seqlens(cu_seqlens, B: int, T: int, cu_seqlens_cpu=None) -> None:
     """Raise ValueError unless `cu_seqlens` is an integer ``[N+1]`` tensor of document boundaries
     over one packed row (B == 1): ``0 = c_0 <= c_1 <= ... <= c_N = T``. The value checks need
-    the host, so they run on CPU tensors only (on CUDA they would stop the host once per layer;
-    the layers build the boundaries by construction)."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(
-            f"cu_seqlens must be an integer torch.Tensor of shape [N+1], got {type(cu_seqlens).__name__}"
-        )
-    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {list(cu_seqlens.shape)}")
+    the host: they run on `cu_seqlens_cpu` (the same boundaries on the host, optional) or on a
+    CPU `cu_seqlens`; a CUDA `cu_seqlens` alone gets the shape checks only (reading its values
+    would stop the host once per layer; the layers build the boundaries by construction).
+    That the two copies hold the same values is the caller's promise (checking it would wait)."""
+    _check_boundaries("cu_seqlens", cu_seqlens)
+    if cu_seqlens_cpu is not None:
+        _check_boundaries("cu_seqlens_cpu", cu_seqlens_cpu)
+        if cu_seqlens_cpu.device.type != "cpu":
+            raise ValueError(f"cu_seqlens_cpu must be on the host, got {cu_seqlens_cpu.device}")
+        if cu_seqlens_cpu.numel() != cu_seqlens.numel():
+            raise ValueError(f"cu_seqlens_cpu has {cu_seqlens_cpu.numel()} entries, cu_seqlens "
+                             f"{cu_seqlens.numel()}: they must be the same boundaries")
     if B != 1:
         raise ValueError(f"cu_seqlens needs packed inputs with batch size B = 1, got B = {B}")
-    if not cu_seqlens.is_cuda:
-        cs = cu_seqlens.tolist()
-        if cs[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {cs[0]}")
-        if cs[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T = {T}, got {cs[-1]}")
-        if any(b < a for a, b in zip(cs[:-1], cs[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cs}")
+    host = cu_seqlens_cpu if cu_seqlens_cpu is not None else (None if cu_seqlens.is_cuda else cu_seqlens)
+    if host is None:
+        return
+    if int(host[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(host[0])}")
+    if int(host[-1]) != T:
+        raise ValueError(f"cu_seqlens must end at T = {T}, got {int(host[-1])}")
+    if bool((host[1:] < host[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {host.tolist()[:16]}...")
+
+
+def _check_boundaries(name: str, cu) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise ValueError(f"{name} must be an integer torch.Tensor of shape [N+1], got {type(cu).__name__}")
+    if cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must have shape [N+1] with N >= 1, got {list(cu.shape)}")

@@ -169,7 +169,7 @@ class KVFractionController(nn.Module):
         s = scores.detach().reshape(-1).float()  # compared in fp32, as route() does
         tau = self.tau.to(device=s.device)
         counts = torch.stack([(s >= tau).sum().double(),
-                              torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device)])
+                              torch.full((), float(s.numel()), dtype=torch.float64, device=s.device)])
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
         f = counts[0] / counts[1]
@@ -180,7 +180,7 @@ class KVFractionController(nn.Module):
             first = (self.num_updates.to(s.device) < self.warmup) | ~finite
             g = torch.where(first, torch.ones_like(cur), torch.full_like(cur, self.gain))
             if self.space == "log":  # floored at min_tau; log of a non-positive q is never picked
-                lo = torch.tensor(math.log(self.min_tau), dtype=torch.float64, device=s.device)
+                lo = torch.full((), math.log(self.min_tau), dtype=torch.float64, device=s.device)
                 lq = torch.where(q > self.min_tau, q.clamp_min(self.min_tau).log(), lo)
                 lt = torch.where(finite & (cur > self.min_tau), cur.clamp_min(self.min_tau).log(), lo)
                 new = torch.exp(lt + g * (lq - lt)).clamp_min(self.min_tau)

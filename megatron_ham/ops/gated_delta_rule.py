@@ -47,6 +47,7 @@ def gated_delta_rule(
     return_error: bool = False,
     error_metric: str = "l2",
     cu_seqlens: Optional[torch.Tensor] = None,
+    cu_seqlens_cpu: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     impl: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -61,6 +62,10 @@ def gated_delta_rule(
         cu_seqlens:    integer ``[N+1]``, ``0 = c_0 <= c_1 <= ... <= c_N = T``; only with ``B == 1``.
                        Document n is tokens ``c_n .. c_{n+1}-1``; the state restarts at each
                        document (from zero or from ``initial_state[n]``).
+        cu_seqlens_cpu: the same boundaries on the host, optional (fla's convention): with it
+                       their value checks run and nothing here waits for the GPU (the GPU
+                       kernels derive their chunk indices on the host, the reference its
+                       packing); without it a CUDA ``cu_seqlens`` costs one sync per new tensor.
         mask:          bool ``[B, T]`` or None; False marks a token that is not there (padding):
                        its k, g and beta are taken as 0, so the state passes it unchanged (the
                        rule the op uses for its own padding), its o is the state's readout and
@@ -99,7 +104,7 @@ def gated_delta_rule(
     wait for the GPU at every call.
     """
     B, T, H, K, V, N = _validate(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric, mask
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric, mask, cu_seqlens_cpu
     )
     if mask is not None:
         k, g, beta = _no_token(mask, k, g, beta)
@@ -108,7 +113,8 @@ def gated_delta_rule(
         fla = load_kernels("gdn").gdn_with_error
         o, final_state, err = fla(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                   output_final_state=output_final_state, return_error=return_error,
-                                  error_metric=error_metric, cu_seqlens=cu_seqlens)
+                                  error_metric=error_metric, cu_seqlens=cu_seqlens,
+                                  cu_seqlens_cpu=cu_seqlens_cpu)
         return o, final_state, _zero_at(err, mask)
     if scale is None:
         scale = K ** -0.5
@@ -121,7 +127,7 @@ def gated_delta_rule(
     if cu_seqlens is not None:
         # Packed documents -> a padded batch [N, Lmax, ...]; padding tokens have g = 0 (no decay),
         # beta = 0 and k = 0 (no write), so they leave each document's final state untouched.
-        src, valid = _packing_index(cu_seqlens, T)
+        src, valid = _packing_index(cu_seqlens, T, cu_seqlens_cpu)
         qf, kf, vf, gf, bf = (_pack(x, src) for x in (qf, kf, vf, gf, bf))
 
     core = _chunk_core if resolved == "chunk" else _naive_core
@@ -179,7 +185,8 @@ def _resolve_impl(impl: str, q: torch.Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric, mask=None):
+def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_metric, mask=None,
+              cu_seqlens_cpu=None):
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     if not isinstance(error_metric, str) or error_metric not in ERROR_METRICS:
@@ -206,7 +213,7 @@ def _validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, impl, error_me
 
     N = B
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, T)
+        check_cu_seqlens(cu_seqlens, B, T, cu_seqlens_cpu)
         N = cu_seqlens.numel() - 1
 
     if initial_state is not None:
@@ -229,9 +236,10 @@ def _compute_dtype(*xs) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # Packing of cu_seqlens documents into a padded batch
 # --------------------------------------------------------------------------------------------
-def _packing_index(cu_seqlens: torch.Tensor, T: int):
-    """Return (src [N, Lmax] long, valid [N, Lmax] bool); src == T marks a padding slot."""
-    cs = cu_seqlens.to(device="cpu", dtype=torch.long)
+def _packing_index(cu_seqlens: torch.Tensor, T: int, cu_seqlens_cpu: Optional[torch.Tensor] = None):
+    """Return (src [N, Lmax] long, valid [N, Lmax] bool) on cu_seqlens' device; src == T marks a
+    padding slot. Computed on the host (from cu_seqlens_cpu when given: no copy back)."""
+    cs = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).to(device="cpu", dtype=torch.long)
     starts, lens = cs[:-1], cs[1:] - cs[:-1]
     lmax = int(lens.max().item()) if lens.numel() else 0
     pos = torch.arange(lmax)

@@ -29,11 +29,14 @@ IMPLS = ("auto", "reference", "fla")
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
                      doc: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                     cu_seqlens: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+                     cu_seqlens: Optional[torch.Tensor] = None, impl: str = "auto",
+                     cu_seqlens_cpu: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x `[B,T,C]`, weight `[C,W]`, doc int `[B,T]` document ids (None = one document per row),
     mask bool `[B,T]` (None = every token is there; False = padding, skipped), cu_seqlens int
     `[N+1]` (B == 1): the documents as boundaries instead of ids (give one or the other; "fla"
-    takes boundaries only). Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
+    takes boundaries only), cu_seqlens_cpu: the same boundaries on the host (optional; "fla"
+    then derives its chunk indices without waiting for the GPU, as ops.gated_delta_rule).
+    Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
     check_tensor("x", x, [None, None, None], "[B,T,C]")
     B, T, C = x.shape
     check_tensor("weight", weight, [C, None], "[C,W]")
@@ -42,9 +45,9 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
     if cu_seqlens is not None:
         if doc is not None:
             raise ValueError("causal_conv_silu: give the documents as doc ids or as cu_seqlens, not both")
-        check_cu_seqlens(cu_seqlens, B, T)
+        check_cu_seqlens(cu_seqlens, B, T, cu_seqlens_cpu)
     if conv_impl(x, impl, doc, mask) == "fla":
-        return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens)
+        return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens, cu_seqlens_cpu)
     if cu_seqlens is not None:  # boundaries -> the id of every token's document
         doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(T, device=x.device),
                                  right=True)[None]

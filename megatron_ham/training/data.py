@@ -441,14 +441,19 @@ class MaskedSamples(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- batching
-def _collate(samples: List[Dict[str, torch.Tensor]], device) -> Dict[str, torch.Tensor]:
+def _collate(samples: List[Dict[str, torch.Tensor]], pin: bool) -> Dict[str, torch.Tensor]:
     tokens = torch.stack([x["tokens"] for x in samples]).long()
     labels = torch.stack([x["labels"] for x in samples]).long()
     loss_mask = torch.stack([x["loss_mask"] for x in samples]).float()
     b, s = tokens.shape
-    pos = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
+    pos = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous()  # pinning needs its own memory
     out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": pos}
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    return {k: v.pin_memory() if pin else v for k, v in out.items()}
+
+
+def batch_to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    """A host micro-batch on `device`; from pinned memory the copies do not make the host wait."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
@@ -482,7 +487,10 @@ def check_batch_plan(cfg: RunConfig, dp_size: int) -> None:
         )
 
 
-def global_batch(dataset, plan: BatchPlan, start: int, device) -> List[Dict[str, torch.Tensor]]:
-    """This rank's micro-batches (a list of batch dicts) of the global batch starting at `start`."""
+def global_batch(dataset, plan: BatchPlan, start: int, pin: bool = False) -> List[Dict[str, torch.Tensor]]:
+    """This rank's micro-batches (a list of batch dicts) of the global batch starting at `start`,
+    on the host: in pinned memory when `pin` (for a CUDA device; batch_to_device then copies each
+    without waiting, when its forward starts, and the document boundaries are read from the
+    host tokens without a copy back)."""
     n = len(dataset)
-    return [_collate([dataset[i % n] for i in idx], device) for idx in plan.indices(start)]
+    return [_collate([dataset[i % n] for i in idx], pin) for idx in plan.indices(start)]

@@ -29,7 +29,7 @@ from . import compile_cache, grad_norm
 from megatron_ham.models.config import DTYPES
 
 from .config import RunConfig, dump_config
-from .data import BatchPlan, build_datasets, check_batch_plan, check_data_paths, global_batch
+from .data import BatchPlan, batch_to_device, build_datasets, check_batch_plan, check_data_paths, global_batch
 from .logging import MetricsWriter, model_flops_per_token, peak_flops
 from .logging.metrics import matmul_params, memory_gib, process_age_s
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopRequest
@@ -295,8 +295,9 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def _forward_step(tr: Trainer, data_iterator, model):
     from megatron_ham.models import document_forward_kwargs
 
-    batch = next(data_iterator)
-    kw = document_forward_kwargs(batch["tokens"], tr.eod_id) if tr.cfg.data.documents else {}
+    host = next(data_iterator)  # on the host (global_batch)
+    batch = batch_to_device(host, tr.device)
+    kw = document_forward_kwargs(host["tokens"], tr.eod_id, tr.device) if tr.cfg.data.documents else {}
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **kw)
     return out, partial(_loss_func, batch["loss_mask"])
 
@@ -337,7 +338,7 @@ def train_step(tr: Trainer) -> Dict[str, float]:
     for c in tr.model:
         c.zero_grad_buffer()
     tr.optimizer.zero_grad()
-    batches = global_batch(tr.train_ds, tr.plan, tr.consumed_samples, tr.device)
+    batches = global_batch(tr.train_ds, tr.plan, tr.consumed_samples, pin=tr.device.type == "cuda")
     losses = _run_batches(tr, batches, forward_only=False)
     tr.scheduler.step(increment=1)  # the LR of update number step+1
     ok, grad_norm, _ = tr.optimizer.step()
@@ -362,7 +363,7 @@ def evaluate(tr: Trainer) -> Optional[float]:
     with torch.no_grad():
         for i in range(tr.cfg.train.eval_iters):
             start = i * tr.cfg.train.global_batch_size
-            batches = global_batch(tr.valid_ds, tr.plan, start, tr.device)
+            batches = global_batch(tr.valid_ds, tr.plan, start, pin=tr.device.type == "cuda")
             acc.extend(_run_batches(tr, batches, forward_only=True))
     for c in tr.model:
         c.train()
