@@ -274,3 +274,21 @@ def test_bench_short_conv_refuses_cpu():
         r = subprocess.run([sys.executable, tool], capture_output=True, text=True,
                            env=subprocess_env(), timeout=120)
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
+
+
+def test_gpu_checks_smoke_config_loads(tmp_path):
+    """The training config tools/gpu_checks.sh runs on the device (its C="..." line, both runs'
+    step counts) passes the recipe checks here, so a broken override fails on CPU, not after
+    minutes of device time (its 2026-12-03 06:26 run stopped at data.loss_mask)."""
+    import re
+    import shlex
+
+    text = open(os.path.join(REPO, "tools", "gpu_checks.sh")).read()
+    m = re.search(r'^C="([^"]*)"', text, re.M)
+    assert m, "tools/gpu_checks.sh: no C=\"...\" config line"
+    recipe, *overrides = shlex.split(m.group(1).replace("$W", str(tmp_path)))
+    steps = re.findall(r"megatron_ham\.train \$C (train\.train_steps=\d+)", text)
+    assert len(steps) == 2, steps
+    for s in steps:
+        cfg = load_config(os.path.join(REPO, recipe), overrides + [s])
+        assert cfg.data.backend == "synthetic" and cfg.checkpoint.dir == f"{tmp_path}/ckpt"

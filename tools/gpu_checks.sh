@@ -3,35 +3,44 @@
 # from the repo root with the package bundle on PYTHONPATH (CONTRIBUTING.md "On the GPU machine"):
 #
 #   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD || exit;
-#   bash tools/gpu_checks.sh $OUT
+#   bash tools/gpu_checks.sh $OUT                 # everything below
+#   bash tools/gpu_checks.sh $OUT "short_conv"    # only the kernel tests matching a pytest -k expression
 #
 # The two parts run at the same time (correctness only, nothing here is timed; 16 CPU cores compile for both):
 # 1. tests/test_kernels_gpu.py (kernels vs their CPU references) and the GDN mixer on its GPU
-#    kernels vs the fp32 mixer (tests/test_parallel.py, one process); cut at 320 s     -> OUT/gpu_tests.log
+#    kernels vs the fp32 mixer (tests/test_parallel.py, one process); cut at 480 s     -> OUT/gpu_tests.log
+#    Without the FlexAttention fallback's T = 16384 cases (impl="flex", not what "auto" runs):
+#    each compiles for minutes, and the 2026-12-03 06:26 run spent the whole limit in them. Run
+#    them alone after a change to kernels/scratchpad.py: pytest tests/test_kernels_gpu.py -k flex
+#    (at 06:44 the rest took more than 320 s: the limit is 480 s, with the smoke run alongside)
 # 2. a bf16 learned-router HAM through ham-train on the GPU (distributed optimizer, a checkpoint
 #    every 10 steps; the KV-fraction controllers update on the device after every step), resumed
 #    to step 30, then ham-eval on the checkpoint                                        -> OUT/smoke.log, OUT/eval.json
 #    (the bf16 learned-router save crashed in megatron-core 0.19.2 before the router held the
 #    model's dtype; ham-eval on a GPU-trained checkpoint)
-# Each part has its own limit (<= 330 s in all: one device call with room to spare); what finished is under OUT. Exit status: the number of failed parts.
+# (06:53 run: with the tests compiling alongside, the first step took 53 s; the limits of 140 s
+# and 70 s cut both runs)
+# Each part has its own limit (<= 480 s in all: one device call of 600 s); what finished is under OUT. Exit status: the number of failed parts.
 set -u
-OUT=${1:?usage: gpu_checks.sh OUT_DIR}
+OUT=${1:?usage: gpu_checks.sh OUT_DIR [PYTEST_K]}
+K=${2:-not (flex and 16384)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True NCCL_NVLS_ENABLE=0 \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 failed=0
-timeout 320 python -m pytest tests/test_kernels_gpu.py \
-  tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops -q -rs --timeout=300 > "$OUT/gpu_tests.log" 2>&1 &
+timeout 480 python -m pytest tests/test_kernels_gpu.py -k "$K" \
+  tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops -q -rs --timeout=300 \
+  --durations=10 > "$OUT/gpu_tests.log" 2>&1 &
 PARITY=$!
 W=$(mktemp -d /tmp/gpu_checks.XXXXXX)
-C="recipes/evidence/ham_learned_f25.yaml data.backend=synthetic checkpoint.dir=$W/ckpt checkpoint.interval=10
+C="recipes/evidence/ham_learned_f25.yaml data.backend=synthetic data.loss_mask=all checkpoint.dir=$W/ckpt checkpoint.interval=10
    train.eval_interval=0 logging.interval=5 train.warmup_steps=2 train.compile_cache_dir=$W/cc"
 {
-  date +%T; timeout 140 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=20
+  date +%T; timeout 220 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=20
   echo "rc_train=$?"; date +%T
-  timeout 70 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=30
+  timeout 120 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=30
   echo "rc_resume=$?"; date +%T
   timeout 60 python -m megatron_ham.eval --checkpoint "$W/ckpt" --tasks mqar,routing --lengths 1k,2k \
     --samples 8 --no-plots --no-progress --out "$OUT/eval.json"
