@@ -115,6 +115,12 @@ def test_profile_step_cpu(tmp_path):
     for c in ("optimizer", "cross-entropy", "GEMM", "norms/elementwise"):
         assert cats[c]["ms_per_step"] > 0 and cats[c]["top"], c
     assert any(n == "aten::mm" for n, _ in cats["GEMM"]["top"])
+    # operator calls per step and their mean length: every call of a category counted once
+    for c in ("optimizer", "GEMM"):
+        r = cats[c]
+        assert r["count_per_step"] >= 1 and r["mean_us"] > 0
+        assert abs(r["count_per_step"] * r["mean_us"] / 1e3 - r["ms_per_step"]) < 1e-6 * max(1.0, r["ms_per_step"])
+    assert "op calls/step" in p.stdout
     assert any(n.startswith("Optimizer.step#") for n, _ in cats["optimizer"]["top"])
     total = sum(r["percent"] for r in s["categories"])
     assert 99.0 < total < 101.0, total  # CPU: one thread of operators + the time outside them

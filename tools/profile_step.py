@@ -25,8 +25,9 @@ with overlapping streams (communication beside compute) the categories can sum p
 With --sync-debug, one more step runs under torch.cuda.set_sync_debug_mode("warn") and the
 calls that made the host wait for the GPU (.item(), .tolist(), nonzero, ...) are counted by
 call site: each one drains the GPU's queue, so the host's Python after it shows up as GPU idle
-time. The table prints ms per step, the percentage and each category's biggest items; --out
-writes the same as JSON.
+time. The table prints ms per step, the percentage, how many kernels (CPU: operator calls) per
+step with their mean length (many short kernels: the GPU waits for the host's launches), and
+each category's biggest items; --out writes the same as JSON.
 """
 from __future__ import annotations
 
@@ -194,14 +195,19 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
         busy_us = sum(us for _, us, _ in items)
     wall_us = wall_s * 1e6
     by_cat: Dict[str, Dict[str, float]] = {c: {} for c, _, _ in CATEGORIES}
+    count: Dict[str, int] = {c: 0 for c, _, _ in CATEGORIES}
     for name, us, parents in items:
-        names = by_cat[classify(name, parents)]
-        names[name] = names.get(name, 0.0) + us
+        cat = classify(name, parents)
+        by_cat[cat][name] = by_cat[cat].get(name, 0.0) + us
+        count[cat] += 1
     rows = []
     for cat, names in by_cat.items():
         us = sum(names.values())
         biggest = sorted(names.items(), key=lambda kv: -kv[1])[:top]
+        # how many kernels (CUDA) or operator calls (CPU), and their mean length: a category of
+        # many short kernels is launch-bound (the host needs ~5-20 us per launch)
         rows.append({"category": cat, "ms_per_step": us / 1e3 / steps, "percent": 100 * us / wall_us,
+                     "count_per_step": count[cat] / steps, "mean_us": us / count[cat] if count[cat] else 0.0,
                      "top": [[n[:120], u / 1e3 / steps] for n, u in biggest]})
     gap_us = max(0.0, wall_us - busy_us)
     rows.append({"category": "host gaps", "ms_per_step": gap_us / 1e3 / steps,
@@ -219,10 +225,13 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
 
 
 def format_table(s: dict) -> str:
-    lines = [f"{'category':<20} {'ms/step':>10} {'% of step':>10}   biggest items (ms/step)"]
+    unit = "kernels" if s["timeline"] == "cuda" else "op calls"
+    lines = [f"{'category':<20} {'ms/step':>10} {'% of step':>10} {unit + '/step':>13} {'mean us':>8}   "
+             f"biggest items (ms/step)"]
     for r in s["categories"]:
         top = ", ".join(f"{n[:48]} {ms:.2f}" for n, ms in r["top"][:3])
-        lines.append(f"{r['category']:<20} {r['ms_per_step']:>10.2f} {r['percent']:>9.1f}%   {top}")
+        counted = f"{r['count_per_step']:>13.0f} {r['mean_us']:>8.1f}" if "count_per_step" in r else " " * 22
+        lines.append(f"{r['category']:<20} {r['ms_per_step']:>10.2f} {r['percent']:>9.1f}% {counted}   {top}")
     lines.append(f"{'step (wall)':<20} {s['step_wall_ms']:>10.2f} {100.0:>9.1f}%   "
                  f"({s['timeline']} timeline; {'GPU busy' if s['timeline'] == 'cuda' else 'in operators'} "
                  f"{s['busy_ms_per_step']:.2f} ms/step)")
