@@ -443,3 +443,73 @@ def _pp_worker(rank, world, tmp, device_kind="cpu"):
         assert len(res) == 1
         _close("PP2 per-token loss", res[0]["tok"], ref, atol=1e-5)
     dist.barrier()
+
+
+# ------------------------------------------------------------- gradient accumulation fusion
+def _wgrad_fusion_worker(rank, world, device_kind):
+    """One process. CUDA: with train.gradient_accumulation_fusion on, every Megatron linear layer
+    of a bf16 HAM sums its weight gradient into DDP's fp32 main_grad inside the GEMM
+    (training/wgrad_fusion.py); after two micro-batches main_grad equals the unfused path's
+    (each micro-batch's bf16 weight gradient added by DDP's hook) to bf16 rounding, for every
+    parameter, the linear layers' and the others'. CPU: "auto" fuses nothing (there is no such
+    GEMM on the CPU) and "on" is refused, naming the key."""
+    from megatron.core import tensor_parallel
+
+    from megatron_ham import distributed as D
+    from megatron_ham.training.config import ConfigError, load_config
+    from megatron_ham.training.loop import build_model_chunks
+
+    cuda = device_kind == "cuda"
+    D.initialize(tp=1, seed=3, backend="nccl" if cuda else "gloo")
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny_cpu.yaml")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(1, 8000, (2, 129), generator=g) for _ in range(2)]
+    modes = ("off", "on") if cuda else ("off", "auto")
+    grads, fused = {}, {}
+    for mode in modes:
+        cfg = load_config(recipe, ["model.dtype=" + ("bf16" if cuda else "fp32"), "model.fusions=off",
+                                   "model.impl=chunk", "model.scratchpad_impl=reference",
+                                   f"train.gradient_accumulation_fusion={mode}"])
+        torch.manual_seed(0)
+        if cuda:
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+        else:
+            cfg.model.use_cpu_initialization = True
+        (chunk,) = build_model_chunks(cfg)
+        fused[mode] = sum(bool(getattr(m, "gradient_accumulation_fusion", False)) for m in chunk.modules())
+        chunk.zero_grad_buffer()
+        with chunk.no_sync():
+            for tokens in batches:
+                tokens = tokens.to(dev)
+                pos = torch.arange(128, device=dev).expand(2, 128)
+                loss = chunk(tokens[:, :-1].contiguous(), pos, None, labels=tokens[:, 1:].contiguous())
+                loss.float().mean().backward()
+        grads[mode] = {n: p.main_grad.detach().float().clone() for n, p in chunk.module.named_parameters()}
+    if not cuda:
+        if fused["auto"] != 0:
+            raise AssertionError(f"{fused['auto']} linear layers fused on the CPU")
+        cfg.train.gradient_accumulation_fusion = "on"
+        try:
+            build_model_chunks(cfg)
+        except ConfigError as e:
+            if "train.gradient_accumulation_fusion" not in str(e):
+                raise AssertionError(f"the refusal does not name the key: {e}") from e
+        else:
+            raise AssertionError("gradient_accumulation_fusion=on was accepted on the CPU")
+    elif fused["off"] != 0 or fused["on"] < 5:
+        raise AssertionError(f"fused linear layers: off {fused['off']}, on {fused['on']}")
+    a_mode, b_mode = modes[1], modes[0]
+    if grads[a_mode].keys() != grads[b_mode].keys():
+        raise AssertionError("different parameters with and without the fusion")
+    worst = {}
+    for n, a in grads[a_mode].items():
+        b = grads[b_mode][n]
+        if b.abs().max() == 0:
+            raise AssertionError(f"{n}: zero gradient without the fusion")
+        worst[n] = ((a - b).norm() / b.norm()).item()
+    print(f"wgrad fusion {a_mode} vs {b_mode}, ||a - b|| / ||b|| per parameter:",
+          {n: f"{e:.1e}" for n, e in worst.items()})
+    bad = {n: e for n, e in worst.items() if not e < (1e-2 if cuda else 1e-6)}
+    if bad:
+        raise AssertionError(f"main_grad differs with the fusion: {bad}")

@@ -84,24 +84,41 @@ def test_gdn_with_error_matches_reference(T, packed, metric):
     assert (err - err_r).abs().max().item() < 0.1 * err_r.abs().max().item()
 
 
-def test_gdn_without_error_equals_fla():
-    """Our autograd.Function gives fla's own output and gradients when no error is asked for."""
+@pytest.mark.parametrize("case", ["plain", "documents, states, error"])
+def test_gdn_equals_fla(case):
+    """Our autograd.Function gives fla's own output, final state and gradients: its forward calls
+    fla's stages and keeps w, h, v_new for its backward, which calls fla's backward stages on
+    them (fla's chunk_gated_delta_rule recomputes them); the routing error changes nothing."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     from megatron_ham.kernels.gdn import gdn_with_error
 
-    q, k, v, g, beta, _ = _gdn_inputs(2048, 16, 128, 128, 1, seed=7)
-    a = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta)]
-    b = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta)]
-    o1, _, e1 = gdn_with_error(*a)
-    assert e1 is None
-    o2, _ = chunk_gated_delta_rule(q=b[0], k=b[1], v=b[2], g=b[3], beta=b[4])
+    T = 2048
+    cu = None if case == "plain" else _cu(T, True).long()
+    n = 1 if cu is None else cu.numel() - 1
+    q, k, v, g, beta, h0 = _gdn_inputs(T, 16, 128, 128, n, seed=7)
+    states = case != "plain"
+    a = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    b = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    o1, ht1, e1 = gdn_with_error(*a[:5], initial_state=a[5] if states else None,
+                                 output_final_state=states, return_error=states, cu_seqlens=cu)
+    assert (e1 is None) == (not states)
+    o2, ht2 = chunk_gated_delta_rule(q=b[0], k=b[1], v=b[2], g=b[3], beta=b[4],
+                                     initial_state=b[5] if states else None,
+                                     output_final_state=states, cu_seqlens=cu)
     do = torch.randn_like(o1)
-    o1.backward(do)
-    o2.backward(do)
+    if states:
+        dht = torch.randn_like(ht1)
+        torch.autograd.backward([o1, ht1], [do, dht])
+        torch.autograd.backward([o2, ht2], [do, dht])
+        assert rel(ht1, ht2) < 1e-3
+    else:
+        o1.backward(do)
+        o2.backward(do)
     assert rel(o1, o2) < 1e-3
-    for x, y in zip(a, b):
-        assert rel(x.grad, y.grad) < 1e-3
+    names = ("dq", "dk", "dv", "dg", "dbeta", "dh0")[: 6 if states else 5]
+    grads = {name: rel(x.grad, y.grad) for name, x, y in zip(names, a, b)}
+    assert max(grads.values()) < 1e-3, grads
 
 
 def _routed(T: int, frac, gen, cu):

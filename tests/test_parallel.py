@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from _dist import run_world
-from _parallel_workers import _gdn_mixer_kernels_worker, _mixer_worker, _model_worker, _pp_worker
+from _parallel_workers import (
+    _gdn_mixer_kernels_worker,
+    _mixer_worker,
+    _model_worker,
+    _pp_worker,
+    _wgrad_fusion_worker,
+)
 
 
 def test_mixer_tp2_matches_tp1():
@@ -31,6 +37,19 @@ def test_gdn_mixer_gpu_kernels_match_reference_ops():
     """The mixer's wiring of the GPU kernels (fla's conv with documents over a batch of rows,
     fla's GDN) is as close to the fp32 mixer as the reference ops in bf16."""
     run_world(_gdn_mixer_kernels_worker, 1)
+
+
+def test_gradient_accumulation_fusion_only_where_it_runs():
+    """CPU: train.gradient_accumulation_fusion "auto" fuses no layer (the GEMM is CUDA-only),
+    "on" is refused naming the key; main_grad of two micro-batches is the same either way."""
+    run_world(_wgrad_fusion_worker, 1, "cpu")
+
+
+@pytest.mark.gpu
+def test_gradient_accumulation_fusion_gives_the_unfused_main_grad():
+    """train.gradient_accumulation_fusion (each weight gradient summed into main_grad by its
+    GEMM) gives DDP's main_grad of the unfused path after two micro-batches."""
+    run_world(_wgrad_fusion_worker, 1, "cuda")
 
 
 def test_model_tp_sp_and_checkpoint_resharding(tmp_path):

@@ -47,11 +47,20 @@ def test_unknown_key_is_named(override, key):
     ("train.memory_budget_gib=-2", "train.memory_budget_gib"),
     ("model.num_layers=1000000000", "model.num_layers"),
     ("model.seq_length=100000000000", "model.seq_length"),  # no device holds its activations
+    ("train.gradient_accumulation_fusion=maybe", "train.gradient_accumulation_fusion"),
+    ("train.recompute=on", "train.recompute"),  # YAML's on/off only stand for "on"/"off"
 ])
 def test_wrong_type_or_value_is_named(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override])
     assert f"'{key}'" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("value, want", [("on", "on"), ("off", "off"), ("auto", "auto"), ("'on'", "on")])
+def test_on_off_settings_read_yaml_booleans(value, want):
+    """YAML 1.1 reads on / off as booleans; a setting whose values are "on" / "off" takes them."""
+    cfg = load_config(TINY, [f"train.gradient_accumulation_fusion={value}"])
+    assert cfg.train.gradient_accumulation_fusion == want
 
 
 @pytest.mark.parametrize("override", ["train.lr", "=3", "train..lr=1"])

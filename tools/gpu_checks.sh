@@ -7,8 +7,9 @@
 #   bash tools/gpu_checks.sh $OUT "short_conv"    # only the kernel tests matching a pytest -k expression
 #
 # The two parts run at the same time (correctness only, nothing here is timed; 16 CPU cores compile for both):
-# 1. tests/test_kernels_gpu.py (kernels vs their CPU references) and the GDN mixer on its GPU
-#    kernels vs the fp32 mixer (tests/test_parallel.py, one process); cut at 480 s     -> OUT/gpu_tests.log
+# 1. tests/test_kernels_gpu.py (kernels vs their CPU references), the GDN mixer on its GPU
+#    kernels vs the fp32 mixer and gradient accumulation fusion vs DDP's unfused main_grad
+#    (tests/test_parallel.py, one process each); cut at 480 s                          -> OUT/gpu_tests.log
 #    Without the FlexAttention fallback's T = 16384 cases (impl="flex", not what "auto" runs):
 #    each compiles for minutes, and the 2026-12-03 06:26 run spent the whole limit in them. Run
 #    them alone after a change to kernels/scratchpad.py: pytest tests/test_kernels_gpu.py -k flex
@@ -31,7 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 failed=0
 timeout 480 python -m pytest tests/test_kernels_gpu.py -k "$K" \
-  tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops -q -rs --timeout=300 \
+  tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops \
+  tests/test_parallel.py::test_gradient_accumulation_fusion_gives_the_unfused_main_grad -q -rs --timeout=300 \
   --durations=10 > "$OUT/gpu_tests.log" 2>&1 &
 PARITY=$!
 W=$(mktemp -d /tmp/gpu_checks.XXXXXX)

@@ -16,8 +16,16 @@ What runs (layout ``[B, T, H, D]``, heads never mixed, so H may be split over te
 
   and e_t = v_t - p_t, reducing it in-register to ``||e_t||_2`` or ``1 - cos(p_t, v_t)``. No
   division by beta (so beta ~ 0 is harmless), no sequential pass, no ``[B,T,H,V]`` intermediate.
-* backward: fla's ``chunk_gated_delta_rule_bwd`` on the saved inputs (it recomputes ``h``), i.e.
-  exactly fla's gradients for q, k, v, g, beta and the initial state.
+* backward: fla's backward stages, called one by one as ``chunk_gated_delta_rule_bwd`` calls
+  them, on the forward's own ``w``, ``h`` and ``v_new`` (kept for backward: fla recomputes them,
+  two more kernels per layer, ~10 ms per 16k sequence at 800M on an H200, for ~200 MiB per layer
+  and 16k sequence kept; with ``train.recompute`` a recomputed layer keeps them only during its
+  own backward). So exactly fla's gradients for q, k, v, g, beta and the initial state:
+    5. ``chunk_bwd_dv_local``              the intra-chunk part of dv
+    6. ``chunk_gated_delta_rule_bwd_dhu``  the state gradients ``dh`` (reverse over chunks), dv
+    7. ``chunk_bwd_dqkwg``                 dq, dk, dw, dg
+    8. ``prepare_wy_repr_bwd``             through the WY form: dk, dv, dbeta, dg
+    9. ``chunk_local_cumsum`` (reverse)    dg from the chunk-local cumulative sums
 
 The routing error is returned DETACHED (no gradient): in the HAM mixer it feeds only a hard
 routing decision. The CPU reference (``megatron_ham.ops.gated_delta_rule``, impl "naive"/"chunk")
@@ -47,10 +55,13 @@ if getattr(fla, "__version__", None) not in VALIDATED_FLA_VERSIONS:
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h  # noqa: E402
-from fla.ops.common.chunk_o import chunk_fwd_o  # noqa: E402
-from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd  # noqa: E402
+from fla.ops.common.chunk_delta_h import (  # noqa: E402
+    chunk_gated_delta_rule_bwd_dhu,
+    chunk_gated_delta_rule_fwd_h,
+)
+from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_fwd_o  # noqa: E402
 from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra  # noqa: E402
+from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd  # noqa: E402
 from fla.ops.utils import chunk_local_cumsum  # noqa: E402
 from fla.ops.utils.constant import RCP_LN2  # noqa: E402
 
@@ -171,7 +182,7 @@ def routing_error_from_chunks(
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function: fla forward stages (keeping h and v_new) + fla backward
+# autograd.Function: fla's forward stages (keeping w, h, v_new) and backward stages
 # ----------------------------------------------------------------------------------------------
 class _GDNWithError(torch.autograd.Function):
     @staticmethod
@@ -187,15 +198,15 @@ class _GDNWithError(torch.autograd.Function):
             k=k, w=w, u=u, g=g_cum, initial_state=initial_state,
             output_final_state=output_final_state, chunk_size=CHUNK, cu_seqlens=cu_seqlens,
             chunk_indices=chunk_indices)
-        del w, u
         o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g_cum, scale=scale, cu_seqlens=cu_seqlens,
                         chunk_size=CHUNK, chunk_indices=chunk_indices)
         err = None
         if return_error:
             err = routing_error_from_chunks(k, v, v_new, g_cum, h, metric=metric,
                                             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-        del h, v_new
-        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices)
+        del u
+        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices,
+                              w, h, v_new)
         ctx.scale = scale
         if err is not None:
             ctx.mark_non_differentiable(err)
@@ -207,15 +218,25 @@ class _GDNWithError(torch.autograd.Function):
     def backward(ctx, do, *rest):
         # rest = (dht, derr) or (derr,); derr is ignored (err is non-differentiable)
         dht = rest[0] if len(rest) == 2 else None
-        q, k, v, g_cum, beta, A, initial_state, cu_seqlens, chunk_indices = ctx.saved_tensors
+        q, k, v, g_cum, beta, A, h0, cu, chunks, w, h, v_new = ctx.saved_tensors
         if do is None:
             do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
+        do = do.contiguous()
+        dht = None if dht is None else dht.contiguous()
+        docs = dict(cu_seqlens=cu, chunk_indices=chunks)
         with torch.cuda.device(q.device):
-            dq, dk, dv, db, dg, dh0, _, _ = chunk_gated_delta_rule_bwd(
-                q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=ctx.scale,
-                initial_state=initial_state, do=do.contiguous(),
-                dht=None if dht is None else dht.contiguous(), cu_seqlens=cu_seqlens,
-                chunk_indices=chunk_indices, chunk_size=CHUNK)
+            dv = chunk_bwd_dv_local(q=q, k=k, g=g_cum, do=do, scale=ctx.scale, chunk_size=CHUNK, **docs)
+            dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(
+                q=q, k=k, w=w, g=g_cum, h0=h0, dht=dht, do=do, dv=dv, scale=ctx.scale,
+                chunk_size=CHUNK, **docs)
+            dq, dk, dw, dg = chunk_bwd_dqkwg(
+                q=q, k=k, v=v_new, w=w, g=g_cum, h=h, dv=dv, do=do, dh=dh, scale=ctx.scale,
+                chunk_size=CHUNK, **docs)
+            dk_wy, dv, db, dg_wy = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g_cum, A=A, dw=dw,
+                                                       du=dv, **docs)
+            dk.add_(dk_wy)
+            dg.add_(dg_wy)
+            dg = chunk_local_cumsum(dg, chunk_size=CHUNK, reverse=True, **docs)
         return (dq.to(q), dk.to(k), dv.to(v), dg, db.to(beta), None, dh0, None, None, None, None, None)
 
 

@@ -68,6 +68,10 @@ class TrainConfig:
     recompute_num_layers: int = 1
     overlap_grad_reduce: bool = True
     use_distributed_optimizer: bool = True
+    # Megatron's gradient accumulation fusion: each weight gradient is summed into the fp32
+    # main_grad by its GEMM (training/wgrad_fusion.py; apex's kernel if installed, else torch's
+    # addmm with an fp32 output). "auto" = where it runs (CUDA), "on" = required, "off" = never.
+    gradient_accumulation_fusion: Literal["auto", "on", "off"] = "auto"
     grad_reduce_in_fp32: bool = True
     eval_interval: int = 0  # validation every N steps (0 = never)
     eval_iters: int = 2  # global batches per validation
@@ -330,6 +334,8 @@ def _coerce(value, tp, key: str, where: str):
                 errors.append(str(e))
         raise ConfigError(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1: on/off are booleans
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{where}: key '{key}': expected one of {list(args)}, got {value!r}")
         return value

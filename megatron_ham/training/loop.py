@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import compile_cache, grad_norm
+from . import compile_cache, grad_norm, wgrad_fusion
 from megatron_ham.models.config import DTYPES
 
 from .config import RunConfig, dump_config
@@ -89,6 +89,7 @@ def build_model_chunks(cfg: RunConfig):
         tc.recompute_granularity = "full"
         tc.recompute_method = "uniform" if cfg.train.recompute == "full" else "block"
         tc.recompute_num_layers = cfg.train.recompute_num_layers
+    _fuse_wgrad_accumulation(cfg, chunks)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.train.grad_reduce_in_fp32,
         overlap_grad_reduce=cfg.train.overlap_grad_reduce,
@@ -107,6 +108,19 @@ def build_model_chunks(cfg: RunConfig):
     tc.param_sync_func = None
     tc.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+def _fuse_wgrad_accumulation(cfg: RunConfig, chunks) -> None:
+    """train.gradient_accumulation_fusion: weight gradients summed into main_grad by their GEMM."""
+    want = cfg.train.gradient_accumulation_fusion
+    if want == "off":
+        return
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if not wgrad_fusion.enable(chunks, dev) and want == "on":
+        from .config import ConfigError
+
+        raise ConfigError(f"train.gradient_accumulation_fusion=on: neither apex nor torch's addmm with "
+                          f"an fp32 output runs on {dev}; use 'auto' or 'off'")
 
 
 def build_optimizer(cfg: RunConfig, model_chunks):
@@ -195,7 +209,8 @@ def setup(cfg: RunConfig, stop: Optional[StopRequest] = None) -> Trainer:
         f"({info.backend}, {device}); {cfg.model.architecture} pattern "
         f"{cfg.model.resolved_pattern()} ; matmul params {tr.p_matmul / 1e6:.2f}M; "
         f"global batch {cfg.train.global_batch_size} x {cfg.model.seq_length} tokens = "
-        f"{plan.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank"
+        f"{plan.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank; "
+        f"gradient accumulation fusion {'on' if _unwrap(model[0]).config.gradient_accumulation_fusion else 'off'}"
     )
     if cfg.checkpoint.resume:
         found = ckpt.resume(cfg.checkpoint.dir, model, optimizer, scheduler, warn=log.info)
