@@ -316,11 +316,13 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
     assert _select_impl("auto", q.float(), v.float()) == "flex"
 
 
+@pytest.mark.parametrize("impl", ["triton", "fla"])
 @pytest.mark.parametrize("T", [1024, 16384])
-def test_short_conv_fla_matches_reference(T):
-    """causal_conv_silu impl="fla" (fla's Triton kernels) == the reference in bf16: output, dx
-    and dweight, reading x as a strided view of a wider projection (as the mixers do), with
-    documents (cu_seqlens, including a 1-token one) and with a batch of rows; "auto" picks it."""
+def test_short_conv_gpu_matches_reference(T, impl):
+    """causal_conv_silu impl="triton" (ours) and "fla" (fla's Triton kernels) == the reference in
+    bf16: output, dx and dweight, reading x as a strided view of a wider projection (as the
+    mixers do), with documents (cu_seqlens, including a 1-token one; for ours also as ids over a
+    batch of rows) and with a batch of rows; "auto" picks ours."""
     from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
     C, W = 3 * 16 * 128, 4
@@ -328,25 +330,29 @@ def test_short_conv_fla_matches_reference(T):
     proj = torch.randn(2, T, C + 64, generator=gen, device=DEV).bfloat16()
     w = (torch.randn(C, W, generator=gen, device=DEV) / 2).bfloat16()
     cu = torch.tensor([0, 1000, 1001, T], device=DEV, dtype=torch.int64)
-    assert conv_impl(proj[..., :C]) == "fla" and conv_impl(proj[..., :C].float()) == "reference"
+    doc = torch.zeros(2, T, dtype=torch.int64, device=DEV)
+    doc[0, 1000:], doc[0, 1001:], doc[1, T // 2:] = 1, 2, 3
+    assert conv_impl(proj[..., :C]) == "triton" and conv_impl(proj[..., :C].float()) == "reference"
     weights = torch.linspace(-1, 1, C, device=DEV)
-    for rows, kw in ((1, {"cu_seqlens": cu}), (2, {}), (1, {})):
+    cases = [(1, {"cu_seqlens": cu}), (2, {}), (1, {})] + ([(2, {"doc": doc})] if impl == "triton" else [])
+    for rows, kw in cases:
         res = {}
-        for impl in ("fla", "reference"):  # the reference in fp32
+        for run in (impl, "reference"):  # the reference in fp32
             p = proj[:rows].detach().clone().requires_grad_(True)  # [rows, T, C+64]
             wl = w.detach().clone().requires_grad_(True)
-            x, wx = (p[..., :C], wl) if impl == "fla" else (p[..., :C].float(), wl.float())
-            y = causal_conv_silu(x, wx, impl=impl, **kw)
+            x, wx = (p[..., :C], wl) if run == impl else (p[..., :C].float(), wl.float())
+            y = causal_conv_silu(x, wx, impl=run, **kw)
             (y.float() * weights).sum().backward()
-            res[impl] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
+            res[run] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
         assert not p.grad[..., C:].any()
-        for name, a, b in zip(("y", "dx", "dw"), res["fla"], res["reference"]):
+        for name, a, b in zip(("y", "dx", "dw"), res[impl], res["reference"]):
             assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
 
 
-def test_documents_with_host_boundaries_never_wait_for_the_gpu():
-    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), fla's conv and the
-    gated delta rule with its routing error on packed documents, forward and backward, never make
+@pytest.mark.parametrize("conv", ["triton", "fla"])
+def test_documents_with_host_boundaries_never_wait_for_the_gpu(conv):
+    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), the conv (ours or
+    fla's) and the gated delta rule with its routing error on packed documents, forward and backward, never make
     the host wait for the GPU: under sync_debug_mode("error") a synchronizing call raises. New
     boundary tensors each micro-batch (new chunk indices), same shapes (compiled first); the
     results equal those from the device boundaries alone."""
@@ -365,7 +371,7 @@ def test_documents_with_host_boundaries_never_wait_for_the_gpu():
         cu = psp.cu_seqlens_q.to(torch.int64)
         host = host_cu_seqlens(psp) if with_host else None
         leaves = [x.detach().clone().requires_grad_(True) for x in (proj, q, k, v, g, beta)]
-        y = causal_conv_silu(leaves[0], w, cu_seqlens=cu, cu_seqlens_cpu=host, impl="fla")
+        y = causal_conv_silu(leaves[0], w, cu_seqlens=cu, cu_seqlens_cpu=host, impl=conv)
         o, _, err = gated_delta_rule(*leaves[1:], return_error=True, cu_seqlens=cu,
                                      cu_seqlens_cpu=host, impl="fla")
         (y.float().square().mean() + o.float().square().mean()).backward()
@@ -388,6 +394,7 @@ def test_compiled_elementwise_ops_match_eager():
     from megatron_ham.layers.fusion import maybe_compiled
     from megatron_ham.layers.gdn_mixer import gdn_activations
     from megatron_ham.ops import apply_rope, causal_conv_silu, gated_combine, gated_rms_norm, rope_cos_sin
+    from megatron_ham.ops import router_weighted_values
 
     T, H, K, V = 4096, 16, 128, 128
     g_ = torch.Generator(device=DEV).manual_seed(5)
@@ -402,6 +409,10 @@ def test_compiled_elementwise_ops_match_eager():
         "gated_rms_norm": (gated_rms_norm, (r(1, T, H, V), r(1, T, H, V), r(V)), {"eps": 1e-6}),
         "gated_combine": (gated_combine, (r(1, T, H, V), r(1, T, H, V), r(1, T, H), r(1, T, H),
                                           r(1, T, H, V), r(V)), {"eps": 1e-6}),
+        # the learned router's value scaling, on v as the mixer has it (a view of the conv output)
+        "router_weighted_values": (router_weighted_values, (r(1, T, H * (2 * K + V))[..., 2 * H * K:].view(1, T, H, V),
+                                                            torch.rand(1, T, device=DEV).bfloat16(),
+                                                            torch.rand(1, T, generator=g_, device=DEV) < 0.5), {}),
         # SDPACoreAttention's RoPE on a strided query (a slice of the fused qkv output) [s, b, n, d]
         "apply_rope": (apply_rope, (r(T, 1, H, 3 * K)[..., :K],
                                     *(c[:, None, None] for c in rope_cos_sin(K, 10000.0, torch.arange(T, device=DEV)))),
