@@ -33,7 +33,7 @@ def _same_on_all_ranks(name, t, group=None):
 
 # ---------------------------------------------------------------------------- mixer (TP, SP)
 def _gdn_mixer_kernels_worker(rank, world):
-    """One CUDA process: the GDN mixer in bf16 on its GPU kernels (our conv, fla's GDN, model
+    """One CUDA process: the GDN mixer in bf16 on its GPU kernels (fla's conv and GDN, model
     impl "auto") is as close to the fp32 mixer as the same bf16 mixer on the reference ops (impl
     "chunk"): forward and backward, on a batch of 2 rows with documents (the conv's
     flattened-batch path). Wrong wiring (documents, strides) would be far off. The allowance
@@ -60,7 +60,7 @@ def _gdn_mixer_kernels_worker(rank, world):
     with torch.no_grad():  # the fp32 mixer holds the bf16 mixer's (rounded) weights
         for p32, p in zip(m32.parameters(), m.parameters()):
             p32.copy_(p.float())
-    assert conv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "triton"
+    assert conv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "fla"
 
     def run(mixer, impl, dtype):
         mixer.impl = impl

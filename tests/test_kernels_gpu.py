@@ -316,13 +316,11 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
     assert _select_impl("auto", q.float(), v.float()) == "flex"
 
 
-@pytest.mark.parametrize("impl", ["triton", "fla"])
 @pytest.mark.parametrize("T", [1024, 16384])
-def test_short_conv_gpu_matches_reference(T, impl):
-    """causal_conv_silu impl="triton" (ours) and "fla" (fla's Triton kernels) == the reference in
-    bf16: output, dx and dweight, reading x as a strided view of a wider projection (as the
-    mixers do), with documents (cu_seqlens, including a 1-token one; for ours also as ids over a
-    batch of rows) and with a batch of rows; "auto" picks ours."""
+def test_short_conv_fla_matches_reference(T):
+    """causal_conv_silu impl="fla" (fla's Triton kernels) == the reference in bf16: output, dx
+    and dweight, reading x as a strided view of a wider projection (as the mixers do), with
+    documents (cu_seqlens, including a 1-token one) and with a batch of rows; "auto" picks it."""
     from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
     C, W = 3 * 16 * 128, 4
@@ -330,29 +328,25 @@ def test_short_conv_gpu_matches_reference(T, impl):
     proj = torch.randn(2, T, C + 64, generator=gen, device=DEV).bfloat16()
     w = (torch.randn(C, W, generator=gen, device=DEV) / 2).bfloat16()
     cu = torch.tensor([0, 1000, 1001, T], device=DEV, dtype=torch.int64)
-    doc = torch.zeros(2, T, dtype=torch.int64, device=DEV)
-    doc[0, 1000:], doc[0, 1001:], doc[1, T // 2:] = 1, 2, 3
-    assert conv_impl(proj[..., :C]) == "triton" and conv_impl(proj[..., :C].float()) == "reference"
+    assert conv_impl(proj[..., :C]) == "fla" and conv_impl(proj[..., :C].float()) == "reference"
     weights = torch.linspace(-1, 1, C, device=DEV)
-    cases = [(1, {"cu_seqlens": cu}), (2, {}), (1, {})] + ([(2, {"doc": doc})] if impl == "triton" else [])
-    for rows, kw in cases:
+    for rows, kw in ((1, {"cu_seqlens": cu}), (2, {}), (1, {})):
         res = {}
-        for run in (impl, "reference"):  # the reference in fp32
+        for impl in ("fla", "reference"):  # the reference in fp32
             p = proj[:rows].detach().clone().requires_grad_(True)  # [rows, T, C+64]
             wl = w.detach().clone().requires_grad_(True)
-            x, wx = (p[..., :C], wl) if run == impl else (p[..., :C].float(), wl.float())
-            y = causal_conv_silu(x, wx, impl=run, **kw)
+            x, wx = (p[..., :C], wl) if impl == "fla" else (p[..., :C].float(), wl.float())
+            y = causal_conv_silu(x, wx, impl=impl, **kw)
             (y.float() * weights).sum().backward()
-            res[run] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
+            res[impl] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
         assert not p.grad[..., C:].any()
-        for name, a, b in zip(("y", "dx", "dw"), res[impl], res["reference"]):
+        for name, a, b in zip(("y", "dx", "dw"), res["fla"], res["reference"]):
             assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
 
 
-@pytest.mark.parametrize("conv", ["triton", "fla"])
-def test_documents_with_host_boundaries_never_wait_for_the_gpu(conv):
-    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), the conv (ours or
-    fla's) and the gated delta rule with its routing error on packed documents, forward and backward, never make
+def test_documents_with_host_boundaries_never_wait_for_the_gpu():
+    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), fla's conv and the
+    gated delta rule with its routing error on packed documents, forward and backward, never make
     the host wait for the GPU: under sync_debug_mode("error") a synchronizing call raises. New
     boundary tensors each micro-batch (new chunk indices), same shapes (compiled first); the
     results equal those from the device boundaries alone."""
@@ -371,7 +365,7 @@ def test_documents_with_host_boundaries_never_wait_for_the_gpu(conv):
         cu = psp.cu_seqlens_q.to(torch.int64)
         host = host_cu_seqlens(psp) if with_host else None
         leaves = [x.detach().clone().requires_grad_(True) for x in (proj, q, k, v, g, beta)]
-        y = causal_conv_silu(leaves[0], w, cu_seqlens=cu, cu_seqlens_cpu=host, impl=conv)
+        y = causal_conv_silu(leaves[0], w, cu_seqlens=cu, cu_seqlens_cpu=host, impl="fla")
         o, _, err = gated_delta_rule(*leaves[1:], return_error=True, cu_seqlens=cu,
                                      cu_seqlens_cpu=host, impl="fla")
         (y.float().square().mean() + o.float().square().mean()).backward()

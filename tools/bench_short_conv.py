@@ -1,17 +1,15 @@
 #!/usr/bin/env python
-"""GPU timing of the mixers' short conv + SiLU: our and fla's Triton kernels against the compiled reference.
+"""GPU timing of the mixers' short conv + SiLU: fla's Triton kernel against the compiled reference.
 
 The GDN/HAM mixers run SiLU(causal depthwise conv) over the q, k, v section of the in-projection
-(a strided view), then the activations (q, k L2-normalised, decay, beta). Until 2026-12-03 04:00
-the conv was the reference op compiled by torch.compile (model.fusions, documents as ids), then
-fla's Triton kernel (ops.short_conv impl "fla", documents as cu_seqlens), now ours (impl
-"triton", kernels/causal_conv.py, documents as ids). All are timed here in the same run,
-forward+backward (CUDA events, median of --iters), at the recipe's shape (default ham_800m:
-12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in the row):
+(a strided view), then the activations (q, k L2-normalised, decay, beta). Until 2026-12-03 the conv
+was the reference op compiled by torch.compile (model.fusions, documents as ids); now it is fla's
+Triton kernel (ops.short_conv impl "fla", documents as cu_seqlens). Both are timed here in the
+same run, forward+backward (CUDA events, median of --iters), at the recipe's shape (default
+ham_800m: 12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in the row):
 
   conv_compiled    the reference, torch.compile'd (the baseline of the ratios)
-  conv_triton      our kernels (what the mixers run on CUDA now)
-  conv_fla         fla's kernels
+  conv_fla         fla's kernel (what the mixers run on CUDA now)
   conv_eager       the reference, eager (for scale)
   +act rows        the same followed by the compiled gdn_activations (the mixer's whole front end)
 
@@ -72,7 +70,6 @@ def main(argv=None):
         dy = torch.randn(1, T, C, device=dev).bfloat16()
         convs = {
             "conv_compiled": lambda x: conv_c(x, w, doc, impl="reference"),
-            "conv_triton": lambda x: causal_conv_silu(x, w, doc, impl="triton"),
             "conv_fla": lambda x: causal_conv_silu(x, w, cu_seqlens=cu, impl="fla"),
             "conv_eager": lambda x: causal_conv_silu(x, w, doc, impl="reference"),
         }

@@ -10,10 +10,9 @@ submodule only for CUDA tensors.
 * :mod:`megatron_ham.kernels.staircase` -- ``scratchpad_attention_triton``: our Triton staircase
   kernel (the routed keys in position order, only the tiles under the staircase, fwd + bwd);
   what ``scratchpad_attention(impl="auto")`` runs on CUDA.
-* :mod:`megatron_ham.kernels.causal_conv` -- ``causal_conv_silu_triton``: our Triton causal conv +
-  SiLU (one pass each way, documents as ids); what ``causal_conv_silu(impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.short_conv` -- ``causal_conv_silu_fla``: fla 0.6.0's Triton causal
-  conv + SiLU (fwd + bwd, documents by cu_seqlens); ``causal_conv_silu(impl="fla")``.
+  conv + SiLU (fwd + bwd, documents by cu_seqlens); what ``causal_conv_silu(impl="auto")`` runs
+  on CUDA.
 * :mod:`megatron_ham.kernels.chunk_indices` -- ``chunk_indices``: fla's chunk indices of packed
   documents for the two above, from the boundaries' host copy when given (no device sync).
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
@@ -23,8 +22,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["gdn_available", "flex_available", "staircase_available", "conv_available",
-           "causal_conv_available"]
+__all__ = ["gdn_available", "flex_available", "staircase_available", "conv_available"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,13 +62,6 @@ def conv_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and _try_import("megatron_ham.kernels.short_conv") is None
-
-
-def causal_conv_available() -> bool:
-    """True when CUDA is usable and ``megatron_ham.kernels.causal_conv`` (triton) imports."""
-    import torch
-
-    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.causal_conv") is None
 
 
 def import_error(name: str):

@@ -14,8 +14,7 @@ Heads are split over the tensor-parallel (TP) ranks: H_l = num_heads / tp per ra
            [H_l*V], beta [H_l], a (decay) [H_l] (HAMMixer appends gate_rnn [H_l], gate_kv [H_l]).
            Under SP it all-gathers the sequence.
   conv1d   depthwise causal conv (kernel conv_kernel) + SiLU over this rank's q, k, v channels
-           (weight [C_l, 1, kernel], C_l = H_l*(2K+V)); it does not cross document boundaries
-           (ops.causal_conv_silu: our Triton kernels on CUDA, else the compiled reference).
+           (weight [C_l, 1, kernel], C_l = H_l*(2K+V)); it does not cross document boundaries.
   A_log, dt_bias  [H_l]: g = -exp(A_log) * softplus(a + dt_bias) (log decay), beta = sigmoid(.)
   norm weight [V] replicated: gated per-head RMSNorm; its gradient is all-reduced over TP in
            backward (all_reduce_backward), so it is the full gradient on every rank.
@@ -209,16 +208,18 @@ class GDNMixer(SectionedMixer):
         return out, cu, s, b
 
     def _conv(self, qkv: torch.Tensor, cu: Optional[torch.Tensor], packed_seq_params):
-        """SiLU(causal short conv) of q, k, v [b, s, C_l]: our Triton kernels where they run
-        (ops.short_conv.conv_impl), else the reference, compiled with the fusions; documents as
-        the per-token ids computed once per forward."""
+        """SiLU(causal short conv) of q, k, v [b, s, C_l]: fla's Triton kernel where it runs
+        (ops.short_conv.conv_impl; documents as the boundaries of the flattened batch), else the
+        reference, compiled with the fusions (documents as ids)."""
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
-        b, s, _ = qkv.shape
-        impl = conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference")
-        doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, qkv.device)
-        if impl == "reference":
+        b, s, c = qkv.shape
+        if conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "reference":
+            doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, qkv.device)
             return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference")
-        return causal_conv_silu(qkv, w, doc, impl=impl)
+        if cu is None:
+            return causal_conv_silu(qkv, w, impl="fla")
+        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla",
+                                cu_seqlens_cpu=host_cu_seqlens(packed_seq_params)).view(b, s, c)
 
     def _split_sections(self, proj: torch.Tensor) -> dict:
         """The in-projection's sections as views of proj (one torch.split, so the backward

@@ -9,12 +9,10 @@ Padding (`mask` False: a token that is not there) is no tap: the j-th tap of a t
 real token before it, so a row's real tokens give what they give without the padding; a padding
 position's output is 0.
 
-Three implementations (``impl``): ``"reference"`` (below: W shifted products, documents as ids,
-the definition; the mixers compile it with their fusions), ``"triton"`` (our Triton kernels,
-megatron_ham.kernels.causal_conv: one pass each way; CUDA, no padding, documents as ids or
-``cu_seqlens``) and ``"fla"`` (fla 0.6.0's Triton kernels, megatron_ham.kernels.short_conv; CUDA,
-no padding, documents as ``cu_seqlens`` only). ``"auto"`` picks ``"triton"`` where it can run
-(:func:`conv_impl`), else the reference.
+Two implementations (``impl``): ``"reference"`` (below: W shifted products, documents as ids, the
+definition; the mixers compile it with their fusions) and ``"fla"`` (fla 0.6.0's Triton kernels,
+megatron_ham.kernels.short_conv; CUDA, no padding, documents as ``cu_seqlens``). ``"auto"`` picks
+``"fla"`` where it can run (:func:`conv_impl`), else the reference.
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from ._checks import check_cu_seqlens, check_tensor
 from ._kernels import kernel_import_error, load_kernels
 
-IMPLS = ("auto", "reference", "triton", "fla")
+IMPLS = ("auto", "reference", "fla")
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
@@ -37,8 +35,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
     mask bool `[B,T]` (None = every token is there; False = padding, skipped), cu_seqlens int
     `[N+1]` (B == 1): the documents as boundaries instead of ids (give one or the other; "fla"
     takes boundaries only), cu_seqlens_cpu: the same boundaries on the host (optional; "fla"
-    then derives its chunk indices without waiting for the GPU, as ops.gated_delta_rule; the
-    others read the boundaries on the device and wait for nothing either).
+    then derives its chunk indices without waiting for the GPU, as ops.gated_delta_rule).
     Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
     check_tensor("x", x, [None, None, None], "[B,T,C]")
     B, T, C = x.shape
@@ -49,14 +46,11 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
         if doc is not None:
             raise ValueError("causal_conv_silu: give the documents as doc ids or as cu_seqlens, not both")
         check_cu_seqlens(cu_seqlens, B, T, cu_seqlens_cpu)
-    resolved = conv_impl(x, impl, doc, mask)
-    if resolved == "fla":
+    if conv_impl(x, impl, doc, mask) == "fla":
         return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens, cu_seqlens_cpu)
     if cu_seqlens is not None:  # boundaries -> the id of every token's document
         doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(T, device=x.device),
                                  right=True)[None]
-    if resolved == "triton":
-        return load_kernels("causal_conv").causal_conv_silu_triton(x, weight, doc)
     if mask is None:
         return _conv(x, weight, doc)
     check_tensor("mask", mask, [B, T], "[B,T]", floating=False)
@@ -73,27 +67,24 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
 
 def conv_impl(x: torch.Tensor, impl: str = "auto", doc: Optional[torch.Tensor] = None,
               mask: Optional[torch.Tensor] = None) -> str:
-    """The implementation `causal_conv_silu` runs: THE single dispatch point. "auto" is "triton"
-    for CUDA bf16/fp16 x without padding when megatron_ham.kernels.causal_conv imports, else
-    "reference"; "triton" or "fla" (which also takes no document ids) asked for where it cannot
-    run raises ValueError."""
+    """The implementation `causal_conv_silu` runs: THE single dispatch point. "auto" is "fla"
+    for CUDA bf16/fp16 x without padding or document ids when megatron_ham.kernels.short_conv
+    imports, else "reference"; "fla" asked for where it cannot run raises ValueError."""
     if impl not in IMPLS:
         raise ValueError(f"causal_conv_silu: impl must be one of {list(IMPLS)}, got {impl!r}")
-    gpu = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and mask is None
-    if impl == "reference" or (impl == "auto" and not gpu):
+    runnable = (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and doc is None
+                and mask is None)
+    if impl == "reference" or (impl == "auto" and not runnable):
         return "reference"
     kernels = load_kernels()
-    if impl in ("auto", "triton") and gpu and kernels is not None and kernels.causal_conv_available():
-        return "triton"
-    if impl == "fla" and gpu and doc is None and kernels is not None and kernels.conv_available():
+    if runnable and kernels is not None and kernels.conv_available():
         return "fla"
     if impl == "auto":
         return "reference"
-    module = "causal_conv" if impl == "triton" else "short_conv"
-    raise ValueError(f"causal_conv_silu: impl={impl!r} needs CUDA bf16/fp16 x without mask"
-                     f"{' or doc ids (documents as cu_seqlens)' if impl == 'fla' else ''}; x is "
-                     f"{x.dtype} on {x.device}, mask {'given' if mask is not None else 'None'}, doc "
-                     f"{'given' if doc is not None else 'None'}; import: {kernel_import_error(module)}")
+    raise ValueError(f"causal_conv_silu: impl='fla' needs CUDA bf16/fp16 x without mask or doc ids "
+                     f"(documents as cu_seqlens); x is {x.dtype} on {x.device}, mask "
+                     f"{'given' if mask is not None else 'None'}, doc {'given' if doc is not None else 'None'}; "
+                     f"import: {kernel_import_error('short_conv')}")
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, doc: Optional[torch.Tensor]) -> torch.Tensor:
