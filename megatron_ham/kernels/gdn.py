@@ -18,7 +18,7 @@ What runs (layout ``[B, T, H, D]``, heads never mixed, so H may be split over te
   division by beta (so beta ~ 0 is harmless), no sequential pass, no ``[B,T,H,V]`` intermediate.
 * backward: fla's backward stages, called one by one as ``chunk_gated_delta_rule_bwd`` calls
   them, on the forward's own ``w``, ``h`` and ``v_new`` (kept for backward: fla recomputes them,
-  two more kernels per layer, ~10 ms per 16k sequence at 800M on an H200, for ~200 MiB per layer
+  two more kernels per layer, ~8 ms per 16k sequence at 800M on an H200, for ~190 MiB per layer
   and 16k sequence kept; with ``train.recompute`` a recomputed layer keeps them only during its
   own backward). So exactly fla's gradients for q, k, v, g, beta and the initial state:
     5. ``chunk_bwd_dv_local``              the intra-chunk part of dv

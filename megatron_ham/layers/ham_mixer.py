@@ -165,7 +165,9 @@ class HAMMixer(GDNMixer):
             self._recorded.append(scores.detach().reshape(b, s))
         self.last_scores = scores.detach().reshape(b, s)  # fp32 [b, s], for evaluation reports
         self.last_routed = routed.detach().reshape(b, s)
-        v_kv = t["v"] if r is None else self._fused(router_weighted_values)(t["v"], r.to(t["v"].dtype), routed)
+        v_kv = t["v"]
+        if r is not None:  # the learned router: routed values scaled by r (compiled with the fusions)
+            v_kv = self._fused(router_weighted_values)(v_kv, r.to(v_kv.dtype), routed)
         o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=self.scratchpad_scale,
                                     cu_seqlens=cu, impl=self.scratchpad_impl)
         y = self._fused(gated_combine)(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t.get("z"),
