@@ -125,6 +125,8 @@ def test_profile_step_cpu(tmp_path):
     total = sum(r["percent"] for r in s["categories"])
     assert 99.0 < total < 101.0, total  # CPU: one thread of operators + the time outside them
     assert "% of step" in p.stdout and "host gaps" in p.stdout
+    # the same step without the profiler, against the time in operators under it
+    assert s["unprofiled_step_ms"] > 0 and "step (unprofiled)" in p.stdout
     bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
 
