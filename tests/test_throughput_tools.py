@@ -101,6 +101,27 @@ def test_bench_recipes_both_modes_cold_then_warm_cache(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_recipes_data_parallel_scaling(tmp_path):
+    """--gpus 1 2: the same recipe again as 2 data-parallel processes (torchrun; gloo on the CPU),
+    one sequence per GPU in mbs1 mode, and its tokens/s per GPU over the 1-process run's."""
+    out = tmp_path / "bench.json"
+    tool = os.path.join(REPO, "tools", "bench_recipes.py")
+    cmd = [sys.executable, tool, "--recipes", "recipes/tiny_cpu.yaml", "--set", "model.seq_length=64",
+           "model.num_layers=1", "--mode", "mbs1", "--steps", "1", "--warmup", "1", "--gpus", "1", "2",
+           "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = json.loads(out.read_text())
+    assert (one["gpus"], one["global_batch_size"], two["gpus"], two["global_batch_size"]) == (1, 1, 2, 2)
+    assert two["tokens_per_s_per_gpu"] > 0 and two["dp_scaling"] == pytest.approx(
+        two["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"])
+    assert "data-parallel scaling recipes/tiny_cpu.yaml (mbs1): 1 -> 2 GPUs" in p.stdout
+    for bad in (["--gpus", "0"], ["--gpus", "2", "2"]):
+        b = subprocess.run([sys.executable, tool, *bad], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+        assert b.returncode == 2 and "--gpus" in b.stderr, b.stderr
+
+
+@pytest.mark.slow
 def test_profile_step_cpu(tmp_path):
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",

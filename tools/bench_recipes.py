@@ -5,13 +5,14 @@
     python tools/bench_recipes.py --set train.compile_cache_dir=/tmp/cc   # cold, then warm compile
     python tools/bench_recipes.py --recipes recipes/tiny_cpu.yaml --set model.seq_length=128 \
         --steps 3 --warmup 1 --recipe-steps 1 --recipe-warmup 1   # CPU smoke test of the tool itself
+    python tools/bench_recipes.py --recipes recipes/ham_800m.yaml --mode recipe --gpus 1 2   # DP scaling
 
-Each recipe runs the real training loop (`python -m megatron_ham.train`, one process, world
-size 1) at its own context (16,384 for the 800M recipes), synthetic tokens, no checkpoints, in
-one or both modes (`--mode`):
+Each recipe runs the real training loop (`python -m megatron_ham.train`; one process, or with
+`--gpus N` N data-parallel processes of one host through torchrun) at its own context (16,384
+for the 800M recipes), synthetic tokens, no checkpoints, in one or both modes (`--mode`):
 
-- `mbs1`: micro-batch 1 and global batch 1 (one 16k sequence per optimizer step), for
-  `--warmup` + `--steps` steps: the kernels' speed, an optimizer step per sequence;
+- `mbs1`: micro-batch 1 and global batch 1 per GPU (one 16k sequence per GPU and optimizer
+  step), for `--warmup` + `--steps` steps: the kernels' speed, an optimizer step per sequence;
 - `recipe`: the recipe's own global batch and micro-batch (the 800M recipes: 32 sequences per
   step = 32 micro-batches of 1 accumulated on one GPU), for `--recipe-warmup` +
   `--recipe-steps` steps: the throughput of the run as it trains.
@@ -22,8 +23,11 @@ docs/training.md, the HAM scratchpad counted at its measured KV fraction). Each 
 its time from process start to the end of its first step (`ttfs`), split into set-up and the
 first step, and whether the compile cache was warm (with `--set train.compile_cache_dir=DIR`
 the first run of a recipe fills DIR and its second mode starts warm). Ratios are against the
-Transformer of the same mode measured in the same session. Targets (issue #15): MFU >= 40 %,
-HAM tokens/s >= 1.3 x Transformer.
+Transformer of the same mode and GPU count measured in the same session. Targets (issue #15):
+MFU >= 40 %, HAM tokens/s >= 1.3 x Transformer. With several `--gpus`, each recipe and mode also
+gets its data-parallel scaling: tokens/s per GPU at N GPUs over that at the first count given
+(issue #15's target: >= 0.9 from 1 to 2 GPUs); the recipe mode keeps the recipe's global batch
+(32 sequences: 16 micro-batches per GPU at 2 GPUs), as a run on more GPUs would.
 """
 from __future__ import annotations
 
@@ -59,26 +63,33 @@ def measurement_overrides(work: str, steps: int) -> list:
             f"logging.jsonl={work}/metrics.jsonl", f"logging.tensorboard_dir={work}/tb"]
 
 
-def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float) -> dict:
+def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float,
+            gpus: int = 1) -> dict:
     name = os.path.splitext(os.path.basename(recipe))[0]
-    d = os.path.join(workdir, name, mode)
+    d = os.path.join(workdir, name, mode, f"{gpus}gpu")
     os.makedirs(d, exist_ok=True)
-    batch = ["train.global_batch_size=1", "train.micro_batch_size=1"] if mode == "mbs1" else []
+    batch = [f"train.global_batch_size={gpus}", "train.micro_batch_size=1"] if mode == "mbs1" else []
     ov = [*measurement_overrides(d, steps + warmup), *batch, "logging.interval=1", *extra]
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if gpus == 1:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        launch = [sys.executable]
+    else:  # torchrun picks its own rendezvous port (--standalone)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slurm/ham.sbatch
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), REPO) if p)
     t0 = time.time()
     try:
-        p = subprocess.run([sys.executable, "-m", "megatron_ham.train", os.path.join(REPO, recipe), *ov],
+        p = subprocess.run([*launch, "-m", "megatron_ham.train", os.path.join(REPO, recipe), *ov],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         rc, log = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         rc, log = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
     cfg = load_config(os.path.join(REPO, recipe), [*batch, *extra])
     t = cfg.train
-    res = {"recipe": recipe, "mode": mode, "architecture": cfg.model.architecture, "rc": rc,
+    res = {"recipe": recipe, "mode": mode, "gpus": gpus, "architecture": cfg.model.architecture, "rc": rc,
            "wall_s": round(time.time() - t0, 1), "global_batch_size": t.global_batch_size,
            "micro_batch_size": t.micro_batch_size,
            "micro_batches_per_step": t.global_batch_size // t.micro_batch_size}
@@ -110,6 +121,47 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
     return res
 
 
+def report(results: list, modes, gpus) -> None:
+    """The table (ratios against the Transformer of the same mode and GPU count), the targets,
+    and the data-parallel scaling of each recipe and mode over the GPU counts. Adds
+    `vs_transformer` and `dp_scaling` to the result rows."""
+    print(f"{'recipe':<28} {'mode':<7} {'GPUs':>4} {'gbs/mbs':>8} {'tok/s/GPU':>10} {'vs transf.':>10} {'MFU':>7} "
+          f"{'step s':>8} {'mem GiB':>8} {'KV frac':>8} {'ttfs s':>7} {'(set-up+step)':>14} {'cache':>6}")
+    ok = [x for x in results if "tokens_per_s_per_gpu" in x]
+    for mode in modes:
+        for n in gpus:
+            base = next((x for x in ok if (x["mode"], x["gpus"], x["architecture"]) == (mode, n, "transformer")), None)
+            for x in (x for x in results if (x["mode"], x["gpus"]) == (mode, n)):
+                ttfs = (f"{x['ttfs_s']:>7.1f} {x['setup_s']:>6.1f}+{x['first_step_s']:<7.1f} "
+                        f"{'warm' if x['cache_warm'] else 'cold':>6}") if "ttfs_s" in x else ""
+                head = f"{x['recipe']:<28} {mode:<7} {n:>4} {x['global_batch_size']:>4}/{x['micro_batch_size']:<3}"
+                if "tokens_per_s_per_gpu" not in x:
+                    print(f"{head} {'FAILED (rc ' + str(x['rc']) + ')':>10}")
+                    continue
+                # no Transformer of this mode in the run: no ratio (None in the JSON, "-" here)
+                ratio = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
+                x["vs_transformer"] = ratio
+                vs = "-" if ratio is None else f"{ratio:.2f}x"
+                mfu = "n/a" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%"
+                kv = "-" if x["kv_fraction_mean"] is None else f"{x['kv_fraction_mean']:.2f}"
+                print(f"{head} {x['tokens_per_s_per_gpu']:>10.0f} {vs:>10} {mfu:>7} "
+                      f"{x['step_time_s']:>8.3f} {x['mem_alloc_gib']:>8.1f} {kv:>8} {ttfs}")
+            ham = next((x for x in ok if (x["mode"], x["gpus"], x["architecture"]) == (mode, n, "ham")), None)
+            if ham and base:
+                ok_mfu = ham["mfu"] is not None and ham["mfu"] >= 0.40
+                ok_tps = ham["vs_transformer"] >= 1.3
+                print(f"targets ({mode}, {n} GPU): HAM MFU >= 40%: {'PASS' if ok_mfu else 'FAIL'}; "
+                      f"HAM tokens/s >= 1.3x Transformer: {'PASS' if ok_tps else 'FAIL'}")
+    first = gpus[0]
+    for x in ok:  # tokens/s per GPU at N GPUs over that at the first count, same recipe and mode
+        one = next((y for y in ok if (y["recipe"], y["mode"], y["gpus"]) == (x["recipe"], x["mode"], first)), None)
+        if one is None or x["gpus"] == first:
+            continue
+        x["dp_scaling"] = x["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
+        print(f"data-parallel scaling {x['recipe']} ({x['mode']}): {first} -> {x['gpus']} GPUs, "
+              f"{x['dp_scaling']:.3f} of the tokens/s per GPU (target >= 0.9)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +174,9 @@ def main(argv=None) -> int:
                     help="recipe mode: measured optimizer steps (each one is a whole global batch)")
     ap.add_argument("--recipe-warmup", type=int, default=1, help="recipe mode: unmeasured steps first")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every recipe")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1], metavar="N",
+                    help="data-parallel processes per run, one host (torchrun); several counts also "
+                         "give the scaling between them (default: 1)")
     ap.add_argument("--timeout", type=float, default=420,
                     help="seconds per run (the first HAM step compiles TileLang + Inductor kernels: ~5 min cold)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -132,6 +187,8 @@ def main(argv=None) -> int:
     for k in ("warmup", "recipe_warmup"):
         if getattr(args, k) < 0:
             ap.error(f"--{k.replace('_', '-')} must be >= 0")
+    if any(n < 1 for n in args.gpus) or len(set(args.gpus)) != len(args.gpus):
+        ap.error(f"--gpus: distinct counts >= 1, got {args.gpus}")
     for r in args.recipes:  # every recipe and override checked before the first (long) run
         try:
             load_config(os.path.join(REPO, r), list(args.set))
@@ -144,40 +201,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_recipes_") as work:
         for r in args.recipes:
             for mode in modes:
-                res = run_one(r, mode, *plan[mode], args.set, work, args.timeout)
-                results.append(res)
-                brief = {k: v for k, v in res.items() if k != "error"}
-                print(json.dumps(brief), flush=True)
-                if "error" in res:
-                    print(f"--- {r} ({mode}) failed (rc {res['rc']}) ---\n{res['error']}", flush=True)
+                for n in args.gpus:
+                    res = run_one(r, mode, *plan[mode], args.set, work, args.timeout, gpus=n)
+                    results.append(res)
+                    brief = {k: v for k, v in res.items() if k != "error"}
+                    print(json.dumps(brief), flush=True)
+                    if "error" in res:
+                        print(f"--- {r} ({mode}, {n} GPU) failed (rc {res['rc']}) ---\n{res['error']}", flush=True)
     print()
-    print(f"{'recipe':<28} {'mode':<7} {'gbs/mbs':>8} {'tok/s/GPU':>10} {'vs transf.':>10} {'MFU':>7} "
-          f"{'step s':>8} {'mem GiB':>8} {'KV frac':>8} {'ttfs s':>7} {'(set-up+step)':>14} {'cache':>6}")
-    for mode in modes:
-        base = next((x for x in results if x["mode"] == mode and x["architecture"] == "transformer"
-                     and "tokens_per_s_per_gpu" in x), None)
-        for x in (x for x in results if x["mode"] == mode):
-            ttfs = (f"{x['ttfs_s']:>7.1f} {x['setup_s']:>6.1f}+{x['first_step_s']:<7.1f} "
-                    f"{'warm' if x['cache_warm'] else 'cold':>6}") if "ttfs_s" in x else ""
-            head = f"{x['recipe']:<28} {mode:<7} {x['global_batch_size']:>4}/{x['micro_batch_size']:<3}"
-            if "tokens_per_s_per_gpu" not in x:
-                print(f"{head} {'FAILED (rc ' + str(x['rc']) + ')':>10}")
-                continue
-            # no Transformer of this mode in the run: no ratio (None in the JSON, "-" here)
-            ratio = x["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
-            x["vs_transformer"] = ratio
-            vs = "-" if ratio is None else f"{ratio:.2f}x"
-            mfu = "n/a" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%"
-            kv = "-" if x["kv_fraction_mean"] is None else f"{x['kv_fraction_mean']:.2f}"
-            print(f"{head} {x['tokens_per_s_per_gpu']:>10.0f} {vs:>10} {mfu:>7} "
-                  f"{x['step_time_s']:>8.3f} {x['mem_alloc_gib']:>8.1f} {kv:>8} {ttfs}")
-        ham = next((x for x in results if x["mode"] == mode and x["architecture"] == "ham"
-                    and "tokens_per_s_per_gpu" in x), None)
-        if ham and base:
-            ok_mfu = ham["mfu"] is not None and ham["mfu"] >= 0.40
-            ok_tps = ham["vs_transformer"] >= 1.3
-            print(f"targets ({mode}): HAM MFU >= 40%: {'PASS' if ok_mfu else 'FAIL'}; "
-                  f"HAM tokens/s >= 1.3x Transformer: {'PASS' if ok_tps else 'FAIL'}")
+    report(results, modes, args.gpus)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write_text(args.out, json.dumps(results, indent=1))
