@@ -116,6 +116,13 @@ def test_bench_recipes_data_parallel_scaling(tmp_path):
     assert two["tokens_per_s_per_gpu"] > 0 and two["dp_scaling"] == pytest.approx(
         two["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"])
     assert "data-parallel scaling recipes/tiny_cpu.yaml (mbs1): 1 -> 2 GPUs" in p.stdout
+    # past --timeout, the run is stopped with the workers torchrun started (their own sessions)
+    mark = f"train.seed={os.getpid() % 100000 + 7}"  # names this test's processes
+    t = subprocess.run([*cmd[:cmd.index("--out")], "--set", "model.seq_length=64", "model.num_layers=1", mark,
+                        "--timeout", "3"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert t.returncode == 1 and "FAILED (rc timeout)" in t.stdout, t.stdout[-2000:]
+    left = subprocess.run(["pgrep", "-f", mark], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
     for bad in (["--gpus", "0"], ["--gpus", "2", "2"]):
         b = subprocess.run([sys.executable, tool, *bad], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
         assert b.returncode == 2 and "--gpus" in b.stderr, b.stderr

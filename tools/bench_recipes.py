@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,25 @@ def measurement_overrides(work: str, steps: int) -> list:
             f"logging.jsonl={work}/metrics.jsonl", f"logging.tensorboard_dir={work}/tb"]
 
 
+def _stop(p: subprocess.Popen, torchrun: bool) -> str:
+    """End a run past --timeout with everything it started; returns its output so far. torchrun
+    starts its workers in sessions of their own: SIGTERM lets it stop them (up to 60 s), then
+    SIGKILL goes to its process group (one process: SIGKILL at once)."""
+    if torchrun:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            return p.communicate(timeout=60)[0] or ""
+        except subprocess.TimeoutExpired:
+            pass
+    os.killpg(p.pid, signal.SIGKILL)
+    try:
+        return p.communicate(timeout=10)[0] or ""
+    except subprocess.TimeoutExpired:  # a worker that outlived its launcher still holds the pipe
+        p.stdout.close()
+        p.wait()
+        return ""
+
+
 def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float,
             gpus: int = 1) -> dict:
     name = os.path.splitext(os.path.basename(recipe))[0]
@@ -81,18 +101,20 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slurm/ham.sbatch
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), REPO) if p)
     t0 = time.time()
+    p = subprocess.Popen([*launch, "-m", "megatron_ham.train", os.path.join(REPO, recipe), *ov], cwd=REPO,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run([*launch, "-m", "megatron_ham.train", os.path.join(REPO, recipe), *ov],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, log = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, log = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        log, rc = _stop(p, torchrun=gpus > 1), "timeout"
     cfg = load_config(os.path.join(REPO, recipe), [*batch, *extra])
     t = cfg.train
     res = {"recipe": recipe, "mode": mode, "gpus": gpus, "architecture": cfg.model.architecture, "rc": rc,
            "wall_s": round(time.time() - t0, 1), "global_batch_size": t.global_batch_size,
            "micro_batch_size": t.micro_batch_size,
-           "micro_batches_per_step": t.global_batch_size // t.micro_batch_size}
+           "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * gpus)}  # per GPU
     rows = []
     if os.path.exists(f"{d}/metrics.jsonl"):
         with open(f"{d}/metrics.jsonl") as f:
