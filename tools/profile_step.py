@@ -26,7 +26,8 @@ With --sync-debug, one more step runs under torch.cuda.set_sync_debug_mode("warn
 calls that made the host wait for the GPU (.item(), .tolist(), nonzero, ...) are counted by
 call site: each one drains the GPU's queue, so the host's Python after it shows up as GPU idle
 time. The table prints ms per step, the percentage, how many kernels (CPU: operator calls) per
-step with their mean length (many short kernels: the GPU waits for the host's launches), and
+step with their mean length (many short kernels can leave the GPU waiting for the host's
+launches: the unprofiled line below says whether it does), and
 each category's biggest items; --out writes the same as JSON.
 The profiler slows the host (it records every operator), so its host gaps overstate the GPU's
 idle time: the same `--steps` then run once more without it, and the table ends with that
@@ -209,7 +210,7 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
         us = sum(names.values())
         biggest = sorted(names.items(), key=lambda kv: -kv[1])[:top]
         # how many kernels (CUDA) or operator calls (CPU), and their mean length: a category of
-        # many short kernels is launch-bound (the host needs ~5-20 us per launch)
+        # many short kernels can be launch-bound (the host needs ~5-20 us per launch)
         rows.append({"category": cat, "ms_per_step": us / 1e3 / steps, "percent": 100 * us / wall_us,
                      "count_per_step": count[cat] / steps, "mean_us": us / count[cat] if count[cat] else 0.0,
                      "top": [[n[:120], u / 1e3 / steps] for n, u in biggest]})
