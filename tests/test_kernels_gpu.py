@@ -320,7 +320,8 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
 def test_short_conv_fla_matches_reference(T):
     """causal_conv_silu impl="fla" (fla's Triton kernels) == the reference in bf16: output, dx
     and dweight, reading x as a strided view of a wider projection (as the mixers do), with
-    documents (cu_seqlens, including a 1-token one) and with a batch of rows; "auto" picks it."""
+    documents (cu_seqlens, including a 1-token one) and with a batch of rows, with the SiLU and
+    without it (silu=False, what the mixers run); "auto" picks it."""
     from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
     C, W = 3 * 16 * 128, 4
@@ -330,7 +331,8 @@ def test_short_conv_fla_matches_reference(T):
     cu = torch.tensor([0, 1000, 1001, T], device=DEV, dtype=torch.int64)
     assert conv_impl(proj[..., :C]) == "fla" and conv_impl(proj[..., :C].float()) == "reference"
     weights = torch.linspace(-1, 1, C, device=DEV)
-    for rows, kw in ((1, {"cu_seqlens": cu}), (2, {}), (1, {})):
+    for rows, kw in ((1, {"cu_seqlens": cu}), (2, {}), (1, {}), (1, {"cu_seqlens": cu, "silu": False}),
+                     (2, {"silu": False})):
         res = {}
         for impl in ("fla", "reference"):  # the reference in fp32
             p = proj[:rows].detach().clone().requires_grad_(True)  # [rows, T, C+64]
@@ -342,6 +344,30 @@ def test_short_conv_fla_matches_reference(T):
         assert not p.grad[..., C:].any()
         for name, a, b in zip(("y", "dx", "dw"), res["fla"], res["reference"]):
             assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
+
+
+@pytest.mark.parametrize("T", [1024, 16384])
+def test_qkv_activations_triton_matches_reference(T):
+    """qkv_activations impl="triton" (our SiLU + per-head L2 norm kernels) == the fp32 reference
+    in bf16: q, k, v and dx, on the conv's output shape of ham_800m (12 heads x (2 x 128 + 128)),
+    with a zero head (the norm clamped at eps) and gradients for some outputs only; "auto" picks it."""
+    from megatron_ham.ops.gdn_activations import qkv_activations, qkv_impl
+
+    H, K, V = 12, 128, 128
+    gen = torch.Generator(device=DEV).manual_seed(13)
+    x = (torch.randn(1, T, H * (2 * K + V), generator=gen, device=DEV) * 2).bfloat16()
+    x[0, 5, :K] = 0
+    assert qkv_impl(x) == "triton" and qkv_impl(x.float()) == "reference" and qkv_impl(x, silu=False) == "reference"
+    for used in ((0, 1, 2), (0,), (2,)):
+        res = {}
+        for impl in ("triton", "reference"):
+            xi = (x if impl == "triton" else x.float()).detach().clone().requires_grad_(True)
+            out = qkv_activations(xi, H, K, V, silu=True, impl=impl)
+            weights = [torch.linspace(-1, 1, o.shape[-1], device=DEV) for o in out]
+            sum((out[i].float() * weights[i]).sum() for i in used).backward()
+            res[impl] = [o.float() for o in out] + [xi.grad.float()]
+        for name, a, b in zip(("q", "k", "v", "dx"), res["triton"], res["reference"]):
+            assert rel(a, b) < 1e-2, (name, used, rel(a, b))
 
 
 def test_documents_with_host_boundaries_never_wait_for_the_gpu():
@@ -386,7 +412,7 @@ def test_compiled_elementwise_ops_match_eager():
     """Every op the layers run through torch.compile (model.fusions, layers/fusion.py) equals its
     eager reference in bf16, forward and backward, with documents for the conv."""
     from megatron_ham.layers.fusion import maybe_compiled
-    from megatron_ham.layers.gdn_mixer import gdn_activations
+    from megatron_ham.layers.gdn_mixer import activations_recomputed, gdn_activations
     from megatron_ham.ops import apply_rope, causal_conv_silu, gated_combine, gated_rms_norm, rope_cos_sin
     from megatron_ham.ops import router_weighted_values
 
@@ -400,6 +426,11 @@ def test_compiled_elementwise_ops_match_eager():
         "causal_conv_silu": (causal_conv_silu, (r(1, T, H * (2 * K + V)), r(H * (2 * K + V), 4), doc), {}),
         "gdn_activations": (gdn_activations, (r(1, T, H * (2 * K + V)), r(1, T, H), r(1, T, H),
                                               A_log, dt_bias, H, K, V), {}),
+        # what the mixers run: the conv without its SiLU, then the SiLU + norms recomputed in backward
+        "causal_conv_silu(silu=False)": (causal_conv_silu, (r(1, T, H * (2 * K + V)), r(H * (2 * K + V), 4), doc),
+                                         {"silu": False}),
+        "activations_recomputed": (activations_recomputed, (r(1, T, H * (2 * K + V)), r(1, T, H), r(1, T, H),
+                                                            A_log, dt_bias, H, K, V), {}),
         "gated_rms_norm": (gated_rms_norm, (r(1, T, H, V), r(1, T, H, V), r(V)), {"eps": 1e-6}),
         "gated_combine": (gated_combine, (r(1, T, H, V), r(1, T, H, V), r(1, T, H), r(1, T, H),
                                           r(1, T, H, V), r(V)), {"eps": 1e-6}),

@@ -26,6 +26,31 @@ def test_documents_restart_the_taps():
     assert not torch.allclose(got, causal_conv_silu(x, w))  # the boundaries matter
 
 
+def test_pre_activation_then_silu_in_the_activations_is_the_same():
+    """The mixers' split: causal_conv_silu(silu=False) is the conv alone, and gdn_activations(
+    silu=True) applies the SiLU: together the same q, k, v, g, beta as the conv with its SiLU
+    followed by the plain activations (with documents and padding too)."""
+    from megatron_ham.ops import gdn_activations
+
+    g = torch.Generator().manual_seed(3)
+    H, K, V, T = 2, 4, 3, 11
+    x = torch.randn(2, T, H * (2 * K + V), generator=g, dtype=torch.float64)
+    w = torch.randn(x.shape[-1], 4, generator=g, dtype=torch.float64)
+    doc = torch.repeat_interleave(torch.arange(2), torch.tensor([4, 7]))[None].expand(2, T)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, :3] = False
+    pre = causal_conv_silu(x, w, doc, mask=mask, silu=False)
+    torch.testing.assert_close(F.silu(pre) * mask[..., None], causal_conv_silu(x, w, doc, mask=mask))
+    torch.testing.assert_close(causal_conv_silu(x, w, silu=False).narrow(1, 3, 1),
+                               (x[:, :4].flip(1) * w.T.flip(0)).sum(1, keepdim=True))
+    a, b = torch.randn(2, T, H, generator=g), torch.randn(2, T, H, generator=g)
+    A_log, dt = torch.randn(H, generator=g), torch.randn(H, generator=g)
+    split = gdn_activations(pre, a, b, A_log, dt, H, K, V, silu=True)
+    fused = gdn_activations(F.silu(pre), a, b, A_log, dt, H, K, V)
+    for s_, f_ in zip(split, fused):
+        torch.testing.assert_close(s_, f_)
+
+
 def test_padding_is_no_tap():
     """mask False = no token: each real token's taps are the real tokens before it (across the
     padding), as if the padding were not there; padding outputs 0; documents still restart."""

@@ -12,6 +12,12 @@ ham_800m: 12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in 
   conv_fla         fla's kernel (what the mixers run on CUDA now)
   conv_eager       the reference, eager (for scale)
   +act rows        the same followed by the compiled gdn_activations (the mixer's whole front end)
+  *_pre+act        the conv WITHOUT its SiLU (silu=False), then the SiLU and the activations,
+                   compiled and recomputed in backward (layers.gdn_mixer.activations_recomputed):
+                   (fla's backward then neither recomputes the conv nor re-reads it at every tap)
+  *_pre+act_triton the same with our Triton SiLU + norm kernels for q, k, v (ops.gdn_activations.
+                   qkv_activations impl "triton") and the compiled decay and beta: what the mixers
+                   run since 2026-12-03
 
     python tools/bench_short_conv.py --T 16384 --json $OUT/short_conv.json
 """
@@ -47,7 +53,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_short_conv.py needs a CUDA GPU")
-    from megatron_ham.ops.gdn_activations import gdn_activations
+    from megatron_ham.layers.gdn_mixer import activations_recomputed
+    from megatron_ham.ops.gdn_activations import decay_and_beta, gdn_activations, qkv_activations
     from megatron_ham.ops.short_conv import causal_conv_silu
 
     dev = torch.device("cuda")
@@ -57,6 +64,8 @@ def main(argv=None):
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; C = {C}, W = {W}")
     conv_c = torch.compile(causal_conv_silu, dynamic=False)
     act_c = torch.compile(gdn_activations, dynamic=False)
+    act_r = torch.compile(activations_recomputed, dynamic=False)
+    db_c = torch.compile(decay_and_beta, dynamic=False)
     rows = []
     for T in args.T:
         torch.manual_seed(T)
@@ -85,6 +94,26 @@ def main(argv=None):
             for label, fn in ((name, step), (name + "+act", step_act)):
                 ms, peak, _ = time_fwd_bwd(fn, [proj, w], args.warmup, args.iters)
                 rows.append(dict(name=label, T=T, C=C, ms=ms, peak_mib=peak))
+        # what the mixers run: the conv without its SiLU, the SiLU inside the compiled activations
+        conv_pre_c = lambda x: conv_c(x, w, doc, impl="reference", silu=False)  # noqa: E731
+        conv_pre_fla = lambda x: causal_conv_silu(x, w, cu_seqlens=cu, impl="fla", silu=False)  # noqa: E731
+
+        def act_triton(x, a, beta):
+            return qkv_activations(x, H, K, V, silu=True, impl="triton") + db_c(a, beta, A_log, dt_bias)
+
+        pre_rows = {
+            "conv_compiled_pre+act": (conv_pre_c, lambda x, a, b: act_r(x, a, b, A_log, dt_bias, H, K, V)),
+            "conv_fla_pre+act": (conv_pre_fla, lambda x, a, b: act_r(x, a, b, A_log, dt_bias, H, K, V)),
+            "conv_fla_pre+act_triton": (conv_pre_fla, act_triton),
+        }
+        for name, (conv, act) in pre_rows.items():
+            def step_pre(conv=conv, act=act):
+                a, beta = proj[..., C + H * V: C + H * V + H], proj[..., C + H * V + H:]
+                q, k, v, g, b = act(conv(proj[..., :C]), a, beta)
+                (q.float().sum() + k.float().sum() + v.float().sum() + g.sum() + b.sum()).backward()
+
+            ms, peak, _ = time_fwd_bwd(step_pre, [proj, w], args.warmup, args.iters)
+            rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak))
         base = {r["name"].replace("conv_compiled", ""): r["ms"] for r in rows
                 if r["T"] == T and r["name"].startswith("conv_compiled")}
         print(f"\nT = {T}: fwd+bwd ms, ratio to the compiled reference of the same row kind")

@@ -13,6 +13,9 @@ submodule only for CUDA tensors.
 * :mod:`megatron_ham.kernels.short_conv` -- ``causal_conv_silu_fla``: fla 0.6.0's Triton causal
   conv + SiLU (fwd + bwd, documents by cu_seqlens); what ``causal_conv_silu(impl="auto")`` runs
   on CUDA.
+* :mod:`megatron_ham.kernels.qkv_activation` -- ``qkv_activations_triton``: our Triton SiLU + per-head
+  L2 norm of the conv's q, k, v (fwd + bwd, only the pre-activation kept); what
+  ``qkv_activations(silu=True, impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.chunk_indices` -- ``chunk_indices``: fla's chunk indices of packed
   documents for the two above, from the boundaries' host copy when given (no device sync).
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the
@@ -22,7 +25,8 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["gdn_available", "flex_available", "staircase_available", "conv_available"]
+__all__ = ["gdn_available", "flex_available", "staircase_available", "conv_available",
+           "qkv_activation_available"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,6 +66,13 @@ def conv_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and _try_import("megatron_ham.kernels.short_conv") is None
+
+
+def qkv_activation_available() -> bool:
+    """True when CUDA is usable and ``megatron_ham.kernels.qkv_activation`` (triton) imports."""
+    import torch
+
+    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.qkv_activation") is None
 
 
 def import_error(name: str):

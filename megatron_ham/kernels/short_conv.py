@@ -3,11 +3,13 @@
 What ``megatron_ham.ops.causal_conv_silu(impl="auto")`` runs for CUDA bf16/fp16 inputs without
 padding (the reference there is the definition; tests/test_kernels_gpu.py checks the two agree):
 
-* forward: fla's ``causal_conv1d`` (``activation="silu"``): one kernel, tiles of 64 tokens x a
+* forward: fla's ``causal_conv1d`` (``activation="silu"``, or none with ``silu=False``): one kernel, tiles of 64 tokens x a
   block of channels, the W taps loaded from x through its strides, so a strided x (the q, k, v
   section of the in-projection's output, a view) is read in place;
-* backward: fla's (it recomputes the pre-activation, then one kernel for dx and per-tile partial
-  weight gradients, summed in fp32).
+* backward: fla's: one kernel for dx and per-tile partial weight gradients, summed in fp32. With
+  the SiLU, fla first recomputes the pre-activation (a second forward, written out) and that
+  kernel reads it at every tap; the mixers therefore ask for the conv alone (``silu=False``)
+  and apply the SiLU in their compiled activations, whose backward hands this one dL/dpre.
 
 The weight convention is ours: ``weight [C, W]``, tap W-1 the current token. Documents are
 ``cu_seqlens`` over one packed row (B == 1): the taps restart at every boundary. The chunk
@@ -31,11 +33,12 @@ __all__ = ["causal_conv_silu_fla"]
 
 def causal_conv_silu_fla(x: torch.Tensor, weight: torch.Tensor,
                          cu_seqlens: Optional[torch.Tensor] = None,
-                         cu_seqlens_cpu: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         cu_seqlens_cpu: Optional[torch.Tensor] = None,
+                         silu: bool = True) -> torch.Tensor:
     """x ``[B,T,C]`` (any strides with unit channel stride), weight ``[C,W]``, cu_seqlens int
     ``[N+1]`` (B == 1) or None, cu_seqlens_cpu its host copy or None -> SiLU(causal depthwise
-    conv) ``[B,T,C]`` contiguous, x's dtype."""
+    conv) ``[B,T,C]`` contiguous, x's dtype (the conv alone with ``silu=False``)."""
     chunks = None if cu_seqlens is None else varlen_chunk_indices(cu_seqlens, CHUNK, cu_seqlens_cpu)
-    y, _ = causal_conv1d(x, weight, activation="silu", backend="triton",
+    y, _ = causal_conv1d(x, weight, activation="silu" if silu else None, backend="triton",
                          cu_seqlens=cu_seqlens, chunk_indices=chunks)
     return y

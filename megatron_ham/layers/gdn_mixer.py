@@ -14,6 +14,7 @@ Heads are split over the tensor-parallel (TP) ranks: H_l = num_heads / tp per ra
            [H_l*V], beta [H_l], a (decay) [H_l] (HAMMixer appends gate_rnn [H_l], gate_kv [H_l]).
            Under SP it all-gathers the sequence.
   conv1d   depthwise causal conv (kernel conv_kernel) + SiLU over this rank's q, k, v channels
+           (the SiLU applied with the activations, see _conv)
            (weight [C_l, 1, kernel], C_l = H_l*(2K+V)); it does not cross document boundaries.
   A_log, dt_bias  [H_l]: g = -exp(A_log) * softplus(a + dt_bias) (log decay), beta = sigmoid(.)
   norm weight [V] replicated: gated per-head RMSNorm; its gradient is all-reduced over TP in
@@ -42,12 +43,13 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ham.ops.combine import gated_rms_norm
-from megatron_ham.ops.gdn_activations import gdn_activations
+from megatron_ham.ops.gdn_activations import decay_and_beta, gdn_activations, qkv_activations, qkv_impl
 from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
 from .documents import cached_document_ids, document_cu_seqlens, host_cu_seqlens
@@ -62,6 +64,15 @@ class GDNMixerSubmodules:
 
     in_proj: Union[ModuleSpec, type] = IdentityOp
     out_proj: Union[ModuleSpec, type] = IdentityOp
+
+
+def activations_recomputed(qkv, a, beta_logit, A_log, dt_bias, H: int, K: int, V: int):
+    """``gdn_activations(silu=True)`` on the conv's pre-activation, recomputed in its backward
+    (non-reentrant checkpoint): compiled with the fusions, the backward is one fused kernel
+    that redoes the SiLU and the norms from the pre-activation, and only that is kept for it
+    (measured on ham_800m: keeping what the compiler chose cost 3.1 GiB more, 2026-12-03)."""
+    return checkpoint(gdn_activations, qkv, a, beta_logit, A_log, dt_bias, H, K, V, True,
+                      use_reentrant=False, preserve_rng_state=False)
 
 
 #: decay-rate init A ~ U[A_INIT_MIN, A_INIT_MAX], A_log = log A (as fla / Megatron)
@@ -194,9 +205,8 @@ class GDNMixer(SectionedMixer):
         qkv = parts.pop("qkv", None)
         if qkv is None:
             qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
-        qkv = self._conv(qkv, cu, packed_seq_params)
-        q, k, v, g, beta = self._fused(gdn_activations)(
-            qkv, parts["a"], parts["beta"], self.A_log, self.dt_bias, self.H_l, self.K, self.V)
+        qkv = self._conv(qkv, cu, packed_seq_params)  # the pre-activation: SiLU in the next line
+        q, k, v, g, beta = self._activations(qkv, parts["a"], parts["beta"])
         out = dict(q=q, k=k, v=v, g=g, beta=beta)
         if "z" in parts:  # the output gate (model.output_gate "silu")
             out["z"] = parts["z"].reshape(b, s, self.H_l, self.V)
@@ -208,18 +218,31 @@ class GDNMixer(SectionedMixer):
         return out, cu, s, b
 
     def _conv(self, qkv: torch.Tensor, cu: Optional[torch.Tensor], packed_seq_params):
-        """SiLU(causal short conv) of q, k, v [b, s, C_l]: fla's Triton kernel where it runs
-        (ops.short_conv.conv_impl; documents as the boundaries of the flattened batch), else the
-        reference, compiled with the fusions (documents as ids)."""
+        """The causal short conv of q, k, v [b, s, C_l], WITHOUT its SiLU (gdn_activations
+        applies it, compiled with the fusions: fla's backward would otherwise recompute the conv
+        and re-read it at every tap): fla's Triton kernel where it runs (ops.short_conv.conv_impl;
+        documents as the boundaries of the flattened batch), else the reference, compiled with
+        the fusions (documents as ids)."""
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
         b, s, c = qkv.shape
         if conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "reference":
             doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, qkv.device)
-            return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference")
+            return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference", silu=False)
         if cu is None:
-            return causal_conv_silu(qkv, w, impl="fla")
-        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla",
+            return causal_conv_silu(qkv, w, impl="fla", silu=False)
+        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla", silu=False,
                                 cu_seqlens_cpu=host_cu_seqlens(packed_seq_params)).view(b, s, c)
+
+    def _activations(self, qkv: torch.Tensor, a: torch.Tensor, beta_logit: torch.Tensor):
+        """SiLU + norms of the conv's pre-activation qkv [b, s, C_l], and the decay and beta
+        (ops.gdn_activations): our Triton kernels for q, k, v where they run (impl auto/fla),
+        else the reference, recomputed in backward (activations_recomputed); compiled with the
+        fusions either way."""
+        if qkv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "triton":
+            q, k, v = qkv_activations(qkv, self.H_l, self.K, self.V, silu=True, impl="triton")
+            return (q, k, v) + self._fused(decay_and_beta)(a, beta_logit, self.A_log, self.dt_bias)
+        return self._fused(activations_recomputed)(qkv, a, beta_logit, self.A_log, self.dt_bias,
+                                                   self.H_l, self.K, self.V)
 
     def _split_sections(self, proj: torch.Tensor) -> dict:
         """The in-projection's sections as views of proj (one torch.split, so the backward

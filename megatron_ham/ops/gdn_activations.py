@@ -1,24 +1,81 @@
 """The Gated DeltaNet inputs from the mixer's projections: normalised q, k, v, decay and beta.
 
     q, k = L2-normalise per head (fp32 inside, eps 1e-6); v reshaped per head
+               (silu=True: SiLU first, qkv being the conv's pre-activation)
     g    = -exp(A_log) * softplus(a + dt_bias)      (log decay <= 0, fp32)
     beta = sigmoid(beta_logit)                      (write strength in (0, 1), fp32)
 
 Layout `[B,T,...]`, H = this tensor-parallel rank's heads. Used by the Megatron mixers
-(megatron_ham.layers) and the exported Hugging Face model alike.
+(megatron_ham.layers) and the exported Hugging Face model alike. :func:`gdn_activations` is the
+whole step; the mixers run its two halves, :func:`qkv_activations` (on CUDA with ``silu=True``:
+our Triton kernels, megatron_ham.kernels.qkv_activation, ``impl="auto"``) and
+:func:`decay_and_beta`.
 """
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_tensor
+from ._kernels import kernel_import_error, load_kernels
 
-def gdn_activations(qkv, a, beta_logit, A_log, dt_bias, H: int, K: int, V: int):
-    """qkv [B,T,H*(2K+V)] (the conv output) -> q, k [B,T,H,K] (L2-normalised, qkv's dtype),
-    v [B,T,H,V]; a, beta_logit [B,T,H] and A_log, dt_bias [H] -> g, beta fp32 [B,T,H]."""
-    B, T = qkv.shape[:2]
-    q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
-    q = F.normalize(q.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(qkv.dtype)
-    k = F.normalize(k.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(qkv.dtype)
+IMPLS = ("auto", "reference", "triton")
+
+
+def gdn_activations(qkv, a, beta_logit, A_log, dt_bias, H: int, K: int, V: int, silu: bool = False):
+    """qkv [B,T,H*(2K+V)] (the conv output; with silu=True its pre-activation,
+    causal_conv_silu(silu=False), and the SiLU is applied here, in fp32) -> q, k [B,T,H,K]
+    (L2-normalised, qkv's dtype), v [B,T,H,V]; a, beta_logit [B,T,H] and A_log, dt_bias [H] ->
+    g, beta fp32 [B,T,H]. The reference math throughout."""
+    q, k, v = _qkv_reference(qkv, H, K, V, silu)
+    return (q, k, v) + decay_and_beta(a, beta_logit, A_log, dt_bias)
+
+
+def decay_and_beta(a, beta_logit, A_log, dt_bias) -> Tuple[torch.Tensor, torch.Tensor]:
+    """a, beta_logit [B,T,H], A_log, dt_bias [H] -> g (log decay), beta, both fp32 [B,T,H]."""
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    return q, k, v.reshape(B, T, H, V), g, torch.sigmoid(beta_logit.float())
+    return g, torch.sigmoid(beta_logit.float())
+
+
+def qkv_activations(qkv: torch.Tensor, H: int, K: int, V: int, silu: bool = False,
+                    impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k, v half of :func:`gdn_activations`: qkv [B,T,H*(2K+V)] -> q, k [B,T,H,K], v
+    [B,T,H,V] in qkv's dtype. ``impl``: "reference" (below), "triton" (our kernels: CUDA
+    bf16/fp16 with silu=True; contiguous outputs, the backward keeps only qkv), "auto" (triton
+    where it runs, see :func:`qkv_impl`)."""
+    check_tensor("qkv", qkv, [None, None, H * (2 * K + V)], "[B,T,H*(2K+V)]")
+    if qkv_impl(qkv, impl, silu) == "triton":
+        return load_kernels("qkv_activation").qkv_activations_triton(qkv, H, K, V)
+    return _qkv_reference(qkv, H, K, V, silu)
+
+
+def qkv_impl(qkv: torch.Tensor, impl: str = "auto", silu: bool = True) -> str:
+    """The implementation :func:`qkv_activations` runs: THE single dispatch point. "auto" is
+    "triton" for CUDA bf16/fp16 qkv with silu=True when megatron_ham.kernels.qkv_activation
+    imports, else "reference"; "triton" asked for where it cannot run raises ValueError."""
+    if impl not in IMPLS:
+        raise ValueError(f"qkv_activations: impl must be one of {list(IMPLS)}, got {impl!r}")
+    runnable = qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and silu
+    if impl == "reference" or (impl == "auto" and not runnable):
+        return "reference"
+    kernels = load_kernels()
+    if runnable and kernels is not None and kernels.qkv_activation_available():
+        return "triton"
+    if impl == "auto":
+        return "reference"
+    raise ValueError(f"qkv_activations: impl='triton' needs CUDA bf16/fp16 qkv and silu=True; qkv is "
+                     f"{qkv.dtype} on {qkv.device}, silu={silu}; import: "
+                     f"{kernel_import_error('qkv_activation')}")
+
+
+def _qkv_reference(qkv, H: int, K: int, V: int, silu: bool):
+    B, T = qkv.shape[:2]
+    dtype = qkv.dtype
+    if silu:  # in fp32, not rounded before the norms
+        qkv = F.silu(qkv.float())
+    q, k, v = torch.split(qkv, [H * K, H * K, H * V], -1)
+    q = F.normalize(q.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(dtype)
+    k = F.normalize(k.reshape(B, T, H, K).float(), dim=-1, eps=1e-6).to(dtype)
+    return q, k, v.reshape(B, T, H, V).to(dtype)

@@ -30,13 +30,15 @@ IMPLS = ("auto", "reference", "fla")
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
                      doc: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                      cu_seqlens: Optional[torch.Tensor] = None, impl: str = "auto",
-                     cu_seqlens_cpu: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     cu_seqlens_cpu: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
     """x `[B,T,C]`, weight `[C,W]`, doc int `[B,T]` document ids (None = one document per row),
     mask bool `[B,T]` (None = every token is there; False = padding, skipped), cu_seqlens int
     `[N+1]` (B == 1): the documents as boundaries instead of ids (give one or the other; "fla"
     takes boundaries only), cu_seqlens_cpu: the same boundaries on the host (optional; "fla"
     then derives its chunk indices without waiting for the GPU, as ops.gated_delta_rule).
-    Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype."""
+    Returns SiLU(depthwise causal conv) `[B,T,C]` in x's dtype; with ``silu=False`` the conv
+    alone (the pre-activation: the mixers apply the SiLU in their compiled activations,
+    ``gdn_activations(silu=True)``, so no backward has to recompute the conv)."""
     check_tensor("x", x, [None, None, None], "[B,T,C]")
     B, T, C = x.shape
     check_tensor("weight", weight, [C, None], "[C,W]")
@@ -47,12 +49,13 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
             raise ValueError("causal_conv_silu: give the documents as doc ids or as cu_seqlens, not both")
         check_cu_seqlens(cu_seqlens, B, T, cu_seqlens_cpu)
     if conv_impl(x, impl, doc, mask) == "fla":
-        return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens, cu_seqlens_cpu)
+        return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens, cu_seqlens_cpu,
+                                                               silu=silu)
     if cu_seqlens is not None:  # boundaries -> the id of every token's document
         doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(T, device=x.device),
                                  right=True)[None]
     if mask is None:
-        return _conv(x, weight, doc)
+        return _conv(x, weight, doc, silu)
     check_tensor("mask", mask, [B, T], "[B,T]", floating=False)
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor of shape [B,T], got dtype {mask.dtype}")
@@ -60,7 +63,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
     # over them as one sequence, and the outputs go back to their positions
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [B,T]
     idx = order[..., None].expand(B, T, C)
-    y = _conv(x.gather(1, idx), weight, doc.gather(1, order) if doc is not None else None)
+    y = _conv(x.gather(1, idx), weight, doc.gather(1, order) if doc is not None else None, silu)
     y = torch.zeros_like(y).scatter(1, idx, y)
     return y * mask[..., None].to(y.dtype)
 
@@ -87,7 +90,7 @@ def conv_impl(x: torch.Tensor, impl: str = "auto", doc: Optional[torch.Tensor] =
                      f"import: {kernel_import_error('short_conv')}")
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, doc: Optional[torch.Tensor]) -> torch.Tensor:
+def _conv(x: torch.Tensor, weight: torch.Tensor, doc: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
     B, T, C = x.shape
     W = weight.shape[1]
     y = x * weight[:, W - 1]
@@ -97,4 +100,4 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, doc: Optional[torch.Tensor]) ->
             same = F.pad(doc[:, j:] == doc[:, : T - j], (j, 0), value=False)
             shifted = shifted * same[..., None].to(x.dtype)
         y = y + shifted * weight[:, W - 1 - j]
-    return F.silu(y)
+    return F.silu(y) if silu else y
