@@ -20,7 +20,10 @@
 #    (the bf16 learned-router save crashed in megatron-core 0.19.2 before the router held the
 #    model's dtype; ham-eval on a GPU-trained checkpoint)
 # (06:53 run: with the tests compiling alongside, the first step took 53 s; the limits of 140 s
-# and 70 s cut both runs)
+# and 70 s cut both runs. 2026-12-03 11:25 run: the cold first step took 170 s, train and resume
+# passed, ham-eval was cut at 60 s (now 130 s); 40 kernel tests passed, 2 skipped, and the two
+# test_parallel ones, then last, did not start within 480 s: they now run first, and -v names
+# every test in the log)
 # Each part has its own limit (<= 480 s in all: one device call of 600 s); what finished is under OUT. Exit status: the number of failed parts.
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [PYTEST_K]}
@@ -31,10 +34,9 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True NCCL_
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 failed=0
-timeout 480 python -m pytest tests/test_kernels_gpu.py -k "$K" \
-  tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops \
-  tests/test_parallel.py::test_gradient_accumulation_fusion_gives_the_unfused_main_grad -q -rs --timeout=300 \
-  --durations=10 > "$OUT/gpu_tests.log" 2>&1 &
+timeout 480 python -m pytest tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops \
+  tests/test_parallel.py::test_gradient_accumulation_fusion_gives_the_unfused_main_grad \
+  tests/test_kernels_gpu.py -k "$K" -v -rs --timeout=300 --durations=10 > "$OUT/gpu_tests.log" 2>&1 &
 PARITY=$!
 W=$(mktemp -d /tmp/gpu_checks.XXXXXX)
 C="recipes/evidence/ham_learned_f25.yaml data.backend=synthetic data.loss_mask=all checkpoint.dir=$W/ckpt checkpoint.interval=10
@@ -44,7 +46,7 @@ C="recipes/evidence/ham_learned_f25.yaml data.backend=synthetic data.loss_mask=a
   echo "rc_train=$?"; date +%T
   timeout 120 torchrun --standalone --nproc-per-node 1 -m megatron_ham.train $C train.train_steps=30
   echo "rc_resume=$?"; date +%T
-  timeout 60 python -m megatron_ham.eval --checkpoint "$W/ckpt" --tasks mqar,routing --lengths 1k,2k \
+  timeout 130 python -m megatron_ham.eval --checkpoint "$W/ckpt" --tasks mqar,routing --lengths 1k,2k \
     --samples 8 --no-plots --no-progress --out "$OUT/eval.json"
   echo "rc_eval=$?"; date +%T
   ls "$W/ckpt"
