@@ -68,9 +68,10 @@ class GDNMixerSubmodules:
 
 def activations_recomputed(qkv, a, beta_logit, A_log, dt_bias, H: int, K: int, V: int):
     """``gdn_activations(silu=True)`` on the conv's pre-activation, recomputed in its backward
-    (non-reentrant checkpoint): compiled with the fusions, the backward is one fused kernel
-    that redoes the SiLU and the norms from the pre-activation, and only that is kept for it
-    (measured on ham_800m: keeping what the compiler chose cost 3.1 GiB more, 2026-12-03)."""
+    (non-reentrant checkpoint): the mixers' path where the Triton kernels do not run. Compiled
+    with the fusions, its backward redoes the SiLU and the norms from the pre-activation, and only
+    that is kept for it (what the compiler kept otherwise cost 3.1 GiB more on ham_800m,
+    docs/benchmarks.md 2026-12-03)."""
     return checkpoint(gdn_activations, qkv, a, beta_logit, A_log, dt_bias, H, K, V, True,
                       use_reentrant=False, preserve_rng_state=False)
 
@@ -235,9 +236,9 @@ class GDNMixer(SectionedMixer):
 
     def _activations(self, qkv: torch.Tensor, a: torch.Tensor, beta_logit: torch.Tensor):
         """SiLU + norms of the conv's pre-activation qkv [b, s, C_l], and the decay and beta
-        (ops.gdn_activations): our Triton kernels for q, k, v where they run (impl auto/fla),
-        else the reference, recomputed in backward (activations_recomputed); compiled with the
-        fusions either way."""
+        (ops.gdn_activations): our Triton kernels for q, k, v where they run (impl auto/fla;
+        ops.qkv_activations), the decay and beta compiled with the fusions; elsewhere the
+        reference, recomputed in backward (activations_recomputed), compiled with the fusions."""
         if qkv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "triton":
             q, k, v = qkv_activations(qkv, self.H_l, self.K, self.V, silu=True, impl="triton")
             return (q, k, v) + self._fused(decay_and_beta)(a, beta_logit, self.A_log, self.dt_bias)
