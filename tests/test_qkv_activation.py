@@ -3,27 +3,16 @@
 reference; the dispatch and its errors. The GPU parity test is in tests/test_kernels_gpu.py."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _interpreter import run_interpreted
 from megatron_ham.ops.gdn_activations import decay_and_beta, gdn_activations, qkv_activations, qkv_impl
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_qkv_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "_qkv_activation_interp_worker.py")],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
+    run_interpreted("_qkv_activation_interp_worker.py")
 
 
 def test_halves_are_the_whole_and_the_dispatch():

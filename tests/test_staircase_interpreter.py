@@ -8,23 +8,13 @@ be set before they are defined. The GPU parity tests are in tests/test_kernels_g
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _interpreter import run_interpreted
 
 
 def test_staircase_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "_staircase_interp_worker.py")],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-4000:]
+    run_interpreted("_staircase_interp_worker.py")
 
 
 def test_triton_impl_on_cpu_tensors_is_a_clear_error():

@@ -1,8 +1,8 @@
 """GPU paths of the HAM ops (fla, FlexAttention, Triton), imported lazily.
 
 Nothing here is imported by ``megatron_ham.ops`` at module load: the ops' dispatch functions call
-:func:`gdn_available` / :func:`flex_available` / :func:`staircase_available` and import the
-submodule only for CUDA tensors.
+:func:`gdn_available` / :func:`flex_available` / :func:`staircase_available` / :func:`import_error`
+(through ``ops._kernels.resolve_kernel_impl``) and import the submodule only for CUDA tensors.
 
 * :mod:`megatron_ham.kernels.gdn` -- ``gdn_with_error``: fla 0.6.0 chunked gated delta rule
   (forward, final state, gradients) plus the per-token routing error read from fla's chunk
@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["gdn_available", "flex_available", "staircase_available", "conv_available",
-           "qkv_activation_available"]
+__all__ = ["gdn_available", "flex_available", "staircase_available", "import_error"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,20 +58,6 @@ def staircase_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and _try_import("megatron_ham.kernels.staircase") is None
-
-
-def conv_available() -> bool:
-    """True when CUDA is usable and ``megatron_ham.kernels.short_conv`` (fla 0.6.0) imports."""
-    import torch
-
-    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.short_conv") is None
-
-
-def qkv_activation_available() -> bool:
-    """True when CUDA is usable and ``megatron_ham.kernels.qkv_activation`` (triton) imports."""
-    import torch
-
-    return torch.cuda.is_available() and _try_import("megatron_ham.kernels.qkv_activation") is None
 
 
 def import_error(name: str):

@@ -33,24 +33,24 @@ BT = 32
 
 
 @triton.jit
-def _segment(j, H, K: tl.constexpr, V: tl.constexpr):
-    """Head segment j of a row (q heads 0..H-1, k heads H..2H-1, v heads 2H..3H-1): its first
-    column in x, its width, and whether it is normalised."""
+def _tile(X, N, H, C, K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """This program's tile of x, in fp32: tokens [i_t*BT, +BT) x head segment j (q heads 0..H-1,
+    k heads H..2H-1, v heads 2H..3H-1). Returns (j, rows, d, col = the segment's first column
+    in x, is_qk = normalised or not, mask, x)."""
+    i_t, j = tl.program_id(0), tl.program_id(1)
+    rows = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
+    d = tl.arange(0, BD)
     is_qk = j < 2 * H
     col = tl.where(is_qk, j * K, 2 * H * K + (j - 2 * H) * V)
-    return col, is_qk
+    m = (rows < N)[:, None] & (d < tl.where(is_qk, K, V))[None, :]
+    x = tl.load(X + rows[:, None] * C + col + d[None, :], mask=m, other=0.0).to(tl.float32)
+    return j, rows, d, col, is_qk, m, x
 
 
 @triton.jit
 def _fwd_kernel(X, Q, Kt, Vt, N, H, C, eps,
                 K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
-    i_t, j = tl.program_id(0), tl.program_id(1)
-    rows = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
-    d = tl.arange(0, BD)
-    col, is_qk = _segment(j, H, K, V)
-    width = tl.where(is_qk, K, V)
-    m = (rows < N)[:, None] & (d < width)[None, :]
-    x = tl.load(X + rows[:, None] * C + col + d[None, :], mask=m, other=0.0).to(tl.float32)
+    j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     s = x * tl.sigmoid(x)                                                     # [BT, BD]
     if is_qk:
         r = tl.maximum(tl.sqrt(tl.sum(s * s, 1)), eps)                        # [BT]
@@ -68,13 +68,7 @@ def _fwd_kernel(X, Q, Kt, Vt, N, H, C, eps,
 @triton.jit
 def _bwd_kernel(X, DQ, DK, DV, DX, N, H, C, eps,
                 K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
-    i_t, j = tl.program_id(0), tl.program_id(1)
-    rows = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
-    d = tl.arange(0, BD)
-    col, is_qk = _segment(j, H, K, V)
-    width = tl.where(is_qk, K, V)
-    m = (rows < N)[:, None] & (d < width)[None, :]
-    x = tl.load(X + rows[:, None] * C + col + d[None, :], mask=m, other=0.0).to(tl.float32)
+    j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     sig = tl.sigmoid(x)
     s = x * sig
     dsilu = sig * (1.0 + x * (1.0 - sig))

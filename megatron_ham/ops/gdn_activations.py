@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_tensor
-from ._kernels import kernel_import_error, load_kernels
+from ._kernels import load_kernels, resolve_kernel_impl
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -55,19 +55,10 @@ def qkv_impl(qkv: torch.Tensor, impl: str = "auto", silu: bool = True) -> str:
     """The implementation :func:`qkv_activations` runs: THE single dispatch point. "auto" is
     "triton" for CUDA bf16/fp16 qkv with silu=True when megatron_ham.kernels.qkv_activation
     imports, else "reference"; "triton" asked for where it cannot run raises ValueError."""
-    if impl not in IMPLS:
-        raise ValueError(f"qkv_activations: impl must be one of {list(IMPLS)}, got {impl!r}")
     runnable = qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and silu
-    if impl == "reference" or (impl == "auto" and not runnable):
-        return "reference"
-    kernels = load_kernels()
-    if runnable and kernels is not None and kernels.qkv_activation_available():
-        return "triton"
-    if impl == "auto":
-        return "reference"
-    raise ValueError(f"qkv_activations: impl='triton' needs CUDA bf16/fp16 qkv and silu=True; qkv is "
-                     f"{qkv.dtype} on {qkv.device}, silu={silu}; import: "
-                     f"{kernel_import_error('qkv_activation')}")
+    return resolve_kernel_impl(
+        "qkv_activations", impl, IMPLS, "triton", runnable, "qkv_activation",
+        f"CUDA bf16/fp16 qkv and silu=True; qkv is {qkv.dtype} on {qkv.device}, silu={silu}")
 
 
 def _qkv_reference(qkv, H: int, K: int, V: int, silu: bool):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_cu_seqlens, check_tensor
-from ._kernels import kernel_import_error, load_kernels
+from ._kernels import load_kernels, resolve_kernel_impl
 
 IMPLS = ("auto", "reference", "fla")
 
@@ -73,21 +73,13 @@ def conv_impl(x: torch.Tensor, impl: str = "auto", doc: Optional[torch.Tensor] =
     """The implementation `causal_conv_silu` runs: THE single dispatch point. "auto" is "fla"
     for CUDA bf16/fp16 x without padding or document ids when megatron_ham.kernels.short_conv
     imports, else "reference"; "fla" asked for where it cannot run raises ValueError."""
-    if impl not in IMPLS:
-        raise ValueError(f"causal_conv_silu: impl must be one of {list(IMPLS)}, got {impl!r}")
     runnable = (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and doc is None
                 and mask is None)
-    if impl == "reference" or (impl == "auto" and not runnable):
-        return "reference"
-    kernels = load_kernels()
-    if runnable and kernels is not None and kernels.conv_available():
-        return "fla"
-    if impl == "auto":
-        return "reference"
-    raise ValueError(f"causal_conv_silu: impl='fla' needs CUDA bf16/fp16 x without mask or doc ids "
-                     f"(documents as cu_seqlens); x is {x.dtype} on {x.device}, mask "
-                     f"{'given' if mask is not None else 'None'}, doc {'given' if doc is not None else 'None'}; "
-                     f"import: {kernel_import_error('short_conv')}")
+    return resolve_kernel_impl(
+        "causal_conv_silu", impl, IMPLS, "fla", runnable, "short_conv",
+        f"CUDA bf16/fp16 x without mask or doc ids (documents as cu_seqlens); x is {x.dtype} on "
+        f"{x.device}, mask {'given' if mask is not None else 'None'}, doc "
+        f"{'given' if doc is not None else 'None'}")
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, doc: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
