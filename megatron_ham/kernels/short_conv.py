@@ -3,13 +3,14 @@
 What ``megatron_ham.ops.causal_conv_silu(impl="auto")`` runs for CUDA bf16/fp16 inputs without
 padding (the reference there is the definition; tests/test_kernels_gpu.py checks the two agree):
 
-* forward: fla's ``causal_conv1d`` (``activation="silu"``, or none with ``silu=False``): one kernel, tiles of 64 tokens x a
-  block of channels, the W taps loaded from x through its strides, so a strided x (the q, k, v
+* forward: fla's ``causal_conv1d`` (``activation="silu"``, or none with ``silu=False``): one
+  kernel, tiles of 64 tokens x a block of channels, the W taps loaded from x through its strides, so a strided x (the q, k, v
   section of the in-projection's output, a view) is read in place;
 * backward: fla's: one kernel for dx and per-tile partial weight gradients, summed in fp32. With
   the SiLU, fla first recomputes the pre-activation (a second forward, written out) and that
   kernel reads it at every tap; the mixers therefore ask for the conv alone (``silu=False``)
-  and apply the SiLU in their compiled activations, whose backward hands this one dL/dpre.
+  and apply the SiLU with the q/k norms (``ops.qkv_activations``), whose backward hands this one
+  dL/dpre.
 
 The weight convention is ours: ``weight [C, W]``, tap W-1 the current token. Documents are
 ``cu_seqlens`` over one packed row (B == 1): the taps restart at every boundary. The chunk

@@ -219,9 +219,9 @@ class GDNMixer(SectionedMixer):
         return out, cu, s, b
 
     def _conv(self, qkv: torch.Tensor, cu: Optional[torch.Tensor], packed_seq_params):
-        """The causal short conv of q, k, v [b, s, C_l], WITHOUT its SiLU (gdn_activations
-        applies it, compiled with the fusions: fla's backward would otherwise recompute the conv
-        and re-read it at every tap): fla's Triton kernel where it runs (ops.short_conv.conv_impl;
+        """The causal short conv of q, k, v [b, s, C_l], WITHOUT its SiLU (_activations applies
+        it with the q/k norms: fla's backward would otherwise recompute the conv and re-read it
+        at every tap): fla's Triton kernel where it runs (ops.short_conv.conv_impl;
         documents as the boundaries of the flattened batch), else the reference, compiled with
         the fusions (documents as ids)."""
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
