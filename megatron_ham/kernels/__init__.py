@@ -16,9 +16,6 @@ Nothing here is imported by ``megatron_ham.ops`` at module load: the ops' dispat
 * :mod:`megatron_ham.kernels.qkv_activation` -- ``qkv_activations_triton``: our Triton SiLU + per-head
   L2 norm of the conv's q, k, v (fwd + bwd, only the pre-activation kept); what
   ``qkv_activations(silu=True, impl="auto")`` runs on CUDA.
-* :mod:`megatron_ham.kernels.cross_entropy` -- ``vocab_parallel_cross_entropy_triton``: our Triton
-  cross entropy of the language model's (vocab-parallel) logits (one pass forward, one backward);
-  what ``ops.cross_entropy.vocab_parallel_cross_entropy(impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.chunk_indices` -- ``chunk_indices``: fla's chunk indices of packed
   documents for the two above, from the boundaries' host copy when given (no device sync).
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the

@@ -15,9 +15,8 @@ from .config import DTYPES, ModelConfig
 
 def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
                 vp_stage: Optional[int] = None):
-    """The model for `cfg` on this pipeline stage: megatron-core's GPTModel with our loss
-    (HAMLanguageModel; parallel_state must be initialized, e.g. by
-    megatron_ham.distributed.initialize).
+    """Megatron GPTModel for `cfg` on this pipeline stage (parallel_state must be initialized,
+    e.g. by megatron_ham.distributed.initialize).
 
     The block is heterogeneous: TransformerBlockSubmodules(layer_specs=...) holds the specs of
     THIS stage's layers only (global layers [offset, offset + n) with Megatron's own
@@ -29,6 +28,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     Raises SettingError (a ValueError) naming the setting for a bad configuration.
     """
     from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -37,8 +37,6 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
 
     from megatron_ham.layers.kinds import parse_pattern
     from megatron_ham.layers.specs import get_backend, layer_spec
-
-    from .language_model import HAMLanguageModel
 
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"build_model: cfg must be a ModelConfig, got {type(cfg).__name__}")
@@ -60,7 +58,7 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
     kw = {}
     if vp_stage is not None:
         kw["vp_stage"] = vp_stage
-    model = HAMLanguageModel(
+    model = GPTModel(
         config=tc,
         transformer_layer_spec=block,
         vocab_size=cfg.padded_vocab_size(),
@@ -70,7 +68,6 @@ def build_model(cfg: ModelConfig, *, pre_process: bool = True, post_process: boo
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type=pos,
         rotary_base=cfg.rotary_base,
-        loss_impl="reference" if cfg.impl == "reference" else "auto",
         **kw,
     )
     model.ham_config = cfg
@@ -111,8 +108,9 @@ def transformer_config(cfg: ModelConfig):
         init_method_std=cfg.init_method_std,
         use_cpu_initialization=cfg.use_cpu_initialization,
         bias_activation_fusion=fuse,
-        # the loss is ours (HAMLanguageModel: ops.vocab_parallel_cross_entropy), not Megatron's
-        cross_entropy_loss_fusion=False,
+        # Megatron's fused cross entropy returns bf16 logit gradients: bf16 models only
+        cross_entropy_loss_fusion=fuse and cfg.dtype == "bf16",
+        cross_entropy_fusion_impl="native",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

@@ -75,9 +75,9 @@ class ModelConfig:
     impl: op implementation for tests ("auto" on GPU/CPU picks the right one).
     fusions: torch.compile'd elementwise fusions ("auto" = on when CUDA is available, "on",
         "off"): Megatron-Core's SwiGLU (bias_activation_fusion, which also saves only its input
-        for backward) and the GDN/HAM mixers' elementwise ops (layers/fusion.py). Same math
-        (docs/training.md "Fusions"). The loss is ops.vocab_parallel_cross_entropy (our Triton
-        kernels on the GPU; impl "reference" runs its PyTorch reference), whatever the fusions.
+        for backward), for bf16 models its vocab-parallel cross entropy
+        (cross_entropy_loss_fusion, "native"; it returns bf16 logit gradients), and the GDN/HAM
+        mixers' elementwise ops (layers/fusion.py). Same math (docs/training.md "Fusions").
     Activation recomputation is a training setting (train.recompute), set on the built model's
     TransformerConfig; HAM layers record their routing scores once per micro-batch either way.
     """
