@@ -129,6 +129,34 @@ def test_bench_recipes_data_parallel_scaling(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_recipes_against_a_baseline_revision(tmp_path):
+    """--baseline HEAD --repeat 2: the recipe from the committed tree (extracted by the tool) and
+    from this checkout, interleaved B A A B; each side is the mean of its two runs, with
+    after/before; the baseline's runs ran the extracted megatron_ham, not this checkout's; a
+    revision git does not know is an error naming it (exit 2)."""
+    out = tmp_path / "bench.json"
+    tool = os.path.join(REPO, "tools", "bench_recipes.py")
+    cmd = [sys.executable, tool, "--recipes", "recipes/tiny_cpu.yaml", "--set", "model.seq_length=64",
+           "model.num_layers=1", "--mode", "recipe", "--recipe-steps", "1", "--recipe-warmup", "0",
+           "--baseline", "HEAD", "--repeat", "2", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cur, base = json.loads(out.read_text())
+    assert (cur["side"], base["side"]) == ("current", "baseline")
+    assert len(cur["runs"]) == len(base["runs"]) == 2
+    assert cur["tokens_per_s_per_gpu"] == pytest.approx(sum(cur["runs"]) / 2)
+    assert cur["vs_baseline"] == pytest.approx(cur["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"])
+    assert cur["code"] == os.path.join(REPO, "megatron_ham")
+    assert base["code"].endswith(os.path.join("baseline", "megatron_ham")) and "bench_recipes_" in base["code"]
+    sides = [json.loads(l)["side"] for l in p.stdout.splitlines() if l.startswith('{"recipe"')]
+    assert sides == ["baseline", "current", "current", "baseline"]
+    assert "against the baseline HEAD" in p.stdout
+    b = subprocess.run([sys.executable, tool, "--recipes", "recipes/tiny_cpu.yaml", "--baseline", "no-such-rev"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert b.returncode == 2 and "--baseline 'no-such-rev': git archive failed" in b.stderr, b.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_profile_step_cpu(tmp_path):
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",

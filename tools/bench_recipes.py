@@ -6,6 +6,8 @@
     python tools/bench_recipes.py --recipes recipes/tiny_cpu.yaml --set model.seq_length=128 \
         --steps 3 --warmup 1 --recipe-steps 1 --recipe-warmup 1   # CPU smoke test of the tool itself
     python tools/bench_recipes.py --recipes recipes/ham_800m.yaml --mode recipe --gpus 1 2   # DP scaling
+    python tools/bench_recipes.py --recipes recipes/ham_800m.yaml --mode recipe --baseline HEAD~1 --repeat 2
+        # a change against a git revision: baseline, this checkout, this checkout, baseline
 
 Each recipe runs the real training loop (`python -m megatron_ham.train`; one process, or with
 `--gpus N` N data-parallel processes of one host through torchrun) at its own context (16,384
@@ -28,16 +30,28 @@ MFU >= 40 %, HAM tokens/s >= 1.3 x Transformer. With several `--gpus`, each reci
 gets its data-parallel scaling: tokens/s per GPU at N GPUs over that at the first count given
 (issue #15's target: >= 0.9 from 1 to 2 GPUs); the recipe mode keeps the recipe's global batch
 (32 sequences: 16 micro-batches per GPU at 2 GPUs), as a run on more GPUs would.
+
+Before/after a change: `--baseline REV` also runs every recipe from git revision REV (its
+megatron_ham, recipes and tools, extracted into a temporary directory), in the same session and
+interleaved with this checkout's runs: B A for the first of `--repeat` rounds, A B for the next,
+and so on, so that a drift of the GPU over the session (clocks, temperature) does not fall on one
+side. One run per side is not enough: on an H200 on 2026-12-03, one change measured -5.2 % and
+-2.5 % in two such pairs (opposite orders), and one recipe ran at 48.9k-53.0k tokens/s on the
+machines of one day. Each side's tokens/s is the mean over its runs, with their range;
+`after/before` is this checkout's over the baseline's. `--repeat N` without a baseline runs this
+checkout N times (the spread of a measurement).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -84,9 +98,10 @@ def _stop(p: subprocess.Popen, torchrun: bool) -> str:
 
 
 def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float,
-            gpus: int = 1) -> dict:
+            gpus: int = 1, repo: str = REPO, side: str = "current", round_: int = 0) -> dict:
+    """One run of `recipe` from the source tree `repo` (this checkout, or a baseline's copy)."""
     name = os.path.splitext(os.path.basename(recipe))[0]
-    d = os.path.join(workdir, name, mode, f"{gpus}gpu")
+    d = os.path.join(workdir, name, mode, f"{gpus}gpu", f"{side}{round_}")
     os.makedirs(d, exist_ok=True)
     batch = [f"train.global_batch_size={gpus}", "train.micro_batch_size=1"] if mode == "mbs1" else []
     ov = [*measurement_overrides(d, steps + warmup), *batch, "logging.interval=1", *extra]
@@ -99,9 +114,10 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
     else:  # torchrun picks its own rendezvous port (--standalone)
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slurm/ham.sbatch
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), REPO) if p)
+    # the source tree first: a baseline's megatron_ham, not the one this script imported
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     t0 = time.time()
-    p = subprocess.Popen([*launch, "-m", "megatron_ham.train", os.path.join(REPO, recipe), *ov], cwd=REPO,
+    p = subprocess.Popen([*launch, "-m", "megatron_ham.train", os.path.join(repo, recipe), *ov], cwd=repo,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
@@ -111,7 +127,8 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
         log, rc = _stop(p, torchrun=gpus > 1), "timeout"
     cfg = load_config(os.path.join(REPO, recipe), [*batch, *extra])
     t = cfg.train
-    res = {"recipe": recipe, "mode": mode, "gpus": gpus, "architecture": cfg.model.architecture, "rc": rc,
+    res = {"recipe": recipe, "mode": mode, "gpus": gpus, "side": side, "round": round_,
+           "architecture": cfg.model.architecture, "rc": rc,
            "wall_s": round(time.time() - t0, 1), "global_batch_size": t.global_batch_size,
            "micro_batch_size": t.micro_batch_size,
            "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * gpus)}  # per GPU
@@ -123,7 +140,7 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
     if start:
         res.update(ttfs_s=start["time_to_first_step_s"], setup_s=start["setup_s"],
                    first_step_s=start["first_step_s"], cache_warm=start["compile_cache"]["warm"],
-                   compile_counters=start["compile_counters"])
+                   compile_counters=start["compile_counters"], code=start.get("code"))
     rows = [r for r in rows if r.get("kind") == "train" and r["step"] > warmup]
     if not rows:
         res["error"] = log[-3000:]
@@ -141,6 +158,61 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
                           if rows[-1].get("kv") else None),
     )
     return res
+
+
+def merge_runs(runs: list) -> dict:
+    """The runs of one recipe, mode, GPU count and side as one result: the means of tokens/s,
+    step time and MFU over the runs that measured, their range, the largest memory; set-up
+    times from the first run (the one that may have compiled). A side whose runs all failed is
+    its first run."""
+    ok = [r for r in runs if "tokens_per_s_per_gpu" in r]
+    if not ok:
+        return dict(runs[0], runs=[])
+    res = dict(ok[0])
+    mean = lambda k: statistics.fmean(r[k] for r in ok)  # noqa: E731
+    tps = [r["tokens_per_s_per_gpu"] for r in ok]
+    res.update(tokens_per_s_per_gpu=mean("tokens_per_s_per_gpu"), step_time_s=mean("step_time_s"),
+               mfu=None if ok[0]["mfu"] is None else mean("mfu"),
+               mem_alloc_gib=max(r["mem_alloc_gib"] for r in ok), loss_last=ok[-1]["loss_last"],
+               runs=tps, tokens_per_s_min=min(tps), tokens_per_s_max=max(tps),
+               failed_runs=len(runs) - len(ok))
+    return res
+
+
+def ab_report(baseline: list, current: list, rev: str) -> None:
+    """This checkout against the baseline revision, per recipe, mode and GPU count: each side's
+    mean tokens/s over its runs with their range, and after/before. Adds `vs_baseline` to the
+    current results."""
+    print(f"\nagainst the baseline {rev} (runs interleaved; tokens/s per GPU: mean [min - max] of the runs)")
+    print(f"{'recipe':<28} {'mode':<7} {'GPUs':>4} {'baseline':>26} {'this checkout':>26} {'after/before':>12} "
+          f"{'mem GiB':>12} {'loss':>17}")
+    for cur in current:
+        key = (cur["recipe"], cur["mode"], cur["gpus"])
+        base = next(b for b in baseline if (b["recipe"], b["mode"], b["gpus"]) == key)
+        head = f"{cur['recipe']:<28} {cur['mode']:<7} {cur['gpus']:>4}"
+        if not (base["runs"] and cur["runs"]):
+            print(f"{head} {'FAILED' if not base['runs'] else 'ok':>26} {'FAILED' if not cur['runs'] else 'ok':>26}")
+            continue
+        side = lambda x: (f"{x['tokens_per_s_per_gpu']:.0f} [{x['tokens_per_s_min']:.0f} - "  # noqa: E731
+                          f"{x['tokens_per_s_max']:.0f}] x{len(x['runs'])}")
+        cur["vs_baseline"] = cur["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+        print(f"{head} {side(base):>26} {side(cur):>26} {cur['vs_baseline']:>11.3f}x "
+              f"{base['mem_alloc_gib']:>5.1f}/{cur['mem_alloc_gib']:<6.1f} "
+              f"{base['loss_last']:>8.4f}/{cur['loss_last']:<8.4f}")
+
+
+def extract_revision(rev: str, dest: str) -> str:
+    """megatron_ham, recipes and tools of git revision `rev` of this checkout, extracted under
+    `dest` (a directory this tool created); returns the tree's path. ValueError naming the
+    revision when git cannot produce it."""
+    p = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", rev, "megatron_ham", "recipes", "tools"],
+                       capture_output=True)
+    if p.returncode != 0:
+        raise ValueError(f"--baseline {rev!r}: git archive failed: {p.stderr.decode(errors='replace').strip()}")
+    tree = os.path.join(dest, "baseline")
+    with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tar:
+        tar.extractall(tree, filter="data")  # no links or paths out of the tree
+    return tree
 
 
 def report(results: list, modes, gpus) -> None:
@@ -201,8 +273,16 @@ def main(argv=None) -> int:
                          "give the scaling between them (default: 1)")
     ap.add_argument("--timeout", type=float, default=420,
                     help="seconds per run (the first HAM step compiles TileLang + Inductor kernels: ~5 min cold)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also run every recipe from this git revision (e.g. HEAD~1), interleaved "
+                         "with this checkout's runs, and report after/before")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="runs per recipe, mode and GPU count (and side, with --baseline); the "
+                         "report gives their mean and range (default: 1)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     for k in ("steps", "recipe_steps"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -219,23 +299,39 @@ def main(argv=None) -> int:
             return 2
     modes = MODES if args.mode == "both" else (args.mode,)
     plan = {"mbs1": (args.steps, args.warmup), "recipe": (args.recipe_steps, args.recipe_warmup)}
-    results = []
+    results, baseline = [], []
     with tempfile.TemporaryDirectory(prefix="bench_recipes_") as work:
+        trees = {"current": REPO}
+        if args.baseline:
+            try:
+                trees["baseline"] = extract_revision(args.baseline, work)
+            except ValueError as e:
+                print(f"bench_recipes: {e}", file=sys.stderr)
+                return 2
         for r in args.recipes:
             for mode in modes:
                 for n in args.gpus:
-                    res = run_one(r, mode, *plan[mode], args.set, work, args.timeout, gpus=n)
-                    results.append(res)
-                    brief = {k: v for k, v in res.items() if k != "error"}
-                    print(json.dumps(brief), flush=True)
-                    if "error" in res:
-                        print(f"--- {r} ({mode}, {n} GPU) failed (rc {res['rc']}) ---\n{res['error']}", flush=True)
+                    runs = {side: [] for side in trees}
+                    for i in range(args.repeat):  # B A, A B, B A, ...: a drift falls on both sides
+                        for side in (sorted(trees) if i % 2 == 0 else sorted(trees, reverse=True)):
+                            res = run_one(r, mode, *plan[mode], args.set, work, args.timeout, gpus=n,
+                                          repo=trees[side], side=side, round_=i)
+                            runs[side].append(res)
+                            print(json.dumps({k: v for k, v in res.items() if k != "error"}), flush=True)
+                            if "error" in res:
+                                print(f"--- {r} ({mode}, {n} GPU, {side} run {i + 1}) failed (rc {res['rc']}) "
+                                      f"---\n{res['error']}", flush=True)
+                    results.append(merge_runs(runs["current"]))
+                    if args.baseline:
+                        baseline.append(merge_runs(runs["baseline"]))
     print()
     report(results, modes, args.gpus)
+    if args.baseline:
+        ab_report(baseline, results, args.baseline)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        atomic_write_text(args.out, json.dumps(results, indent=1))
-    return 0 if all("tokens_per_s_per_gpu" in x for x in results) else 1
+        atomic_write_text(args.out, json.dumps(results + baseline, indent=1))
+    return 0 if all(x["runs"] and not x.get("failed_runs") for x in results + baseline) else 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ import math
 import os
 from typing import Dict, Optional
 
+#: the megatron_ham package this process runs (the startup record names it)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _fmt(v: float) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -74,7 +77,8 @@ class MetricsWriter:
 
     def first_step(self, step: int, seconds: float, step_s: float, cache: dict, compiles: Dict[str, int]):
         """The time from process start to the end of this process's first step (set-up, imports
-        and compilation included), with the compile cache's state and Inductor's cache counters."""
+        and compilation included), with the compile cache's state, Inductor's cache counters and
+        the directory of the megatron_ham that ran (``code``)."""
         if not self.enabled:
             return
         where = "no compile cache set" if cache.get("dir") is None else (
@@ -87,7 +91,7 @@ class MetricsWriter:
               f"{seconds - step_s:.1f} s, step {step:d} {step_s:.1f} s); {where}{hits}", flush=True)
         self._record({"kind": "startup", "step": step, "time_to_first_step_s": seconds,
                       "setup_s": seconds - step_s, "first_step_s": step_s, "compile_cache": cache,
-                      "compile_counters": compiles})
+                      "compile_counters": compiles, "code": _PACKAGE_DIR})
 
     def validation(self, step: int, loss: float) -> None:
         if not self.enabled:
