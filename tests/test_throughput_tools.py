@@ -156,6 +156,42 @@ def test_bench_recipes_against_a_baseline_revision(tmp_path):
     assert b.returncode == 2 and "--baseline 'no-such-rev': git archive failed" in b.stderr, b.stderr[-2000:]
 
 
+def test_compare_profiles(tmp_path):
+    """tools/compare_profiles.py: two profile_step.py summaries of different global batches in ms
+    per sequence, each category with after - before and the change; the items that moved most,
+    one listed on one side only shown with "-" (not among that profile's biggest), not as 0; a
+    file that is not a summary: exit 2 naming the file and the key."""
+    def summary(gbs, gemm, norms, items, unprofiled=None):
+        s = {"global_batch_size": gbs, "busy_ms_per_step": gemm + norms, "categories": [
+            {"category": "GEMM", "ms_per_step": gemm, "top": [["nvjet_a", gemm]]},
+            {"category": "norms/elementwise", "ms_per_step": norms, "top": items}]}
+        if unprofiled is not None:
+            s["unprofiled_step_ms"] = unprofiled
+        return s
+
+    before = summary(4, 400.0, 200.0, [["softmax_old", 40.0], ["add", 20.0]], unprofiled=620.0)
+    after = summary(2, 200.0, 80.0, [["add", 12.0], ["new_kernel", 2.0]])
+    a, b = tmp_path / "before.json", tmp_path / "after.json"
+    a.write_text(json.dumps(before))
+    b.write_text(json.dumps(after))
+    tool = os.path.join(REPO, "tools", "compare_profiles.py")
+    p = subprocess.run([sys.executable, tool, str(a), str(b)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    rows = {l[:24].strip(): l[24:].split() for l in p.stdout.splitlines()[:6]}
+    assert rows["GEMM"] == ["100.00", "100.00", "+0.00", "+0.0%"]                # 400 / 4 vs 200 / 2
+    assert rows["norms/elementwise"] == ["50.00", "40.00", "-10.00", "-20.0%"]
+    assert rows["GPU busy"] == ["150.00", "140.00", "-10.00", "-6.7%"]
+    assert rows["step (unprofiled)"] == ["155.00", "-"]                        # after has none
+    moved = [l for l in p.stdout.splitlines() if " / " in l and not l.startswith("category")]
+    assert moved[0].split()[-2:] == ["10.00", "-"] and "softmax_old" in moved[0]   # only before
+    assert "norms/elementwise / add" in moved[1] and moved[1].split()[-2:] == ["+1.00", "+20.0%"]  # 20 / 4 -> 12 / 2
+    assert "new_kernel" in moved[2] and moved[2].split()[-2:] == ["-", "1.00"]
+    del before["busy_ms_per_step"]
+    a.write_text(json.dumps(before))
+    p = subprocess.run([sys.executable, tool, str(a), str(b)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and f"{a}: not a profile_step.py summary: no key 'busy_ms_per_step'" in p.stderr
+
+
 @pytest.mark.slow
 def test_profile_step_cpu(tmp_path):
     out = tmp_path / "prof.json"
