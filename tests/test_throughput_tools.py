@@ -154,6 +154,10 @@ def test_bench_recipes_against_a_baseline_revision(tmp_path):
     b = subprocess.run([sys.executable, tool, "--recipes", "recipes/tiny_cpu.yaml", "--baseline", "no-such-rev"],
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert b.returncode == 2 and "--baseline 'no-such-rev': git archive failed" in b.stderr, b.stderr[-2000:]
+    b = subprocess.run([sys.executable, tool, "--recipes", "recipes/tiny_cpu.yaml", "--baseline=--output=x.tar"],
+                       cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert b.returncode == 2 and "a git revision (a commit, branch or tag) is expected" in b.stderr, b.stderr[-2000:]
+    assert not (tmp_path / "x.tar").exists()
 
 
 def test_compare_profiles(tmp_path):

@@ -205,6 +205,8 @@ def extract_revision(rev: str, dest: str) -> str:
     """megatron_ham, recipes and tools of git revision `rev` of this checkout, extracted under
     `dest` (a directory this tool created); returns the tree's path. ValueError naming the
     revision when git cannot produce it."""
+    if not rev or rev.startswith("-"):  # never an option of git's
+        raise ValueError(f"--baseline {rev!r}: a git revision (a commit, branch or tag) is expected")
     p = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", rev, "megatron_ham", "recipes", "tools"],
                        capture_output=True)
     if p.returncode != 0:
