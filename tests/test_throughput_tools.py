@@ -197,6 +197,30 @@ def test_compare_profiles(tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_step_against_a_baseline_revision(tmp_path):
+    """profile_step.py --baseline HEAD: the committed tree's profile_step.py profiles first (a
+    subprocess on the extracted tree), then this checkout, and the comparison table ends the
+    output; --out holds both summaries. A revision git does not know: exit 2 naming it."""
+    out = tmp_path / "prof.json"
+    tool = os.path.join(REPO, "tools", "profile_step.py")
+    cmd = [sys.executable, tool, TINY, "--set", "model.num_layers=1", "model.seq_length=64",
+           "train.global_batch_size=2", "train.micro_batch_size=1", "--steps", "1", "--warmup", "1",
+           "--baseline", "HEAD", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.loads(out.read_text())
+    base = s["baseline"]
+    assert base["revision"] == "HEAD" and base["summary"]["global_batch_size"] == 2
+    assert [r["category"] for r in base["summary"]["categories"]] == [r["category"] for r in s["categories"]]
+    assert "[profile] the baseline HEAD, from " in p.stdout and "profile_step_" in p.stdout
+    tail = p.stdout[p.stdout.index("against the baseline HEAD:"):]
+    assert "ms per sequence (before: global batch 2, after: 2)" in tail and "GEMM" in tail
+    b = subprocess.run(cmd[:cmd.index("--baseline")] + ["--baseline", "no-such-rev"], cwd=REPO,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert b.returncode == 2 and "--baseline 'no-such-rev': git archive failed" in b.stderr, b.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_profile_step_cpu(tmp_path):
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",

@@ -54,7 +54,7 @@ def per_sequence(s: dict) -> Tuple[Dict[str, float], Dict[Tuple[str, str], float
     ms per sequence of each listed item by (category, name))."""
     n = s["global_batch_size"]
     cats = {r["category"]: r["ms_per_step"] / n for r in s["categories"]}
-    cats["GPU busy"] = s["busy_ms_per_step"] / n
+    cats["GPU busy" if s.get("timeline", "cuda") == "cuda" else "in operators (CPU)"] = s["busy_ms_per_step"] / n
     if s.get("unprofiled_step_ms") is not None:
         cats["step (unprofiled)"] = s["unprofiled_step_ms"] / n
     items = {(r["category"], name): ms / n for r in s["categories"] for name, ms in r["top"]}

@@ -4,6 +4,7 @@
     python tools/profile_step.py recipes/transformer_800m.yaml --steps 1 --warmup 2 --trace tr.json.gz
     python tools/profile_step.py recipes/tiny_cpu.yaml --set model.seq_length=128 --steps 1 --warmup 1  # CPU
     python tools/profile_step.py recipes/ham_800m.yaml --sync-debug   # + where the host waits for the GPU
+    python tools/profile_step.py recipes/transformer_800m.yaml --top 40 --baseline HEAD~1   # a change vs a revision
 
 Runs in this process at world size 1 (or under torchrun: every rank profiles, rank 0 reports):
 set-up exactly as ham-train (training.loop.setup; the recipe's compile cache, synthetic tokens,
@@ -33,6 +34,11 @@ The profiler slows the host (it records every operator), so its host gaps overst
 idle time: the same `--steps` then run once more without it, and the table ends with that
 step time against the profiled GPU-busy time, i.e. how long the GPU idles as the recipe trains
 (2026-12-03: 20 % host gaps under the profiler, under 1 % without it, for ham_800m).
+
+With --baseline REV the same profile runs first for git revision REV (its megatron_ham, recipes
+and tools extracted into a temporary directory; its own profile_step.py, in a subprocess, one
+process), then for this checkout, and tools/compare_profiles.py's table of the two ends the
+output (--out then also holds the baseline's summary, under "baseline").
 """
 from __future__ import annotations
 
@@ -365,6 +371,35 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
     return summary
 
 
+def profile_baseline(rev: str, recipe: str, args, work: str) -> dict:
+    """The same profile of git revision `rev` (extracted under `work`): its profile_step.py in a
+    subprocess, on its copy of the recipe, from this working directory (so relative paths in
+    --set mean the same). Its summary; ValueError naming the revision when it cannot run."""
+    import subprocess
+
+    from bench_recipes import extract_revision
+    from compare_profiles import ProfileError, load
+
+    tree = extract_revision(rev, work)
+    rel = os.path.relpath(os.path.abspath(recipe), REPO)
+    theirs = os.path.abspath(recipe) if rel.startswith("..") else os.path.join(tree, rel)
+    out = os.path.join(work, "baseline.json")
+    cmd = [sys.executable, os.path.join(tree, "tools", "profile_step.py"), theirs, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--top", str(args.top), "--out", out]
+    if args.set:
+        cmd += ["--set", *args.set]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH")) if p)
+    print(f"[profile] the baseline {rev}, from {tree}", flush=True)
+    rc = subprocess.run(cmd, env=env).returncode  # its output streams through
+    if rc != 0:
+        raise ValueError(f"--baseline {rev!r}: its profile_step.py exited with status {rc}")
+    try:
+        return load(out)
+    except ProfileError as e:
+        raise ValueError(f"--baseline {rev!r}: {e}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -380,16 +415,27 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-debug", action="store_true",
                     help="CUDA: run one more step under torch.cuda.set_sync_debug_mode('warn') and "
                          "list the calls that made the host wait for the GPU, by call site")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="profile git revision REV the same way first, then compare (one process only)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.baseline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        ap.error("--baseline runs in one process, not under torchrun")
     if not os.path.isfile(args.recipe):
         print(f"profile_step: {args.recipe}: recipe file not found", file=sys.stderr)
         return 2
     from megatron_ham.training.config import ConfigError
 
+    before = None
     try:
         with tempfile.TemporaryDirectory(prefix="profile_step_") as work:
+            if args.baseline:
+                try:
+                    before = profile_baseline(args.baseline, args.recipe, args, work)
+                except ValueError as e:  # the revision, or its run
+                    print(f"profile_step: {e}", file=sys.stderr)
+                    return 2
             s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace, args.sync_debug,
                         top=args.top)
     except ConfigError as e:
@@ -406,6 +452,12 @@ def main(argv=None) -> int:
         print(f"\nsynchronizing calls in one more step: {sc['total']}")
         for site, n in sc["sites"]:
             print(f"  {n:6d}  {site}")
+    if before is not None:
+        from compare_profiles import compare
+
+        print(f"\nagainst the baseline {args.baseline}:")
+        print(compare(before, s, items=15))
+        s["baseline"] = dict(revision=args.baseline, summary=before)
     if args.out:
         from megatron_ham.training.atomic import atomic_write_text
 
