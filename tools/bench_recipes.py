@@ -97,6 +97,16 @@ def _stop(p: subprocess.Popen, torchrun: bool) -> str:
         return ""
 
 
+def tree_env(tree: str) -> dict:
+    """The environment of a process that runs the source tree `tree` (this checkout or a
+    baseline's copy): its directory first on PYTHONPATH (its megatron_ham, not the one this
+    script imported), no inherited rendezvous variables (the process starts its own world)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str, timeout: float,
             gpus: int = 1, repo: str = REPO, side: str = "current", round_: int = 0) -> dict:
     """One run of `recipe` from the source tree `repo` (this checkout, or a baseline's copy)."""
@@ -105,17 +115,14 @@ def run_one(recipe: str, mode: str, steps: int, warmup: int, extra, workdir: str
     os.makedirs(d, exist_ok=True)
     batch = [f"train.global_batch_size={gpus}", "train.micro_batch_size=1"] if mode == "mbs1" else []
     ov = [*measurement_overrides(d, steps + warmup), *batch, "logging.interval=1", *extra]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = tree_env(repo)
+    env["PYTHONWARNINGS"] = "ignore"
     if gpus == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         launch = [sys.executable]
     else:  # torchrun picks its own rendezvous port (--standalone)
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as slurm/ham.sbatch
-    # the source tree first: a baseline's megatron_ham, not the one this script imported
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     t0 = time.time()
     p = subprocess.Popen([*launch, "-m", "megatron_ham.train", os.path.join(repo, recipe), *ov], cwd=repo,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

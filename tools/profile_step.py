@@ -377,7 +377,7 @@ def profile_baseline(rev: str, recipe: str, args, work: str) -> dict:
     --set mean the same). Its summary; ValueError naming the revision when it cannot run."""
     import subprocess
 
-    from bench_recipes import extract_revision
+    from bench_recipes import extract_revision, tree_env
     from compare_profiles import ProfileError, load
 
     tree = extract_revision(rev, work)
@@ -388,10 +388,8 @@ def profile_baseline(rev: str, recipe: str, args, work: str) -> dict:
            "--warmup", str(args.warmup), "--top", str(args.top), "--out", out]
     if args.set:
         cmd += ["--set", *args.set]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH")) if p)
     print(f"[profile] the baseline {rev}, from {tree}", flush=True)
-    rc = subprocess.run(cmd, env=env).returncode  # its output streams through
+    rc = subprocess.run(cmd, env=tree_env(tree)).returncode  # its output streams through
     if rc != 0:
         raise ValueError(f"--baseline {rev!r}: its profile_step.py exited with status {rc}")
     try:
