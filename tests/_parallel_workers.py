@@ -80,6 +80,40 @@ def _gdn_mixer_kernels_worker(rank, world):
             bad.append(f"{name}: bf16 kernels {ek:.3e} from fp32, the bf16 reference ops {er:.3e}")
     assert not bad, "GDN mixer on the GPU kernels: " + "; ".join(bad)
 
+def _pre_norm_swiglu_worker(rank, world):
+    """One CUDA process: a bf16 two-layer attention model with the fusions on (its pre-norms
+    return the residual branch, on our RMSNorm kernels inside megatron-core's TransformerLayer;
+    its SwiGLU is liger-kernel's through the MLP's activation module) gives the loss and every
+    gradient of the same model with the fusions off (torch's norm, megatron's SwiGLU), to bf16
+    rounding."""
+    from megatron_ham import distributed as D
+    from megatron_ham.layers.swiglu import SwiGLU
+
+    D.initialize(tp=1, seed=3, backend="nccl")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    bt = _batch(dev)
+    res = {}
+    for fusions in ("off", "on"):
+        cfg = _model_cfg(architecture="hybrid", pattern="**", num_layers=2, dtype="bf16", fusions=fusions,
+                         use_cpu_initialization=True)
+        m = _new_model(cfg, 0, dev)
+        layers = m.decoder.layers
+        kinds = [(getattr(layers[0].input_layernorm, "has_residual", None),
+                  isinstance(layers[0].mlp.activation_func, SwiGLU))]
+        if kinds != [(fusions == "on", fusions == "on")]:
+            raise AssertionError(f"fusions {fusions}: (has_residual, SwiGLU module) = {kinds}")
+        loss = _per_token_loss(m, bt).float().mean()
+        loss.backward()
+        res[fusions] = [loss.detach()] + [p.grad.float() for p in m.parameters()]
+    names = ["loss"] + [n for n, _ in m.named_parameters()]
+    errs = {n: ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+            for n, a, b in zip(names, res["on"], res["off"])}
+    print("fusions on vs off, ||on - off|| / ||off||:", {n: f"{e:.1e}" for n, e in errs.items()})
+    bad = {n: e for n, e in errs.items() if not e < 2e-2}
+    if bad:
+        raise AssertionError(f"fusions on differ from off: {bad}")
+
+
 def _build_mixer(kind, router, sp, device, seed=7, **overrides):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.spec_utils import build_module

@@ -370,6 +370,66 @@ def test_qkv_activations_triton_matches_reference(T):
             assert rel(a, b) < 1e-2, (name, used, rel(a, b))
 
 
+@pytest.mark.parametrize("h", [1536, 2048])
+def test_rms_norm_with_residual_triton_matches_reference(h):
+    """hidden_norm_with_residual impl="triton" (our RMSNorm kernels: the residual's gradient added
+    in the norm's backward, the weight gradient from per-program partial sums) == the fp32
+    reference in bf16 at 16k tokens [s, b, h] (ham_800m's h and a power of two): y, dx with both
+    branches' gradients, dw; "auto" picks it. Then HAMNorm(has_residual) in a pre-norm block
+    (residual + f(norm(x))) == the plain HAMNorm there, in bf16."""
+    from types import SimpleNamespace
+
+    from megatron_ham.layers.norm import HAMNorm
+    from megatron_ham.ops.norm import hidden_norm_with_residual, norm_impl
+
+    gen = torch.Generator(device=DEV).manual_seed(17)
+    x = (torch.randn(16384, 1, h, generator=gen, device=DEV) * 3).bfloat16()
+    x[7] = 0
+    w = (torch.rand(h, generator=gen, device=DEV) + 0.5).bfloat16()
+    gy, gr = torch.randn(2, 16384, 1, h, generator=gen, device=DEV)
+    assert norm_impl(x, w) == "triton" and norm_impl(x, w, w) == "reference"
+    res = {}
+    for impl in ("triton", "reference"):
+        xi = (x if impl == "triton" else x.float()).detach().clone().requires_grad_(True)
+        wi = (w if impl == "triton" else w.float()).detach().clone().requires_grad_(True)
+        y, r = hidden_norm_with_residual(xi, wi, eps=1e-5, impl=impl)
+        ((y.float() * gy).sum() + (r.float() * gr).sum()).backward()
+        res[impl] = (y.float(), xi.grad.float(), wi.grad.float())
+    for name, a, b in zip(("y", "dx", "dw"), res["triton"], res["reference"]):
+        assert rel(a, b) < 1e-2, (name, rel(a, b))
+    cfg = SimpleNamespace(normalization="RMSNorm", params_dtype=torch.bfloat16, sequence_parallel=False)
+    out = []
+    for has_residual in (False, True):
+        norm = HAMNorm(cfg, h, eps=1e-5, has_residual=has_residual)
+        xi = x.detach().clone().requires_grad_(True)
+        o = norm(xi)
+        y, r = o if has_residual else (o, xi)
+        (r + torch.tanh(y.float()) * gy.bfloat16()).float().pow(2).sum().backward()
+        out.append((y.float(), xi.grad.float(), norm.weight.grad.float()))
+    for name, a, b in zip(("y", "dx", "dw"), *out):
+        assert rel(a, b) < 1e-2, ("HAMNorm", name, rel(a, b))
+
+
+def test_swiglu_liger_matches_reference():
+    """swiglu impl="liger" (liger-kernel's fused gate-up kernel, what the MLP runs through
+    layers.swiglu.SwiGLU) == the fp32 reference in bf16 on ham_800m's fc1 output [16384, 1, 2 x
+    4096]; "auto" picks it; the model's MLP uses it when the fusions are on."""
+    from megatron_ham.ops.swiglu import swiglu, swiglu_impl
+
+    gen = torch.Generator(device=DEV).manual_seed(19)
+    x = (torch.randn(16384, 1, 8192, generator=gen, device=DEV) * 2).bfloat16()
+    gc = torch.randn(16384, 1, 4096, generator=gen, device=DEV)
+    assert swiglu_impl(x) == "liger"
+    res = {}
+    for impl in ("liger", "reference"):
+        xi = (x if impl == "liger" else x.float()).detach().clone().requires_grad_(True)
+        c = swiglu(xi, impl=impl)
+        (c.float() * gc).sum().backward()
+        res[impl] = (c.float(), xi.grad.float())
+    for name, a, b in zip(("c", "dx"), res["liger"], res["reference"]):
+        assert rel(a, b) < 1e-2, (name, rel(a, b))
+
+
 def test_documents_with_host_boundaries_never_wait_for_the_gpu():
     """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), fla's conv and the
     gated delta rule with its routing error on packed documents, forward and backward, never make

@@ -14,6 +14,7 @@ from _parallel_workers import (
     _mixer_worker,
     _model_worker,
     _pp_worker,
+    _pre_norm_swiglu_worker,
     _wgrad_fusion_worker,
 )
 
@@ -37,6 +38,13 @@ def test_gdn_mixer_gpu_kernels_match_reference_ops():
     """The mixer's wiring of the GPU kernels (fla's conv with documents over a batch of rows,
     fla's GDN) is as close to the fp32 mixer as the reference ops in bf16."""
     run_world(_gdn_mixer_kernels_worker, 1)
+
+
+@pytest.mark.gpu
+def test_pre_norm_kernel_and_liger_swiglu_in_the_model():
+    """A bf16 model with the fusions on (pre-norms returning the residual branch on our RMSNorm
+    kernels, liger-kernel's SwiGLU) gives the loss and gradients of the fusions-off model."""
+    run_world(_pre_norm_swiglu_worker, 1)
 
 
 def test_gradient_accumulation_fusion_only_where_it_runs():

@@ -8,7 +8,8 @@
 #
 # The two parts run at the same time (correctness only, nothing here is timed; 16 CPU cores compile for both):
 # 1. tests/test_kernels_gpu.py (kernels vs their CPU references), the GDN mixer on its GPU
-#    kernels vs the fp32 mixer and gradient accumulation fusion vs DDP's unfused main_grad
+#    kernels vs the fp32 mixer, gradient accumulation fusion vs DDP's unfused main_grad and a model
+#    with the fusions on (our pre-norm kernels, liger-kernel's SwiGLU) vs off
 #    (tests/test_parallel.py, one process each); cut at 480 s                          -> OUT/gpu_tests.log
 #    Without the FlexAttention fallback's T = 16384 cases (impl="flex", not what "auto" runs):
 #    each compiles for minutes, and the 2026-12-03 06:26 run spent the whole limit in them. Run
@@ -36,10 +37,11 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True NCCL_
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 failed=0
-# the two test_parallel checks, then the kernel tests that match K (a -k over both invocations
+# the three test_parallel checks, then the kernel tests that match K (a -k over both invocations
 # deselected the test_parallel ones on 2026-12-03 14:10)
 timeout 480 bash -c 'python -m pytest tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops \
-    tests/test_parallel.py::test_gradient_accumulation_fusion_gives_the_unfused_main_grad -v -rs --timeout=200
+    tests/test_parallel.py::test_gradient_accumulation_fusion_gives_the_unfused_main_grad \
+    tests/test_parallel.py::test_pre_norm_kernel_and_liger_swiglu_in_the_model -v -rs --timeout=200
   r=$?; python -m pytest tests/test_kernels_gpu.py -k "$0" -v -rs --timeout=300 --durations=10 || r=1; exit $r' "$K" \
   > "$OUT/gpu_tests.log" 2>&1 &
 PARITY=$!

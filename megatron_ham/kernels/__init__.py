@@ -16,6 +16,10 @@ Nothing here is imported by ``megatron_ham.ops`` at module load: the ops' dispat
 * :mod:`megatron_ham.kernels.qkv_activation` -- ``qkv_activations_triton``: our Triton SiLU + per-head
   L2 norm of the conv's q, k, v (fwd + bwd, only the pre-activation kept); what
   ``qkv_activations(silu=True, impl="auto")`` runs on CUDA.
+* :mod:`megatron_ham.kernels.rms_norm` -- ``rms_norm_with_residual_triton``: our Triton RMSNorm
+  of a pre-norm block that also returns its residual branch, so the backward adds the residual's
+  gradient and the weight gradient's partial sums in the norm's one pass; what
+  ``hidden_norm_with_residual(impl="auto")`` runs on CUDA.
 * :mod:`megatron_ham.kernels.chunk_indices` -- ``chunk_indices``: fla's chunk indices of packed
   documents for the two above, from the boundaries' host copy when given (no device sync).
 * :mod:`megatron_ham.kernels.scratchpad` -- ``scratchpad_attention_flex``: compaction of the

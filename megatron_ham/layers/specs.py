@@ -21,8 +21,9 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .norm import HAMNorm
+from .norm import HAMNorm, layer_takes_norm_residual
 from .sdpa_attention import SDPACoreAttention
+from .swiglu import SwiGLU, fused_swiglu
 
 BACKENDS = ("local", "te")
 
@@ -61,13 +62,26 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
 
 
-def mlp_spec(backend: Backend) -> ModuleSpec:
+def mlp_spec(backend: Backend, cfg) -> ModuleSpec:
+    """Megatron's MLP; its SwiGLU is our module (liger-kernel's kernel) when
+    layers.swiglu.fused_swiglu(cfg), else megatron-core's own."""
     return ModuleSpec(
         module=MLP,
         submodules=MLPSubmodules(
-            linear_fc1=backend.column_parallel_linear, linear_fc2=backend.row_parallel_linear
+            linear_fc1=backend.column_parallel_linear, linear_fc2=backend.row_parallel_linear,
+            activation_func=SwiGLU if fused_swiglu(cfg) else None,
         ),
     )
+
+
+def pre_norm(backend: Backend, cfg):
+    """The norm before each block. On `local` with the model's fusions on, HAMNorm also returns
+    the block's residual branch (has_residual), so that on CUDA the norm's backward kernel adds
+    the residual's gradient (ops.hidden_norm_with_residual), where megatron-core's layer takes
+    that pair (layers.norm.layer_takes_norm_residual); TENorm as it is."""
+    if backend.norm is HAMNorm and cfg.resolved_fusions() and layer_takes_norm_residual():
+        return ModuleSpec(module=HAMNorm, params={"has_residual": True})
+    return backend.norm
 
 
 def layer_spec(kind, backend: Backend, cfg) -> ModuleSpec:
@@ -76,11 +90,11 @@ def layer_spec(kind, backend: Backend, cfg) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=backend.norm,
+            input_layernorm=pre_norm(backend, cfg),
             self_attention=kind.spec(backend, cfg),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=backend.norm,
-            mlp=mlp_spec(backend),
+            pre_mlp_layernorm=pre_norm(backend, cfg),
+            mlp=mlp_spec(backend, cfg),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -79,6 +79,8 @@ def transformer_config(cfg: ModelConfig):
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_ham.layers.swiglu import fused_swiglu
+
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     dtype = DTYPES[cfg.dtype]
@@ -107,7 +109,10 @@ def transformer_config(cfg: ModelConfig):
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
         use_cpu_initialization=cfg.use_cpu_initialization,
-        bias_activation_fusion=fuse,
+        # SwiGLU: our module on liger-kernel (through megatron's activation-module hook, which
+        # excludes bias_activation_fusion), else megatron-core's compiled one
+        bias_activation_fusion=fuse and not fused_swiglu(cfg),
+        use_te_activation_func=fused_swiglu(cfg),
         # Megatron's fused cross entropy returns bf16 logit gradients: bf16 models only
         cross_entropy_loss_fusion=fuse and cfg.dtype == "bf16",
         cross_entropy_fusion_impl="native",

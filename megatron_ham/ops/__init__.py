@@ -10,7 +10,8 @@ from .controller import KVFractionController
 from .combine import gated_combine, gated_rms_norm
 from .short_conv import causal_conv_silu
 from .gdn_activations import gdn_activations
-from .norm import hidden_norm
+from .norm import hidden_norm, hidden_norm_with_residual
+from .swiglu import swiglu
 from .rope import apply_rope, rope_cos_sin
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "causal_conv_silu",
     "gdn_activations",
     "hidden_norm",
+    "hidden_norm_with_residual",
+    "swiglu",
     "apply_rope",
     "rope_cos_sin",
 ]
