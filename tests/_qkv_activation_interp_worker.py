@@ -33,4 +33,16 @@ for B, T, H, K, V in ((2, BT + 5, 3, 16, 32), (1, 3, 1, 32, 16)):
         qkv_activations(xr, H, K, V, silu=True, impl="reference")[0].sum().backward()
         err = (x.grad.float() - xr.grad).abs().max().item() / xr.grad.abs().max().item()
         assert err < tol, ("q only", dtype, err)
+        # two branches (HAM's state and scratchpad): the same values; each copy's gradient counts
+        x.grad = None
+        out = qkv_activations_triton(x, H, K, V, branches=2)
+        assert len(out) == 6 and all(torch.equal(a, b) for a, b in zip(out[:3], out[3:]))
+        g1, g2 = [torch.randn(o.shape) for o in ref], [torch.randn(o.shape) for o in ref]
+        torch.autograd.backward([o.float() for o in out[:3]] + [out[3].float(), out[5].float()],
+                                g1 + [g2[0], g2[2]])
+        xr.grad = None
+        torch.autograd.backward(qkv_activations(xr, H, K, V, silu=True, impl="reference"),
+                                [g1[0] + g2[0], g1[1], g1[2] + g2[2]])
+        err = (x.grad.float() - xr.grad).abs().max().item() / xr.grad.abs().max().item()
+        assert err < tol, ("two branches", dtype, err)
 print("OK")

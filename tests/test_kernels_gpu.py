@@ -350,7 +350,8 @@ def test_short_conv_fla_matches_reference(T):
 def test_qkv_activations_triton_matches_reference(T):
     """qkv_activations impl="triton" (our SiLU + per-head L2 norm kernels) == the fp32 reference
     in bf16: q, k, v and dx, on the conv's output shape of ham_800m (12 heads x (2 x 128 + 128)),
-    with a zero head (the norm clamped at eps) and gradients for some outputs only; "auto" picks it."""
+    with a zero head (the norm clamped at eps) and gradients for some outputs only; "auto" picks it;
+    with two branches (a copy of q, k, v per reader) dx of both copies' gradients."""
     from megatron_ham.ops.gdn_activations import qkv_activations, qkv_impl
 
     H, K, V = 12, 128, 128
@@ -368,6 +369,15 @@ def test_qkv_activations_triton_matches_reference(T):
             res[impl] = [o.float() for o in out] + [xi.grad.float()]
         for name, a, b in zip(("q", "k", "v", "dx"), res["triton"], res["reference"]):
             assert rel(a, b) < 1e-2, (name, used, rel(a, b))
+    # two branches (HAM's state and scratchpad): the backward adds both copies' gradients
+    res = {}
+    for impl in ("triton", "reference"):
+        xi = (x if impl == "triton" else x.float()).detach().clone().requires_grad_(True)
+        out = qkv_activations(xi, H, K, V, silu=True, impl=impl, branches=2)
+        w = [torch.linspace(-1, 1, o.shape[-1], device=DEV) for o in out]
+        sum((o.float() * wi * (i + 1)).sum() for i, (o, wi) in enumerate(zip(out, w))).backward()
+        res[impl] = xi.grad.float()
+    assert rel(res["triton"], res["reference"]) < 1e-2, ("two branches", rel(res["triton"], res["reference"]))
 
 
 @pytest.mark.parametrize("h", [1536, 2048])

@@ -15,6 +15,10 @@ row, ``[B*T, H*(2K+V)]`` contiguous). The backward recomputes s, n and u from x 
 x is kept for it (the compiled PyTorch version kept the SiLU's output, or q, k before their norms,
 as well), and it writes dx in one piece, the conv backward's input (no concatenation of dq, dk,
 dv). Both directions read and write each element once: memory-bound, no reductions across tiles.
+
+With ``branches=2`` the forward also returns q, k, v a second time, as views of the first (HAM's
+two memories read the same q, k, v): each copy receives its own gradient and the backward kernel
+adds the two while it reads them, instead of autograd adding them in a pass of their own.
 """
 from __future__ import annotations
 
@@ -66,38 +70,45 @@ def _fwd_kernel(X, Q, Kt, Vt, N, H, C, eps,
 
 
 @triton.jit
-def _bwd_kernel(X, DQ, DK, DV, DX, N, H, C, eps,
-                K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+def _grad_tile(D1, D2, offs, m, TWO: tl.constexpr):
+    """One output's gradient tile in fp32: D1's, plus D2's (the second branch) when TWO."""
+    g = tl.load(D1 + offs, mask=m, other=0.0).to(tl.float32)
+    if TWO:
+        g += tl.load(D2 + offs, mask=m, other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _bwd_kernel(X, DQ, DK, DV, DQ2, DK2, DV2, DX, N, H, C, eps,
+                K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, TWO: tl.constexpr):
     j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     sig = tl.sigmoid(x)
     s = x * sig
     dsilu = sig * (1.0 + x * (1.0 - sig))
     if is_qk:
         if j < H:
-            du = tl.load(DQ + rows[:, None] * (H * K) + j * K + d[None, :], mask=m, other=0.0)
+            du = _grad_tile(DQ, DQ2, rows[:, None] * (H * K) + j * K + d[None, :], m, TWO)
         else:
-            du = tl.load(DK + rows[:, None] * (H * K) + (j - H) * K + d[None, :], mask=m, other=0.0)
-        du = du.to(tl.float32)
+            du = _grad_tile(DK, DK2, rows[:, None] * (H * K) + (j - H) * K + d[None, :], m, TWO)
         n = tl.sqrt(tl.sum(s * s, 1))                                         # [BT]
         r = tl.maximum(n, eps)
         u = s / r[:, None]
         proj = tl.where(n > eps, tl.sum(u * du, 1), 0.0)                      # <u, du>, 0 if clamped
         ds = (du - u * proj[:, None]) / r[:, None]
     else:
-        ds = tl.load(DV + rows[:, None] * (H * V) + (j - 2 * H) * V + d[None, :], mask=m,
-                     other=0.0).to(tl.float32)
+        ds = _grad_tile(DV, DV2, rows[:, None] * (H * V) + (j - 2 * H) * V + d[None, :], m, TWO)
     tl.store(DX + rows[:, None] * C + col + d[None, :], (ds * dsilu).to(DX.dtype.element_ty), mask=m)
 
 
-def _launch(kernel, N, H, K, V, *args):
+def _launch(kernel, N, H, K, V, *args, **meta):
     BD = max(16, triton.next_power_of_2(max(K, V)))
     kernel[(triton.cdiv(N, BT), 3 * H)](*args, K=K, V=V, BD=BD, BT=BT,
-                                       num_warps=4 if BD <= 128 else 8)
+                                       num_warps=4 if BD <= 128 else 8, **meta)
 
 
 class _QKVActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, H, K, V):
+    def forward(ctx, x, H, K, V, branches):
         B, T, C = x.shape
         N = B * T
         q = torch.empty(B, T, H, K, device=x.device, dtype=x.dtype)
@@ -107,25 +118,30 @@ class _QKVActivation(torch.autograd.Function):
             _launch(_fwd_kernel, N, H, K, V, x, q, k, v, N, H, C, EPS)
         ctx.save_for_backward(x)
         ctx.dims = (H, K, V)
+        if branches == 2:  # the second branch: views of the first, with gradients of their own
+            return q, k, v, q.view_as(q), k.view_as(k), v.view_as(v)
         return q, k, v
 
     @staticmethod
-    def backward(ctx, dq, dk, dv):
+    def backward(ctx, *grads):  # dq, dk, dv (, dq2, dk2, dv2)
         (x,) = ctx.saved_tensors
         H, K, V = ctx.dims
         B, T, C = x.shape
         zeros = lambda g, D: (torch.zeros(B, T, H, D, device=x.device, dtype=x.dtype)  # noqa: E731
                               if g is None else g.contiguous())
-        dq, dk, dv = zeros(dq, K), zeros(dk, K), zeros(dv, V)
+        grads = [zeros(g, D) for g, D in zip(grads, (K, K, V) * 2)]
+        two = len(grads) == 6
         dx = torch.empty_like(x)
         if B * T:
-            _launch(_bwd_kernel, B * T, H, K, V, x, dq, dk, dv, dx, B * T, H, C, EPS)
-        return dx, None, None, None
+            _launch(_bwd_kernel, B * T, H, K, V, x, *grads[:3], *(grads[3:] if two else grads), dx,
+                    B * T, H, C, EPS, TWO=two)
+        return dx, None, None, None, None
 
 
-def qkv_activations_triton(x: torch.Tensor, H: int, K: int, V: int
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_activations_triton(x: torch.Tensor, H: int, K: int, V: int, branches: int = 1
+                           ) -> Tuple[torch.Tensor, ...]:
     """x ``[B,T,H*(2K+V)]`` (the conv's pre-activation; made contiguous) -> q, k ``[B,T,H,K]``
     (SiLU then L2-normalised per head), v ``[B,T,H,V]`` (SiLU), contiguous, x's dtype;
-    differentiable in x. Arguments are assumed validated by the op."""
-    return _QKVActivation.apply(x.contiguous(), int(H), int(K), int(V))
+    differentiable in x; ``branches=2``: then q, k, v again (views; their gradients are added in
+    the backward kernel). Arguments are assumed validated by the op."""
+    return _QKVActivation.apply(x.contiguous(), int(H), int(K), int(V), int(branches))

@@ -83,6 +83,10 @@ A_INIT_MIN, A_INIT_MAX = 1.0, 16.0
 class GDNMixer(SectionedMixer):
     """Gated DeltaNet mixer (see the module docstring for layout and TP split)."""
 
+    #: readers of q, k, v: the recurrent state (HAMMixer: and the scratchpad, whose copies
+    #: "q2", "k2", "v2" let the q/k/v kernel add the two gradients, ops.qkv_activations)
+    qkv_branches = 1
+
     tp_split = {"A_log": 0, "dt_bias": 0, "conv1d.weight": 0}
 
     def __init__(
@@ -207,8 +211,7 @@ class GDNMixer(SectionedMixer):
         if qkv is None:
             qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
         qkv = self._conv(qkv, cu, packed_seq_params)  # the pre-activation: SiLU in the next line
-        q, k, v, g, beta = self._activations(qkv, parts["a"], parts["beta"])
-        out = dict(q=q, k=k, v=v, g=g, beta=beta)
+        out = self._activations(qkv, parts["a"], parts["beta"])  # q, k, v, g, beta (, q2, k2, v2)
         if "z" in parts:  # the output gate (model.output_gate "silu")
             out["z"] = parts["z"].reshape(b, s, self.H_l, self.V)
         for name in parts:
@@ -234,16 +237,22 @@ class GDNMixer(SectionedMixer):
         return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla", silu=False,
                                 cu_seqlens_cpu=host_cu_seqlens(packed_seq_params)).view(b, s, c)
 
-    def _activations(self, qkv: torch.Tensor, a: torch.Tensor, beta_logit: torch.Tensor):
+    def _activations(self, qkv: torch.Tensor, a: torch.Tensor, beta_logit: torch.Tensor) -> dict:
         """SiLU + norms of the conv's pre-activation qkv [b, s, C_l], and the decay and beta
-        (ops.gdn_activations): our Triton kernels for q, k, v where they run (impl auto/fla;
-        ops.qkv_activations), the decay and beta compiled with the fusions; elsewhere the
-        reference, recomputed in backward (activations_recomputed), compiled with the fusions."""
+        (ops.gdn_activations) -> dict q, k, v, g, beta, and q2, k2, v2 (the same values, a copy
+        per reader) when qkv_branches is 2: our Triton kernels for q, k, v where they run (impl
+        auto/fla; ops.qkv_activations), the decay and beta compiled with the fusions; elsewhere
+        the reference, recomputed in backward (activations_recomputed), compiled with the fusions."""
         if qkv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "triton":
-            q, k, v = qkv_activations(qkv, self.H_l, self.K, self.V, silu=True, impl="triton")
-            return (q, k, v) + self._fused(decay_and_beta)(a, beta_logit, self.A_log, self.dt_bias)
-        return self._fused(activations_recomputed)(qkv, a, beta_logit, self.A_log, self.dt_bias,
-                                                   self.H_l, self.K, self.V)
+            qkv_out = qkv_activations(qkv, self.H_l, self.K, self.V, silu=True, impl="triton",
+                                      branches=self.qkv_branches)
+            g, beta = self._fused(decay_and_beta)(a, beta_logit, self.A_log, self.dt_bias)
+        else:
+            q, k, v, g, beta = self._fused(activations_recomputed)(qkv, a, beta_logit, self.A_log, self.dt_bias,
+                                                                   self.H_l, self.K, self.V)
+            qkv_out = (q, k, v) * self.qkv_branches
+        names = ("q", "k", "v", "q2", "k2", "v2")[:len(qkv_out)]
+        return dict(zip(names, qkv_out), g=g, beta=beta)
 
     def _split_sections(self, proj: torch.Tensor) -> dict:
         """The in-projection's sections as views of proj (one torch.split, so the backward

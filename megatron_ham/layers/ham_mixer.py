@@ -59,6 +59,8 @@ def _in_backward() -> bool:
 class HAMMixer(GDNMixer):
     """HAM mixer: [s(/tp), b, h] -> (out [s(/tp), b, h], bias). See module docstring."""
 
+    qkv_branches = 2  # the state reads q, k, v; the scratchpad reads q2, k2, v2
+
     def __init__(self, config, submodules: GDNMixerSubmodules, layer_number=None,
                  pg_collection=None, kind=None, model_config=None, **kwargs):
         super().__init__(config, submodules, layer_number=layer_number,
@@ -165,10 +167,10 @@ class HAMMixer(GDNMixer):
             self._recorded.append(scores.detach().reshape(b, s))
         self.last_scores = scores.detach().reshape(b, s)  # fp32 [b, s], for evaluation reports
         self.last_routed = routed.detach().reshape(b, s)
-        v_kv = t["v"]
+        v_kv = t["v2"]
         if r is not None:  # the learned router: routed values scaled by r (compiled with the fusions)
             v_kv = self._fused(router_weighted_values)(v_kv, r.to(v_kv.dtype), routed)
-        o_kv = scratchpad_attention(t["q"], t["k"], v_kv, routed, scale=self.scratchpad_scale,
+        o_kv = scratchpad_attention(t["q2"], t["k2"], v_kv, routed, scale=self.scratchpad_scale,
                                     cu_seqlens=cu, impl=self.scratchpad_impl)
         y = self._fused(gated_combine)(o_rnn, o_kv, t["gate_rnn"], t["gate_kv"], t.get("z"),
                                        self._norm_weight(), eps=self.norm_eps)

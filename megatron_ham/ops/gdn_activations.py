@@ -40,15 +40,19 @@ def decay_and_beta(a, beta_logit, A_log, dt_bias) -> Tuple[torch.Tensor, torch.T
 
 
 def qkv_activations(qkv: torch.Tensor, H: int, K: int, V: int, silu: bool = False,
-                    impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    impl: str = "auto", branches: int = 1) -> Tuple[torch.Tensor, ...]:
     """The q, k, v half of :func:`gdn_activations`: qkv [B,T,H*(2K+V)] -> q, k [B,T,H,K], v
-    [B,T,H,V] in qkv's dtype. ``impl``: "reference" (below), "triton" (our kernels: CUDA
-    bf16/fp16 with silu=True; contiguous outputs, the backward keeps only qkv), "auto" (triton
-    where it runs, see :func:`qkv_impl`)."""
+    [B,T,H,V] in qkv's dtype. ``branches=2`` returns q, k, v twice, one copy per consumer (HAM's
+    state and scratchpad): the same values; the triton backward adds the two copies' gradients
+    as it reads them (the reference returns the same tensors, and autograd adds). ``impl``:
+    "reference" (below), "triton" (our kernels: CUDA bf16/fp16 with silu=True; contiguous
+    outputs, the backward keeps only qkv), "auto" (triton where it runs, see :func:`qkv_impl`)."""
     check_tensor("qkv", qkv, [None, None, H * (2 * K + V)], "[B,T,H*(2K+V)]")
+    if branches not in (1, 2):
+        raise ValueError(f"qkv_activations: branches must be 1 or 2, got {branches!r}")
     if qkv_impl(qkv, impl, silu) == "triton":
-        return load_kernels("qkv_activation").qkv_activations_triton(qkv, H, K, V)
-    return _qkv_reference(qkv, H, K, V, silu)
+        return load_kernels("qkv_activation").qkv_activations_triton(qkv, H, K, V, branches)
+    return _qkv_reference(qkv, H, K, V, silu) * branches
 
 
 def qkv_impl(qkv: torch.Tensor, impl: str = "auto", silu: bool = True) -> str:
