@@ -28,8 +28,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # GPU kernels: fla's chunked gated-delta-rule (Triton / TileLang on Hopper).
-        "gpu": ["fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton>=3.2"],
+        # GPU kernels: fla's chunked gated-delta-rule (Triton / TileLang on Hopper), liger-kernel's
+        # fused SwiGLU (docs/design.md "The MLP's SwiGLU on liger-kernel").
+        "gpu": ["fla-core==0.6.0", "flash-linear-attention==0.6.0", "triton>=3.2", "liger-kernel==0.8.5"],
         # Optional accelerator; installable only on CUDA machines with a toolkit.
         "te": ["transformer-engine[pytorch]"],
         # ham-eval's PNG plots (imported lazily; without it ham-eval writes no plots).
