@@ -3,13 +3,14 @@
 x itself), forward and backward. Prints OK at the end."""
 import torch
 
-from megatron_ham.kernels.rms_norm import BT, rms_norm_with_residual_triton
+from megatron_ham.kernels.rms_norm import INTERPRETER_TILE, rms_norm_with_residual_triton
 from megatron_ham.ops.norm import hidden_norm_with_residual
 
 torch.manual_seed(0)
 # h not a power of two (masked columns), a row count that is not a multiple of the tile and
 # more tiles than the interpreter's 3 backward programs (each walks several), a zero row,
 # 3-d input as the layers pass it ([s, b, h]), weights in x's dtype and in fp32
+BT = INTERPRETER_TILE[0]
 for shape in ((7 * BT + 3, 2, 20), (1, 1, 16)):
     for dtype, wdtype, tol in ((torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
                                (torch.bfloat16, torch.float32, 2e-2)):

@@ -15,5 +15,8 @@ __all__ = ["swiglu_liger"]
 
 
 def swiglu_liger(x: torch.Tensor) -> torch.Tensor:
-    """x ``[..., 2F]`` (gate, up) -> ``[..., F]``, differentiable; arguments validated by the op."""
-    return LigerFusedGateUpSiLUMulFunction.apply(x)
+    """x ``[..., 2F]`` (gate, up) -> ``[..., F]``, differentiable; arguments validated by the op.
+    Rows are flattened first: liger-kernel 0.8.5's backward returns the gradient as [rows, 2F],
+    which autograd refuses for a 3-d x (2026-12-03, H200)."""
+    out = LigerFusedGateUpSiLUMulFunction.apply(x.reshape(-1, x.shape[-1]))  # [rows, F]
+    return out.view(*x.shape[:-1], out.shape[-1])
