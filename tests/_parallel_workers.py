@@ -547,3 +547,40 @@ def _wgrad_fusion_worker(rank, world, device_kind):
     bad = {n: e for n, e in worst.items() if not e < (1e-2 if cuda else 1e-6)}
     if bad:
         raise AssertionError(f"main_grad differs with the fusion: {bad}")
+
+
+def _swiglu_module_worker(rank, world):
+    """One CPU process: megatron-core's MLP built from our spec with the SwiGLU module (what a
+    CUDA model with liger-kernel runs, forced here: layers.swiglu.swiglu_available patched) gives
+    the output, input and weight gradients of megatron's own SwiGLU path, and the same state
+    dict keys (the module has no parameters: checkpoints do not change)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    import megatron_ham.layers.swiglu as S
+    from megatron_ham import distributed as D
+    from megatron_ham.layers import get_backend
+    from megatron_ham.layers.specs import mlp_spec
+    from megatron_ham.models.builder import transformer_config
+
+    D.initialize(tp=1, seed=1, backend="gloo")
+    cfg = _model_cfg(fusions="on")
+    x0 = torch.randn(6, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    res = []
+    for available in (False, True):
+        S.swiglu_available = lambda: available  # noqa: E731  (the test's stand-in for CUDA + liger)
+        tc = transformer_config(cfg)
+        tc.bias_activation_fusion = False  # megatron's compiled SwiGLU needs a C++ compiler on the CPU
+        if tc.use_te_activation_func != available:
+            raise AssertionError(f"use_te_activation_func {tc.use_te_activation_func} with liger {available}")
+        torch.manual_seed(0)
+        mlp = build_module(mlp_spec(get_backend("local"), cfg), config=tc)
+        if isinstance(mlp.activation_func, S.SwiGLU) != available:
+            raise AssertionError(f"activation {mlp.activation_func} with liger {available}")
+        x = x0.clone().requires_grad_(True)
+        out, _ = mlp(x)
+        out.pow(2).sum().backward()
+        res.append((sorted(mlp.state_dict()), [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]))
+    if res[0][0] != res[1][0]:
+        raise AssertionError(f"state dict keys differ: {res[0][0]} vs {res[1][0]}")
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b)

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _dist import run_world
 from _interpreter import run_interpreted
+from _parallel_workers import _swiglu_module_worker
 from megatron_ham.layers.norm import HAMNorm
 from megatron_ham.ops.norm import hidden_norm, hidden_norm_with_residual, norm_impl
 from megatron_ham.ops.swiglu import swiglu, swiglu_impl
@@ -69,3 +71,9 @@ def test_swiglu_reference_and_dispatch():
         swiglu(x, impl="liger")
     with pytest.raises(ValueError, match=r"\[..., 2F\]"):
         swiglu(x[..., 1:])
+
+
+def test_swiglu_module_in_megatron_mlp():
+    """megatron-core's MLP with our SwiGLU module (its activation-module hook) == its own SwiGLU:
+    output and gradients, and the same state dict keys."""
+    run_world(_swiglu_module_worker, 1)

@@ -15,6 +15,7 @@ ham_800m: 16k tokens, h = 1536, ffn = 4096, bf16):
 Each block row runs the block's own residual add (x + y) in the forward, as megatron's layer does.
 
     python tools/bench_norm_mlp.py --json $OUT/norm_mlp.json
+    python tools/bench_norm_mlp.py --profile     # also each row's kernels (torch.profiler, ms per call)
 """
 from __future__ import annotations
 
@@ -39,7 +40,26 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timings, each row's CUDA kernels under torch.profiler (ms per call)")
     return p.parse_args(argv)
+
+
+def kernel_table(fn, leaves, calls: int = 5, top: int = 6):
+    """[(kernel name, ms per call)] of fn's CUDA kernels, most time first (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for x in leaves:
+                x.grad = None
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / calls
+    return sorted(times.items(), key=lambda kv: -kv[1])[:top]
 
 
 def main(argv=None):
@@ -84,6 +104,10 @@ def main(argv=None):
             base = ms if base is None else base
             rows.append(dict(name=name, ms=ms, x_baseline=ms / base, peak_mib=peak))
             print(f"{name:<16}{ms:>9.3f}{ms / base:>12.2f}{peak:>10.0f}")
+            if args.profile:
+                rows[-1]["kernels"] = kernel_table(fn, leaves)
+                for kname, kms in rows[-1]["kernels"]:
+                    print(f"    {kms:8.3f} ms  {kname[:90]}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), tokens=N,
                                                    hidden=h, ffn=F_, rows=rows), indent=1))
