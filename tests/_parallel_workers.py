@@ -553,7 +553,8 @@ def _swiglu_module_worker(rank, world):
     """One CPU process: megatron-core's MLP built from our spec with the SwiGLU module (what a
     CUDA model with liger-kernel runs, forced here: layers.swiglu.swiglu_available patched) gives
     the output, input and weight gradients of megatron's own SwiGLU path, and the same state
-    dict keys (the module has no parameters: checkpoints do not change)."""
+    dict keys (the module has no parameters: checkpoints do not change); not with the model
+    setting norm_mlp_kernels false."""
     from megatron.core.transformer.spec_utils import build_module
 
     import megatron_ham.layers.swiglu as S
@@ -580,6 +581,8 @@ def _swiglu_module_worker(rank, world):
         out, _ = mlp(x)
         out.pow(2).sum().backward()
         res.append((sorted(mlp.state_dict()), [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]))
+    if S.fused_swiglu(_model_cfg(fusions="on", norm_mlp_kernels=False)):
+        raise AssertionError("model.norm_mlp_kernels=false still picks the SwiGLU module")
     if res[0][0] != res[1][0]:
         raise AssertionError(f"state dict keys differ: {res[0][0]} vs {res[1][0]}")
     for a, b in zip(res[0][1], res[1][1]):

@@ -75,11 +75,12 @@ def mlp_spec(backend: Backend, cfg) -> ModuleSpec:
 
 
 def pre_norm(backend: Backend, cfg):
-    """The norm before each block. On `local` with the model's fusions on, HAMNorm also returns
-    the block's residual branch (has_residual), so that on CUDA the norm's backward kernel adds
-    the residual's gradient (ops.hidden_norm_with_residual), where megatron-core's layer takes
-    that pair (layers.norm.layer_takes_norm_residual); TENorm as it is."""
-    if backend.norm is HAMNorm and cfg.resolved_fusions() and layer_takes_norm_residual():
+    """The norm before each block. On `local` with the model's fusions and norm_mlp_kernels on,
+    HAMNorm also returns the block's residual branch (has_residual), so that on CUDA the norm's
+    backward kernel adds the residual's gradient (ops.hidden_norm_with_residual), where
+    megatron-core's layer takes that pair (layers.norm.layer_takes_norm_residual); TENorm as it is."""
+    if (backend.norm is HAMNorm and cfg.resolved_fusions() and cfg.norm_mlp_kernels
+            and layer_takes_norm_residual()):
         return ModuleSpec(module=HAMNorm, params={"has_residual": True})
     return backend.norm
 

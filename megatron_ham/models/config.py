@@ -78,6 +78,10 @@ class ModelConfig:
         for backward), for bf16 models its vocab-parallel cross entropy
         (cross_entropy_loss_fusion, "native"; it returns bf16 logit gradients), and the GDN/HAM
         mixers' elementwise ops (layers/fusion.py). Same math (docs/training.md "Fusions").
+    norm_mlp_kernels: with the fusions on, the pre-norms hand out the residual branch (our RMSNorm
+        kernels add its gradient in the norm's backward on CUDA) and the MLP's SwiGLU runs
+        liger-kernel's kernel on CUDA; false keeps torch's norm and megatron-core's compiled
+        SwiGLU (transformer_800m.yaml: measured slower with them, docs/benchmarks.md 2026-12-03).
     Activation recomputation is a training setting (train.recompute), set on the built model's
     TransformerConfig; HAM layers record their routing scores once per micro-batch either way.
     """
@@ -129,6 +133,7 @@ class ModelConfig:
     use_cpu_initialization: bool = False
     impl: str = "auto"
     fusions: str = "auto"
+    norm_mlp_kernels: bool = True
 
     # ------------------------------------------------------------------ derived
     def resolved_pattern(self) -> str:
@@ -202,6 +207,7 @@ class ModelConfig:
         checks = {
             "dtype": (self.dtype in DTYPES, f"one of {list(DTYPES)}"),
             "fusions": (self.fusions in ("auto", "on", "off"), "'auto', 'on' or 'off'"),
+            "norm_mlp_kernels": (isinstance(self.norm_mlp_kernels, bool), "true or false"),
             "backend": (self.backend in ("local", "te"), "'local' or 'te'"),
             "normalization": (self.normalization in ("RMSNorm", "LayerNorm"), "'RMSNorm' or 'LayerNorm'"),
         }

@@ -14,6 +14,9 @@ from .config import ModelConfig
 _LAYERS = {"transformer": 24, "gdn": 22, "gdn_gsa": 23, "ham": 22}
 #: the paper's four architectures, as recipes/<architecture>_800m.yaml (tests check equality)
 PAPER_ARCHITECTURES = tuple(_LAYERS)
+#: speed settings of one architecture's recipe (same math): the Transformer keeps torch's pre-norms
+#: and megatron-core's SwiGLU (measured faster for it, docs/benchmarks.md 2026-12-03)
+_SPEED = {"transformer": dict(norm_mlp_kernels=False)}
 
 
 def paper_800m(architecture: str, **overrides) -> ModelConfig:
@@ -26,5 +29,6 @@ def paper_800m(architecture: str, **overrides) -> ModelConfig:
         kv_channels=128, mixer_num_heads=12, mixer_key_head_dim=128, mixer_value_head_dim=128,
         dtype="bf16", kv_fraction=0.5, router="learned", router_score="logit", gsa_attention_every=2,
     )
+    base.update(_SPEED.get(architecture, {}))
     base.update(overrides)
     return ModelConfig(**base)
