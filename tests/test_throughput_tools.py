@@ -392,12 +392,14 @@ def test_sweep_staircase_plan_and_cpu_refusal():
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
 
 
-def test_bench_short_conv_refuses_cpu():
-    """tools/bench_short_conv.py explains itself and says plainly that it needs a GPU."""
-    tool = os.path.join(REPO, "tools", "bench_short_conv.py")
+@pytest.mark.parametrize("name,row", [("bench_short_conv.py", "conv_fla"), ("bench_norm_mlp.py", "prenorm_ours")])
+def test_gpu_benches_refuse_cpu(name, row):
+    """The GPU-only benches explain themselves (their rows in --help) and say plainly that they
+    need a GPU."""
+    tool = os.path.join(REPO, "tools", name)
     r = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
                        env=subprocess_env(), timeout=120)
-    assert r.returncode == 0 and "conv_fla" in r.stdout
+    assert r.returncode == 0 and row in r.stdout
     if not __import__("torch").cuda.is_available():
         r = subprocess.run([sys.executable, tool], capture_output=True, text=True,
                            env=subprocess_env(), timeout=120)
