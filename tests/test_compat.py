@@ -125,6 +125,8 @@ def test_old_checkpoint_same_export(old_run, tmp_path):
     for key, want in REF["export_config"].items():
         if key in EOD_KEYS:
             want = EOD_KEYS[key]
+        if key == "transformers_version":  # the installed transformers' own stamp, not the model's
+            continue
         assert cfg.get(key) == want, (key, cfg.get(key), want)
     # the export's logits are the old Megatron model's; and a config.json without the fields
     # this version added (kind_symbols, fused_sections: an older export) loads the same
