@@ -19,9 +19,9 @@ scheme for norm weight gradients, with more programs in flight). Memory-bound bo
 backward reads x, dy and dresidual once and writes dx once. Tiles (BT rows, warps) are
 autotuned per h on the GPU from a few candidates; the interpreter runs a fixed one.
 Measured on an H200 at 16k x 1536 (docs/benchmarks.md 2026-12-03): 0.080 ms of kernels per
-fwd+bwd (with the dw sum) against ~0.174 for torch's norm kernels and the add left to autograd; each call also
-costs ~0.6 ms of host time (the autograd Function, two launches through the autotuner), hidden
-where the host runs ahead of the GPU, as in the recipes.
+fwd+bwd (with the dw sum) against ~0.174 for torch's norm kernels and the add left to autograd;
+each call also costs ~0.6 ms of host time (the autograd Function, two launches through the
+autotuner), hidden where the host runs ahead of the GPU, as in the recipes.
 """
 from __future__ import annotations
 
