@@ -85,6 +85,7 @@ def transformer_config(cfg: ModelConfig):
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     dtype = DTYPES[cfg.dtype]
     fuse = cfg.resolved_fusions()
+    liger_swiglu = fused_swiglu(cfg)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -111,8 +112,8 @@ def transformer_config(cfg: ModelConfig):
         use_cpu_initialization=cfg.use_cpu_initialization,
         # SwiGLU: our module on liger-kernel (through megatron's activation-module hook, which
         # excludes bias_activation_fusion), else megatron-core's compiled one
-        bias_activation_fusion=fuse and not fused_swiglu(cfg),
-        use_te_activation_func=fused_swiglu(cfg),
+        bias_activation_fusion=fuse and not liger_swiglu,
+        use_te_activation_func=liger_swiglu,
         # Megatron's fused cross entropy returns bf16 logit gradients: bf16 models only
         cross_entropy_loss_fusion=fuse and cfg.dtype == "bf16",
         cross_entropy_fusion_impl="native",
