@@ -76,6 +76,11 @@ def main():
     for kv_layout in ("compact", "gather"):
         case("B=2 f=0.2/0.6 strided K=24 V=20", 80, 2, 24, 20, r, B=2, strided=True,
              kv_layout=kv_layout)
+    # the schedule's groups: 6 batch x heads in groups of 4 (the last one short), and of 1
+    r = torch.cat([rand(1, 70, 0.5), rand(1, 70, 0.3)])
+    for group in (4, 1):
+        case(f"B=2 H=3 heads per group {group}", 70, 3, 16, 16, r, B=2,
+             tiles={"fwd": (16, 16), "dq": (16, 32), "dkdv": (32, 16), "group": group})
     case("T=96 fp16 f=0.4", 96, 2, 16, 16, rand(1, 96, 0.4), dtype=torch.float16, tiles=(32, 32))
     print("OK")
 

@@ -385,6 +385,9 @@ def test_sweep_staircase_plan_and_cpu_refusal():
         base = {"fwd": sw.FWD[0], "dq": sw.DQ[0], "dkdv": sw.DKDV[0]}
         for j in mine:  # only the kernel it names differs from the base
             assert all(j["tiles"][k] == base[k] for k in base if k != j["kernel"])
+    # --groups jobs fix the schedule's heads per group next to (JSON-listed) tiles
+    assert sw._tiles({"tiles": {"fwd": [64, 64, 4, 3], "group": 2}}) == {"fwd": (64, 64, 4, 3),
+                                                                         "group": 2}
     if not __import__("torch").cuda.is_available():
         r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "sweep_staircase.py"),
                             "--compile-workers", "0"], capture_output=True, text=True,

@@ -16,6 +16,7 @@ Each block row runs the block's own residual add (x + y) in the forward, as mega
 
     python tools/bench_norm_mlp.py --json $OUT/norm_mlp.json
     python tools/bench_norm_mlp.py --profile     # also each row's kernels (torch.profiler, ms per call)
+    python tools/bench_norm_mlp.py --host        # also each row's host time by Python function
 """
 from __future__ import annotations
 
@@ -42,7 +43,32 @@ def parse_args(argv=None):
     p.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
     p.add_argument("--profile", action="store_true",
                    help="after the timings, each row's CUDA kernels under torch.profiler (ms per call)")
+    p.add_argument("--host", action="store_true",
+                   help="after the timings, each row's host time (cProfile of 20 calls, the "
+                        "functions with most own time, ms per call)")
     return p.parse_args(argv)
+
+
+def host_table(fn, leaves, calls: int = 20, top: int = 10):
+    """(host ms per call, [(function, own ms per call)] most first) of fn (cProfile, with the
+    backward run on this thread; the GPU is waited for once, after the calls)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):  # backward on this thread: profiled
+        prof.enable()
+        for _ in range(calls):
+            for x in leaves:
+                x.grad = None
+            fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof).stats
+    rows = [(f"{Path(f).name}:{line} {name}", tt * 1e3 / calls) for (f, line, name), (_, _, tt, _, _)
+            in st.items()]
+    total = sum(ms for _, ms in rows)
+    return total, sorted(rows, key=lambda kv: -kv[1])[:top]
 
 
 def kernel_table(fn, leaves, calls: int = 5, top: int = 6):
@@ -108,6 +134,12 @@ def main(argv=None):
                 rows[-1]["kernels"] = kernel_table(fn, leaves)
                 for kname, kms in rows[-1]["kernels"]:
                     print(f"    {kms:8.3f} ms  {kname[:90]}")
+            if args.host:
+                total, top = host_table(fn, leaves)
+                rows[-1]["host_ms"], rows[-1]["host_top"] = total, top
+                print(f"    host {total:.3f} ms per call (cProfile's own overhead included); most:")
+                for fname, fms in top:
+                    print(f"    {fms:8.3f} ms  {fname[:90]}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), tokens=N,
                                                    hidden=h, ffn=F_, rows=rows), indent=1))

@@ -14,6 +14,9 @@ BLOCK_N, warps, stages) of each kernel:
   best    the best of each, forward + backward together
   kernels the best configuration's kernels under torch.profiler: ms per call by kernel (the
           plan, the K/V copies, forward, dq, dk/dv)
+  group   with --groups: the kernels' own (autotuned) tiles, the schedule's heads per group
+          set to each value given ("auto": the kernel's rule, staircase.heads_per_group);
+          --groups-only skips the tile sweep
 
 Times are CUDA-event medians; TFLOP/s count the visible (query, key) pairs P (4 P D H forward,
 2.5x that backward: FlashAttention's convention, whatever the kernel recomputes). Every
@@ -62,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--compile-workers", type=int, default=8,
                    help="processes that compile the configurations before timing (0: compile "
                         "while timing)")
+    p.add_argument("--groups", nargs="+", default=[],
+                   help="also time the autotuned kernels with these heads per group of the "
+                        "schedule (ints, or 'auto' for the kernel's own rule)")
+    p.add_argument("--groups-only", action="store_true",
+                   help="only the --groups rows (no tile sweep)")
     p.add_argument("--json", type=str, default=None, help="write all rows to this JSON file")
     p.add_argument("--compile-only", type=str, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -95,7 +103,7 @@ def tflops(pairs, H, D, ms, factor):
 def run_case(st, q, k, v, routed, job, warmup, iters):
     """(fwd ms, bwd ms) of one job."""
     import torch
-    kw = dict(tiles={n: tuple(c) for n, c in job["tiles"].items()}, kv_layout=job["layout"])
+    kw = dict(tiles=_tiles(job), kv_layout=job["layout"])
 
     def fwd():
         with torch.no_grad():
@@ -106,6 +114,11 @@ def run_case(st, q, k, v, routed, job, warmup, iters):
     def bwd():
         torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
     return median_ms(fwd, warmup, iters), median_ms(bwd, warmup, iters)
+
+
+def _tiles(job):
+    """The tiles= argument of a job: per-kernel tuples, and "group" (an int) where set."""
+    return {n: c if n == "group" else tuple(c) for n, c in job["tiles"].items()}
 
 
 def jobs(layouts):
@@ -120,7 +133,7 @@ def kernel_times(st, q, k, v, routed, job, reps=5):
     """ms per call of each GPU kernel of one fwd+bwd of job, from torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    kw = dict(tiles={n: tuple(c) for n, c in job["tiles"].items()}, kv_layout=job["layout"])
+    kw = dict(tiles=_tiles(job), kv_layout=job["layout"])
     do = torch.randn_like(q)
     for _ in range(2):
         torch.autograd.grad(st.scratchpad_attention_triton(q, k, v, routed, **kw), (q, k, v), do)
@@ -179,8 +192,11 @@ def main(argv=None):
         raise SystemExit("sweep_staircase.py needs a CUDA GPU")
     from megatron_ham.kernels import staircase as st
 
-    all_jobs = jobs(args.layouts)
-    if args.compile_workers > 0:
+    groups = [None if g == "auto" else int(g) for g in args.groups]
+    all_jobs = [] if args.groups_only else jobs(args.layouts)
+    if args.groups_only and not groups:
+        raise SystemExit("--groups-only needs --groups")
+    if args.compile_workers > 0 and all_jobs:
         precompile(args, all_jobs)
     T, H, D = args.T, args.H, args.D
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
@@ -233,6 +249,20 @@ def main(argv=None):
                   f"{b_ms:8.3f} {row['fwd_tflops']:8.0f} {row['bwd_tflops']:8.0f} "
                   f"{row['x_f_sdpa']:8.2f}", flush=True)
         rows += mine
+        for g in groups:
+            job = {"layout": "compact", "kernel": "group", "tiles": {} if g is None else {"group": g}}
+            f_ms, b_ms = run_case(st, q, k, v, routed, job, args.warmup, args.iters)
+            used = st.heads_per_group(T, D, D, q.element_size()) if g is None else g
+            row = {"case": "group", "f": frac, "group": used, "auto": g is None, "fwd_ms": f_ms,
+                   "bwd_ms": b_ms, "total_ms": f_ms + b_ms, "x_f_sdpa": (f_ms + b_ms) / ref,
+                   "kernels_ms": kernel_times(st, q, k, v, routed, job)}
+            rows.append(row)
+            print(f"GROUP f={frac} heads per group {used}{' (auto)' if g is None else ''}: fwd "
+                  f"{f_ms:.3f} + bwd {b_ms:.3f} = {f_ms + b_ms:.3f} ms, {row['x_f_sdpa']:.2f}x "
+                  f"(f x SDPA); kernels " + ", ".join(
+                      f"{n[:24]} {ms:.3f}" for n, ms in row["kernels_ms"].items()), flush=True)
+        if not mine:
+            continue
         for lay in args.layouts:
             cand = [r for r in mine if r["layout"] == lay]
             best = {"fwd": min((r for r in cand if r["kernel"] == "fwd"),

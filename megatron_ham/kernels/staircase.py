@@ -21,7 +21,8 @@ dims, documents or not, layout), never per routing; the routed count is only rea
    = routed count in ``[0, t]``; ``order[b, :]`` = the routed positions in position order, then
    the others (a permutation of ``0..T-1``; slot s < cnt is the s-th routed key); with
    ``cu_seqlens`` also ``dstart[t]`` / ``dend[t]`` = start / end of t's document.
-2. :func:`_fwd_kernel`, one program per (query block, batch x head), last block first. Because
+2. :func:`_fwd_kernel`, one program per (query block, batch x head), in the order of
+   :func:`_schedule` (groups of a few heads; in each, the blocks with most work first). Because
    slots are in position order, the keys visible to queries ``[t0, t1]`` are the slots
    ``[lo, hi)`` with ``hi = cum[t1]`` and ``lo`` = routed count before ``dstart[t0]`` (0 without
    documents), and slots ``[cum0[dstart[t1]], cum[t0])`` are visible to every query of the
@@ -41,6 +42,10 @@ o, the lse ``[B,H,T]`` fp32 and the plan (``cum``, ``order`` int32 ``[B,T]``; ``
 ``dend`` ``[T]``); the backward gathers its copies again (freed before dk, dv are allocated).
 The backward recomputes (7 matmuls per tile pair, FlashAttention-2's is 5 with dq added by
 atomics): measured on an H200, atomics for dq made it 14-37 % slower (docs/benchmarks.md).
+
+Schedule: a 1-d grid, longest-first inside groups of :func:`heads_per_group` heads (FlashAttention-
+3's order). The earlier grid (blocks x heads, the longest first within each head) left the last
+head's longest blocks to start near the end of the launch, with the other SMs idle.
 
 Tiles: autotuned per (T, head dims, documents) on the GPU (a few configurations each); fixed tiles
 can be passed (``tiles=``) -- the CPU tests run the kernels under Triton's interpreter that way.
@@ -171,24 +176,41 @@ def _store_rows(base, rows, stride, x, row_mask, D: tl.constexpr, BD: tl.constex
 
 
 @triton.jit
-def _batch_head(CUM, ORDER, T, H):
-    """Program axis 1 = batch x head: (i_bh, i_b, i_h, this row's cum and order, routed count)."""
-    i_bh = tl.program_id(1)
+def _schedule(n_blk, GROUP):
+    """The program's (rank of its block by work, 0 = most; batch x head index), from a 1-d grid
+    of n_blk blocks x (B x H): groups of GROUP heads, one after the other; inside a group the
+    most work first across its heads (block rank outer, head inner). Longest-first keeps the
+    heavy blocks off the end of the launch; the groups keep the heads in flight few enough for
+    their K, V (or Q, dO) to stay in L2 (FlashAttention-3's scheduler does the same)."""
+    pid = tl.program_id(0)
+    bh = tl.num_programs(0) // n_blk
+    per_group = GROUP * n_blk
+    g = pid // per_group
+    size = tl.minimum(GROUP, bh - g * GROUP)                      # the last group may be short
+    r = pid - g * per_group
+    return r // size, g * GROUP + r % size
+
+
+@triton.jit
+def _batch_head(i_bh, CUM, ORDER, T, H):
+    """(i_bh, i_b, i_h, this row's cum and order, routed count) of batch x head index i_bh."""
     i_b = (i_bh // H).to(tl.int64)
     cum = CUM + i_b * T
     return i_bh, i_b, (i_bh % H).to(tl.int64), cum, ORDER + i_b * T, tl.load(cum + T - 1)
 
 
 @triton.jit
-def _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_DOC: tl.constexpr):
-    """Prologue of a query-block program (grid: query blocks, last first; batch x head).
+def _query_program(CUM, ORDER, DSTART, T, H, GROUP, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Prologue of a query-block program (:func:`_schedule`: the last query block has most work).
 
     Queries [t0, t0 + BLOCK_M) see the slots [lo, hi) and all of them see [f_lo, f_hi); returns
     the walk over [lo, hi) in tiles of BLOCK_N as :func:`_phases` splits it, with each row's
     document start (0 without documents) for the mask."""
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)               # most work first
-    i_bh, i_b, i_h, cum, order, cnt = _batch_head(CUM, ORDER, T, H)
+    n_m = tl.cdiv(T, BLOCK_M)
+    rank, i_bh = _schedule(n_m, GROUP)
+    i_m = n_m - 1 - rank
+    i_bh, i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
     t0 = i_m * BLOCK_M
     offs_m = t0 + tl.arange(0, BLOCK_M)
     t_last = tl.minimum(t0 + BLOCK_M, T) - 1
@@ -289,12 +311,12 @@ def _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n_tiles, offs_m, ds_rows,
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                T, H, qk_scale,
+                T, H, GROUP, qk_scale,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
-        _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
+        _query_program(CUM, ORDER, DSTART, T, H, GROUP, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
     rows = offs_m
     q = _load_rows(Q + i_b * s_qb + i_h * s_qh, rows, s_qt, m_row, DK, BK, True)   # [BM, BK]
@@ -343,12 +365,12 @@ def _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n_tiles, offs_m, ds_r
 def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                    s_db, s_dt, s_dh, s_gb, s_gt, s_gh,
-                   T, H, qk_scale, sm_scale,
+                   T, H, GROUP, qk_scale, sm_scale,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
-        _query_program(CUM, ORDER, DSTART, T, H, BLOCK_M, BLOCK_N, HAS_DOC)
+        _query_program(CUM, ORDER, DSTART, T, H, GROUP, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
     rows = offs_m
     q = _load_rows(Q + i_b * s_qb + i_h * s_qh, rows, s_qt, m_row, DK, BK, True)
@@ -409,12 +431,12 @@ def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, 
 def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                      s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
-                     T, H, qk_scale, sm_scale,
+                     T, H, GROUP, qk_scale, sm_scale,
                      DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    i_n = tl.program_id(0)                                         # slot block, most work first
-    i_bh, i_b, i_h, cum, order, cnt = _batch_head(CUM, ORDER, T, H)
+    i_n, i_bh = _schedule(tl.cdiv(T, BLOCK_N), GROUP)            # slot block 0: most work
+    i_bh, i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
     s0 = i_n * BLOCK_N
     offs_s, pos, valid = _slot_tile(order, s0, 0, cnt, T, BLOCK_N)
     in_t = offs_s < T
@@ -476,8 +498,28 @@ _tuned = {}
 
 #: ``tiles=`` of :func:`scratchpad_attention_triton`: (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N,
 #: num_warps, num_stages) for every kernel, or a dict of those per kernel ("fwd", "dq", "dkdv";
-#: a kernel left out is autotuned)
-Tiles = Union[Tuple[int, ...], Dict[str, Tuple[int, ...]]]
+#: a kernel left out is autotuned), which may also fix "group" (heads per group of the schedule,
+#: an int; default :func:`heads_per_group`)
+Tiles = Union[Tuple[int, ...], Dict[str, Union[int, Tuple[int, ...]]]]
+
+#: bytes of the rows every program of a head walks (K and V, or Q and dO) that the heads in
+#: flight may take in L2 (an H100 / H200 has 50 MiB; FlashAttention-3 plans with 32 MiB too)
+L2_BUDGET = 32 << 20
+
+
+def heads_per_group(T: int, DK: int, DV: int, itemsize: int, budget: int = L2_BUDGET) -> int:
+    """Heads of one group of :func:`_schedule`: the largest power of two whose walked rows (T x
+    (DK + DV) each, an upper bound: the forward and dq read only the routed rows) fit in the
+    budget; at least 1. 16k x (128 + 128) bf16 = 8 MiB per head: 4 heads."""
+    per_head = max(1, T * (DK + DV) * itemsize)
+    n = max(1, budget // per_head)
+    return 1 << (n.bit_length() - 1)
+
+
+def _group(tiles: Optional[Tiles], T: int, q: torch.Tensor, v: torch.Tensor) -> int:
+    if isinstance(tiles, dict) and tiles.get("group") is not None:
+        return int(tiles["group"])
+    return heads_per_group(T, q.shape[-1], v.shape[-1], q.element_size())
 
 
 def _kernel(name: str, tiles: Optional[Tiles]):
@@ -530,10 +572,10 @@ class _StaircaseAttention(torch.autograd.Function):
         o = torch.empty(B, T, H, v.shape[-1], dtype=v.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         kern, kw = _kernel("fwd", tiles)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
         kern[grid](q, kk, vv, o, lse, cum, order, dstart, *_bht(q), *_bht(kk), *_bht(vv), *_bht(o),
-                   T, H, scale * _LOG2E, HAS_DOC=dstart is not None, COMPACT=compact,
-                   **_dims(q, v), **kw)
+                   T, H, _group(tiles, T, q, v), scale * _LOG2E, HAS_DOC=dstart is not None,
+                   COMPACT=compact, **_dims(q, v), **kw)
         del kk, vv                      # the backward gathers them again rather than keep them
         ctx.save_for_backward(q, k, v, o, lse, cum, order, dstart, dend)
         ctx.scale, ctx.tiles, ctx.compact = scale, tiles, compact
@@ -546,19 +588,20 @@ class _StaircaseAttention(torch.autograd.Function):
         do = _rowmajor(do)
         dq, delta = torch.empty_like(q), torch.empty_like(lse)
         common = dict(HAS_DOC=dstart is not None, **_dims(q, v))
+        group = _group(ctx.tiles, T, q, v)
         kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
         kern, kw = _kernel("dq", ctx.tiles)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
         kern[grid](q, kk, vv, o, do, dq, lse, delta, cum, order, dstart, *_bht(q), *_bht(kk),
-                   *_bht(vv), *_bht(o), *_bht(do), *_bht(dq), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   COMPACT=ctx.compact, **common, **kw)
+                   *_bht(vv), *_bht(o), *_bht(do), *_bht(dq), T, H, group, ctx.scale * _LOG2E,
+                   ctx.scale, COMPACT=ctx.compact, **common, **kw)
         del kk, vv                      # freed before dk, dv exist: the peak stays 3 x |q|
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         kern, kw = _kernel("dkdv", ctx.tiles)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) * B * H,)  # noqa: E731
         kern[grid](q, k, v, do, dk, dv, lse, delta, cum, order, dstart, dend, *_bht(q), *_bht(k),
-                   *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, ctx.scale * _LOG2E, ctx.scale,
-                   **common, **kw)
+                   *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, group, ctx.scale * _LOG2E,
+                   ctx.scale, **common, **kw)
         return dq, dk, dv, None, None, None, None, None
 
 
