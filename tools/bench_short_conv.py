@@ -16,8 +16,13 @@ ham_800m: 12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in 
                    compiled and recomputed in backward (layers.gdn_mixer.activations_recomputed):
                    (fla's backward then neither recomputes the conv nor re-reads it at every tap)
   *_pre+act_triton the same with our Triton SiLU + norm kernels for q, k, v (ops.gdn_activations.
-                   qkv_activations impl "triton") and the compiled decay and beta: what the mixers
-                   run since 2026-12-03
+                   qkv_activations impl "triton") and the compiled decay and beta
+  conv_fla_pre     the conv alone (silu=False) on fla's kernels: what the mixers ran until
+                   2026-12-03 evening (the baseline of the next row)
+  conv_triton_pre  the conv alone on our Triton kernels (ops.short_conv impl "triton"; one
+                   backward pass keeping dw in registers): what the mixers run now, and with
+                   +act_triton the mixers' whole front end
+Each row's ratio is against the baseline of its kind (the last column names it).
 
     python tools/bench_short_conv.py --T 16384 --json $OUT/short_conv.json
 """
@@ -91,12 +96,18 @@ def main(argv=None):
                 q, k, v, g, b = act_c(conv(proj[..., :C]), a, beta, A_log, dt_bias, H, K, V)
                 (q.float().sum() + k.float().sum() + v.float().sum() + g.sum() + b.sum()).backward()
 
-            for label, fn in ((name, step), (name + "+act", step_act)):
+            for label, fn, base in ((name, step, "conv_compiled"),
+                                    (name + "+act", step_act, "conv_compiled+act")):
                 ms, peak, _ = time_fwd_bwd(fn, [proj, w], args.warmup, args.iters)
-                rows.append(dict(name=label, T=T, C=C, ms=ms, peak_mib=peak))
+                rows.append(dict(name=label, T=T, C=C, ms=ms, peak_mib=peak, base=base))
         # what the mixers run: the conv without its SiLU, the SiLU inside the compiled activations
         conv_pre_c = lambda x: conv_c(x, w, doc, impl="reference", silu=False)  # noqa: E731
         conv_pre_fla = lambda x: causal_conv_silu(x, w, cu_seqlens=cu, impl="fla", silu=False)  # noqa: E731
+        conv_pre_ours = lambda x: causal_conv_silu(x, w, cu_seqlens=cu, impl="triton", silu=False)  # noqa: E731
+        for name, conv in (("conv_fla_pre", conv_pre_fla), ("conv_triton_pre", conv_pre_ours)):
+            ms, peak, _ = time_fwd_bwd(lambda conv=conv: conv(proj[..., :C]).backward(dy), [proj, w],
+                                       args.warmup, args.iters)
+            rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak, base="conv_fla_pre"))
 
         def act_triton(x, a, beta):
             return qkv_activations(x, H, K, V, silu=True, impl="triton") + db_c(a, beta, A_log, dt_bias)
@@ -105,6 +116,7 @@ def main(argv=None):
             "conv_compiled_pre+act": (conv_pre_c, lambda x, a, b: act_r(x, a, b, A_log, dt_bias, H, K, V)),
             "conv_fla_pre+act": (conv_pre_fla, lambda x, a, b: act_r(x, a, b, A_log, dt_bias, H, K, V)),
             "conv_fla_pre+act_triton": (conv_pre_fla, act_triton),
+            "conv_triton_pre+act_triton": (conv_pre_ours, act_triton),
         }
         for name, (conv, act) in pre_rows.items():
             def step_pre(conv=conv, act=act):
@@ -113,17 +125,15 @@ def main(argv=None):
                 (q.float().sum() + k.float().sum() + v.float().sum() + g.sum() + b.sum()).backward()
 
             ms, peak, _ = time_fwd_bwd(step_pre, [proj, w], args.warmup, args.iters)
-            rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak))
-        base = {r["name"].replace("conv_compiled", ""): r["ms"] for r in rows
-                if r["T"] == T and r["name"].startswith("conv_compiled")}
-        print(f"\nT = {T}: fwd+bwd ms, ratio to the compiled reference of the same row kind")
-        print(f"{'row':<22}{'ms':>9}{'x compiled':>12}{'peak MiB':>10}")
-        for r in rows:
-            if r["T"] != T:
-                continue
-            ref = base["+act" if r["name"].endswith("+act") else ""]
-            r["x_compiled"] = r["ms"] / ref
-            print(f"{r['name']:<22}{r['ms']:>9.3f}{r['x_compiled']:>12.2f}{r['peak_mib']:>10.0f}")
+            rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak, base="conv_compiled_pre+act"))
+        mine = [r for r in rows if r["T"] == T]
+        ms_of = {r["name"]: r["ms"] for r in mine}
+        print(f"\nT = {T}: fwd+bwd ms, ratio to the baseline of the same row kind")
+        print(f"{'row':<28}{'ms':>9}{'x baseline':>12}{'peak MiB':>10}  baseline")
+        for r in mine:
+            r["x_baseline"] = r["ms"] / ms_of[r["base"]]
+            print(f"{r['name']:<28}{r['ms']:>9.3f}{r['x_baseline']:>12.2f}{r['peak_mib']:>10.0f}  "
+                  f"{r['base']}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
 
