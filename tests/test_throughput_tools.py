@@ -395,7 +395,8 @@ def test_sweep_staircase_plan_and_cpu_refusal():
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
 
 
-@pytest.mark.parametrize("name,row", [("bench_short_conv.py", "conv_fla"), ("bench_norm_mlp.py", "prenorm_ours")])
+@pytest.mark.parametrize("name,row", [("bench_short_conv.py", "conv_triton_pre"), ("bench_norm_mlp.py", "prenorm_ours"),
+                                      ("bench_sdpa_host.py", "waits")])
 def test_gpu_benches_refuse_cpu(name, row):
     """The GPU-only benches explain themselves (their rows in --help) and say plainly that they
     need a GPU."""
