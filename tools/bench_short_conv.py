@@ -25,6 +25,7 @@ ham_800m: 12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in 
 Each row's ratio is against the baseline of its kind (the last column names it).
 
     python tools/bench_short_conv.py --T 16384 --json $OUT/short_conv.json
+    python tools/bench_short_conv.py --profile     # also the conv_*_pre rows' kernels
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="also the CUDA kernels of the conv_*_pre rows (torch.profiler, ms per call)")
     return p.parse_args(argv)
 
 
@@ -108,6 +111,11 @@ def main(argv=None):
             ms, peak, _ = time_fwd_bwd(lambda conv=conv: conv(proj[..., :C]).backward(dy), [proj, w],
                                        args.warmup, args.iters)
             rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak, base="conv_fla_pre"))
+            if args.profile:
+                from bench_norm_mlp import kernel_table  # tools/, this script's directory
+
+                rows[-1]["kernels"] = kernel_table(lambda conv=conv: conv(proj[..., :C]).backward(dy),
+                                                   [proj, w])
 
         def act_triton(x, a, beta):
             return qkv_activations(x, H, K, V, silu=True, impl="triton") + db_c(a, beta, A_log, dt_bias)
@@ -134,6 +142,8 @@ def main(argv=None):
             r["x_baseline"] = r["ms"] / ms_of[r["base"]]
             print(f"{r['name']:<28}{r['ms']:>9.3f}{r['x_baseline']:>12.2f}{r['peak_mib']:>10.0f}  "
                   f"{r['base']}")
+            for kname, kms in r.get("kernels", []):
+                print(f"    {kms:8.3f} ms  {kname[:90]}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
 
