@@ -196,7 +196,7 @@ def test_scratchpad_triton_matches_reference(T, packed, frac):
 def _triton_compilations() -> int:
     from megatron_ham.kernels import staircase as st
 
-    fns = (st._compaction_kernel, st._fwd_kernel, st._bwd_dq_kernel, st._bwd_dkdv_kernel)
+    fns = (st._compaction_kernel, st._staircase_fwd_kernel, st._staircase_dq_kernel, st._staircase_dkdv_kernel)
     return sum(len(c[0]) for fn in fns for c in fn.device_caches.values())
 
 
@@ -316,13 +316,12 @@ def test_ops_auto_dispatch_uses_gpu_kernels():
     assert _select_impl("auto", q.float(), v.float()) == "flex"
 
 
-@pytest.mark.parametrize("impl", ["triton", "fla"])
 @pytest.mark.parametrize("T", [1024, 16384])
-def test_short_conv_kernels_match_reference(T, impl):
-    """causal_conv_silu impl="triton" (our kernels) and "fla" (fla's) == the reference in bf16:
-    output, dx and dweight, reading x as a strided view of a wider projection (as the mixers
-    do), with documents (cu_seqlens, including a 1-token one) and with a batch of rows, with the
-    SiLU and without it (silu=False, what the mixers run); "auto" picks ours."""
+def test_short_conv_fla_matches_reference(T):
+    """causal_conv_silu impl="fla" (fla's Triton kernels) == the reference in bf16: output, dx
+    and dweight, reading x as a strided view of a wider projection (as the mixers do), with
+    documents (cu_seqlens, including a 1-token one) and with a batch of rows, with the SiLU and
+    without it (silu=False, what the mixers run); "auto" picks it."""
     from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
     C, W = 3 * 16 * 128, 4
@@ -330,20 +329,20 @@ def test_short_conv_kernels_match_reference(T, impl):
     proj = torch.randn(2, T, C + 64, generator=gen, device=DEV).bfloat16()
     w = (torch.randn(C, W, generator=gen, device=DEV) / 2).bfloat16()
     cu = torch.tensor([0, 1000, 1001, T], device=DEV, dtype=torch.int64)
-    assert conv_impl(proj[..., :C]) == "triton" and conv_impl(proj[..., :C].float()) == "reference"
+    assert conv_impl(proj[..., :C]) == "fla" and conv_impl(proj[..., :C].float()) == "reference"
     weights = torch.linspace(-1, 1, C, device=DEV)
     for rows, kw in ((1, {"cu_seqlens": cu}), (2, {}), (1, {}), (1, {"cu_seqlens": cu, "silu": False}),
                      (2, {"silu": False})):
         res = {}
-        for run in (impl, "reference"):  # the reference in fp32
+        for impl in ("fla", "reference"):  # the reference in fp32
             p = proj[:rows].detach().clone().requires_grad_(True)  # [rows, T, C+64]
             wl = w.detach().clone().requires_grad_(True)
-            x, wx = (p[..., :C], wl) if run == impl else (p[..., :C].float(), wl.float())
-            y = causal_conv_silu(x, wx, impl=run, **kw)
+            x, wx = (p[..., :C], wl) if impl == "fla" else (p[..., :C].float(), wl.float())
+            y = causal_conv_silu(x, wx, impl=impl, **kw)
             (y.float() * weights).sum().backward()
-            res[run] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
-            assert not p.grad[..., C:].any()
-        for name, a, b in zip(("y", "dx", "dw"), res[impl], res["reference"]):
+            res[impl] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
+        assert not p.grad[..., C:].any()
+        for name, a, b in zip(("y", "dx", "dw"), res["fla"], res["reference"]):
             assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
 
 
@@ -442,7 +441,7 @@ def test_swiglu_liger_matches_reference():
 
 
 def test_documents_with_host_boundaries_never_wait_for_the_gpu():
-    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), fla's conv, ours, and the
+    """With the boundaries' host copy (cu_seqlens_cpu, what the layers pass), fla's conv and the
     gated delta rule with its routing error on packed documents, forward and backward, never make
     the host wait for the GPU: under sync_debug_mode("error") a synchronizing call raises. New
     boundary tensors each micro-batch (new chunk indices), same shapes (compiled first); the
@@ -463,11 +462,10 @@ def test_documents_with_host_boundaries_never_wait_for_the_gpu():
         host = host_cu_seqlens(psp) if with_host else None
         leaves = [x.detach().clone().requires_grad_(True) for x in (proj, q, k, v, g, beta)]
         y = causal_conv_silu(leaves[0], w, cu_seqlens=cu, cu_seqlens_cpu=host, impl="fla")
-        y2 = causal_conv_silu(leaves[0], w, cu_seqlens=cu, impl="triton", silu=False)  # ours
         o, _, err = gated_delta_rule(*leaves[1:], return_error=True, cu_seqlens=cu,
                                      cu_seqlens_cpu=host, impl="fla")
-        (y.float().square().mean() + y2.float().square().mean() + o.float().square().mean()).backward()
-        return [y, y2, o, err] + [x.grad for x in leaves]
+        (y.float().square().mean() + o.float().square().mean()).backward()
+        return [y, o, err] + [x.grad for x in leaves]
 
     want = step(document_forward_kwargs(tokens, 0, DEV)["packed_seq_params"], False)  # compiles
     torch.cuda.synchronize()
@@ -476,7 +474,7 @@ def test_documents_with_host_boundaries_never_wait_for_the_gpu():
         got = step(document_forward_kwargs(tokens, 0, DEV)["packed_seq_params"], True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    for name, a, b in zip(("y", "y2", "o", "err", "dproj", "dq", "dk", "dv", "dg", "dbeta"), got, want):
+    for name, a, b in zip(("y", "o", "err", "dproj", "dq", "dk", "dv", "dg", "dbeta"), got, want):
         assert rel(a, b) < 1e-3, (name, rel(a, b))  # same chunk indices: equal up to atomics' order
 
 

@@ -267,6 +267,8 @@ def _profile_tool():
      "attention/mixer"),
     ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", ["cuLaunchKernel", "ChunkGatedDeltaRuleFunction"], "attention/mixer"),
     ("_fwd_kernel", ["cuLaunchKernelEx", "_StaircaseAttention"], "attention/mixer"),
+    ("_staircase_dkdv_kernel", ["cuLaunchKernelEx"], "attention/mixer"),  # by its own name
+    ("_rms_norm_bwd_kernel", ["cuLaunchKernelEx", "_RMSNormWithResidual"], "norms/elementwise"),
     ("main_kernel", ["cuLaunchKernel", "_GDNWithError"], "attention/mixer"),  # a TileLang kernel
     ("triton_red_fused_exp_log_max_sub_sum_0", ["Torch-Compiled Region: 2/0", "_VocabParallelCrossEntropy"],
      "cross-entropy"),
@@ -395,7 +397,7 @@ def test_sweep_staircase_plan_and_cpu_refusal():
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
 
 
-@pytest.mark.parametrize("name,row", [("bench_short_conv.py", "conv_triton_pre"), ("bench_norm_mlp.py", "prenorm_ours"),
+@pytest.mark.parametrize("name,row", [("bench_short_conv.py", "conv_fla_pre"), ("bench_norm_mlp.py", "prenorm_ours"),
                                       ("bench_sdpa_host.py", "waits")])
 def test_gpu_benches_refuse_cpu(name, row):
     """The GPU-only benches explain themselves (their rows in --help) and say plainly that they

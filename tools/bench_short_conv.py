@@ -17,15 +17,12 @@ ham_800m: 12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in 
                    (fla's backward then neither recomputes the conv nor re-reads it at every tap)
   *_pre+act_triton the same with our Triton SiLU + norm kernels for q, k, v (ops.gdn_activations.
                    qkv_activations impl "triton") and the compiled decay and beta
-  conv_fla_pre     the conv alone (silu=False) on fla's kernels: what the mixers ran until
-                   2026-12-03 evening (the baseline of the next row)
-  conv_triton_pre  the conv alone on our Triton kernels (ops.short_conv impl "triton"; one
-                   backward pass keeping dw in registers): what the mixers run now, and with
-                   +act_triton the mixers' whole front end
+  conv_fla_pre     the conv alone (silu=False) on fla's kernels: what the mixers run (with
+                   +act_triton: the mixers' whole front end)
 Each row's ratio is against the baseline of its kind (the last column names it).
 
     python tools/bench_short_conv.py --T 16384 --json $OUT/short_conv.json
-    python tools/bench_short_conv.py --profile     # also the conv_*_pre rows' kernels
+    python tools/bench_short_conv.py --profile     # also the conv_fla_pre row's kernels
 """
 from __future__ import annotations
 
@@ -53,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
     p.add_argument("--profile", action="store_true",
-                   help="also the CUDA kernels of the conv_*_pre rows (torch.profiler, ms per call)")
+                   help="also the CUDA kernels of the conv_fla_pre row (torch.profiler, ms per call)")
     return p.parse_args(argv)
 
 
@@ -106,8 +103,7 @@ def main(argv=None):
         # what the mixers run: the conv without its SiLU, the SiLU inside the compiled activations
         conv_pre_c = lambda x: conv_c(x, w, doc, impl="reference", silu=False)  # noqa: E731
         conv_pre_fla = lambda x: causal_conv_silu(x, w, cu_seqlens=cu, impl="fla", silu=False)  # noqa: E731
-        conv_pre_ours = lambda x: causal_conv_silu(x, w, cu_seqlens=cu, impl="triton", silu=False)  # noqa: E731
-        for name, conv in (("conv_fla_pre", conv_pre_fla), ("conv_triton_pre", conv_pre_ours)):
+        for name, conv in (("conv_fla_pre", conv_pre_fla),):
             ms, peak, _ = time_fwd_bwd(lambda conv=conv: conv(proj[..., :C]).backward(dy), [proj, w],
                                        args.warmup, args.iters)
             rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak, base="conv_fla_pre"))
@@ -124,7 +120,6 @@ def main(argv=None):
             "conv_compiled_pre+act": (conv_pre_c, lambda x, a, b: act_r(x, a, b, A_log, dt_bias, H, K, V)),
             "conv_fla_pre+act": (conv_pre_fla, lambda x, a, b: act_r(x, a, b, A_log, dt_bias, H, K, V)),
             "conv_fla_pre+act_triton": (conv_pre_fla, act_triton),
-            "conv_triton_pre+act_triton": (conv_pre_ours, act_triton),
         }
         for name, (conv, act) in pre_rows.items():
             def step_pre(conv=conv, act=act):

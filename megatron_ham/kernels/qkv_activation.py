@@ -52,7 +52,7 @@ def _tile(X, N, H, C, K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl
 
 
 @triton.jit
-def _fwd_kernel(X, Q, Kt, Vt, N, H, C, eps,
+def _qkv_act_fwd_kernel(X, Q, Kt, Vt, N, H, C, eps,
                 K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     s = x * tl.sigmoid(x)                                                     # [BT, BD]
@@ -79,7 +79,7 @@ def _grad_tile(D1, D2, offs, m, TWO: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(X, DQ, DK, DV, DQ2, DK2, DV2, DX, N, H, C, eps,
+def _qkv_act_bwd_kernel(X, DQ, DK, DV, DQ2, DK2, DV2, DX, N, H, C, eps,
                 K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, TWO: tl.constexpr):
     j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     sig = tl.sigmoid(x)
@@ -115,7 +115,7 @@ class _QKVActivation(torch.autograd.Function):
         k = torch.empty_like(q)
         v = torch.empty(B, T, H, V, device=x.device, dtype=x.dtype)
         if N:
-            _launch(_fwd_kernel, N, H, K, V, x, q, k, v, N, H, C, EPS)
+            _launch(_qkv_act_fwd_kernel, N, H, K, V, x, q, k, v, N, H, C, EPS)
         ctx.save_for_backward(x)
         ctx.dims = (H, K, V)
         if branches == 2:  # the second branch: views of the first, with gradients of their own
@@ -133,7 +133,7 @@ class _QKVActivation(torch.autograd.Function):
         two = len(grads) == 6
         dx = torch.empty_like(x)
         if B * T:
-            _launch(_bwd_kernel, B * T, H, K, V, x, *grads[:3], *(grads[3:] if two else grads), dx,
+            _launch(_qkv_act_bwd_kernel, B * T, H, K, V, x, *grads[:3], *(grads[3:] if two else grads), dx,
                     B * T, H, C, EPS, TWO=two)
         return dx, None, None, None, None
 

@@ -41,7 +41,7 @@ INTERPRETER_TILE = (2, 4)
 
 
 @triton.jit
-def _fwd_kernel(X, W, Y, RSTD, N, H, eps, BH: tl.constexpr, BT: tl.constexpr):
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, H, eps, BH: tl.constexpr, BT: tl.constexpr):
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.arange(0, BH)
     m = (rows < N)[:, None] & (cols < H)[None, :]
@@ -54,7 +54,7 @@ def _fwd_kernel(X, W, Y, RSTD, N, H, eps, BH: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(X, W, RSTD, DY, DRES, DX, DW_PART, N, H,
+def _rms_norm_bwd_kernel(X, W, RSTD, DY, DRES, DX, DW_PART, N, H,
                 HAS_DRES: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -84,8 +84,8 @@ def _configs():
     return [triton.Config({"BT": bt}, num_warps=w) for bt, w in TILES]
 
 
-_fwd_tuned = triton.autotune(configs=_configs(), key=["H"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=_configs(), key=["H"])(_bwd_kernel)
+_fwd_tuned = triton.autotune(configs=_configs(), key=["H"])(_rms_norm_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=_configs(), key=["H"])(_rms_norm_bwd_kernel)
 
 
 def _launch(kernel, tuned, x, grid_rows, *args, **meta):
@@ -114,7 +114,7 @@ class _RMSNormWithResidual(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         if N:
-            _launch(_fwd_kernel, _fwd_tuned, x2, lambda bt: triton.cdiv(N, bt), x2, w, y, rstd, N, H, eps)
+            _launch(_rms_norm_fwd_kernel, _fwd_tuned, x2, lambda bt: triton.cdiv(N, bt), x2, w, y, rstd, N, H, eps)
         ctx.save_for_backward(x2, w, rstd)
         ctx.shape = x.shape
         # the residual: x itself, as a view this node owns, so its gradient comes back here
@@ -133,7 +133,7 @@ class _RMSNormWithResidual(torch.autograd.Function):
         P = _programs(x2, N)
         dw_part = torch.empty(P, H, device=x2.device, dtype=torch.float32)
         if N:
-            _launch(_bwd_kernel, _bwd_tuned, x2, lambda bt: P, x2, w, rstd, dy,
+            _launch(_rms_norm_bwd_kernel, _bwd_tuned, x2, lambda bt: P, x2, w, rstd, dy,
                     dy if dres is None else dres, dx, dw_part, N, H, HAS_DRES=dres is not None)
         else:
             dw_part.zero_()

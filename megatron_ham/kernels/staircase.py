@@ -21,7 +21,7 @@ dims, documents or not, layout), never per routing; the routed count is only rea
    = routed count in ``[0, t]``; ``order[b, :]`` = the routed positions in position order, then
    the others (a permutation of ``0..T-1``; slot s < cnt is the s-th routed key); with
    ``cu_seqlens`` also ``dstart[t]`` / ``dend[t]`` = start / end of t's document.
-2. :func:`_fwd_kernel`, one program per (query block, batch x head), in the order of
+2. :func:`_staircase_fwd_kernel`, one program per (query block, batch x head), in the order of
    :func:`_schedule` (groups of a few heads; in each, the blocks with most work first). Because
    slots are in position order, the keys visible to queries ``[t0, t1]`` are the slots
    ``[lo, hi)`` with ``hi = cum[t1]`` and ``lo`` = routed count before ``dstart[t0]`` (0 without
@@ -29,9 +29,9 @@ dims, documents or not, layout), never per routing; the routed count is only rea
    block. The walk over ``[lo, hi)`` is split by :func:`_phases` into masked tiles, whole tiles
    without any mask, masked tiles: only tiles under the staircase are visited, and only the
    diagonal / document-edge ones evaluate the mask ``pos[j] <= t & pos[j] >= dstart[t]``.
-3. Backward :func:`_bwd_dq_kernel` (query blocks, the same walk): ``delta = rowsum(o * do)``
+3. Backward :func:`_staircase_dq_kernel` (query blocks, the same walk): ``delta = rowsum(o * do)``
    for its rows (stored for step 4), then ``dq``.
-4. Backward :func:`_bwd_dkdv_kernel`, one program per block of key SLOTS: the queries that see
+4. Backward :func:`_staircase_dkdv_kernel`, one program per block of key SLOTS: the queries that see
    slots ``[s0, s1)`` are ``[pos[s0], dend[pos[s1-1]])``, all of them see every slot for
    ``t in [pos[s1-1], dend[pos[s0]])``; dk, dv are accumulated in fp32 and stored at rows
    ``order[s]`` (zeros for slots past the routed count, i.e. the unrouted positions).
@@ -309,7 +309,7 @@ def _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n_tiles, offs_m, ds_rows,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
+def _staircase_fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                 T, H, GROUP, qk_scale,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -362,7 +362,7 @@ def _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n_tiles, offs_m, ds_r
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
+def _staircase_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
                    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                    s_db, s_dt, s_dh, s_gb, s_gt, s_gh,
                    T, H, GROUP, qk_scale, sm_scale,
@@ -428,7 +428,7 @@ def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
+def _staircase_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
                      s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                      s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
                      T, H, GROUP, qk_scale, sm_scale,
@@ -493,7 +493,7 @@ _FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
 # dkdv: BLOCK_N = key slots (the dk/dv accumulator rows), BLOCK_M = queries per tile
 _DKDV_CONFIGS = [_cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3)]
-_KERNELS = {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}
+_KERNELS = {"fwd": "_staircase_fwd_kernel", "dq": "_staircase_dq_kernel", "dkdv": "_staircase_dkdv_kernel"}
 _tuned = {}
 
 #: ``tiles=`` of :func:`scratchpad_attention_triton`: (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N,

@@ -224,18 +224,17 @@ class GDNMixer(SectionedMixer):
     def _conv(self, qkv: torch.Tensor, cu: Optional[torch.Tensor], packed_seq_params):
         """The causal short conv of q, k, v [b, s, C_l], WITHOUT its SiLU (_activations applies
         it with the q/k norms: fla's backward would otherwise recompute the conv and re-read it
-        at every tap): our Triton kernel where it runs (ops.short_conv.conv_impl;
+        at every tap): fla's Triton kernel where it runs (ops.short_conv.conv_impl;
         documents as the boundaries of the flattened batch), else the reference, compiled with
         the fusions (documents as ids)."""
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
         b, s, c = qkv.shape
-        impl = conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference")
-        if impl == "reference":
+        if conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "reference":
             doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, qkv.device)
             return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference", silu=False)
         if cu is None:
-            return causal_conv_silu(qkv, w, impl=impl, silu=False)
-        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl=impl, silu=False,
+            return causal_conv_silu(qkv, w, impl="fla", silu=False)
+        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla", silu=False,
                                 cu_seqlens_cpu=host_cu_seqlens(packed_seq_params)).view(b, s, c)
 
     def _activations(self, qkv: torch.Tensor, a: torch.Tensor, beta_logit: torch.Tensor) -> dict:

@@ -9,12 +9,10 @@ Padding (`mask` False: a token that is not there) is no tap: the j-th tap of a t
 real token before it, so a row's real tokens give what they give without the padding; a padding
 position's output is 0.
 
-Three implementations (``impl``): ``"reference"`` (below: W shifted products, documents as ids,
-the definition; the mixers compile it with their fusions), ``"triton"`` (our Triton kernels,
-megatron_ham.kernels.conv1d) and ``"fla"`` (fla 0.6.0's Triton kernels,
-megatron_ham.kernels.short_conv); both GPU ones take CUDA bf16/fp16 x, no padding, documents as
-``cu_seqlens``. ``"auto"`` picks ``"triton"`` where it can run (:func:`conv_impl`), else the
-reference.
+Two implementations (``impl``): ``"reference"`` (below: W shifted products, documents as ids, the
+definition; the mixers compile it with their fusions) and ``"fla"`` (fla 0.6.0's Triton kernels,
+megatron_ham.kernels.short_conv; CUDA, no padding, documents as ``cu_seqlens``). ``"auto"`` picks
+``"fla"`` where it can run (:func:`conv_impl`), else the reference.
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from ._checks import check_cu_seqlens, check_tensor
 from ._kernels import load_kernels, resolve_kernel_impl
 
-IMPLS = ("auto", "reference", "triton", "fla")
+IMPLS = ("auto", "reference", "fla")
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
@@ -50,13 +48,9 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
         if doc is not None:
             raise ValueError("causal_conv_silu: give the documents as doc ids or as cu_seqlens, not both")
         check_cu_seqlens(cu_seqlens, B, T, cu_seqlens_cpu)
-    chosen = conv_impl(x, impl, doc, mask)
-    if chosen == "fla":
+    if conv_impl(x, impl, doc, mask) == "fla":
         return load_kernels("short_conv").causal_conv_silu_fla(x, weight, cu_seqlens, cu_seqlens_cpu,
                                                                silu=silu)
-    if chosen == "triton":
-        y = load_kernels("conv1d").causal_conv_triton(x, weight, cu_seqlens)
-        return F.silu(y) if silu else y
     if cu_seqlens is not None:  # boundaries -> the id of every token's document
         doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(T, device=x.device),
                                  right=True)[None]
@@ -76,17 +70,13 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor,
 
 def conv_impl(x: torch.Tensor, impl: str = "auto", doc: Optional[torch.Tensor] = None,
               mask: Optional[torch.Tensor] = None) -> str:
-    """The implementation `causal_conv_silu` runs: THE single dispatch point. "auto" is "triton"
-    for CUDA bf16/fp16 x without padding or document ids when megatron_ham.kernels.conv1d
-    imports, else "reference"; "triton" or "fla" asked for where it cannot run raises
-    ValueError."""
+    """The implementation `causal_conv_silu` runs: THE single dispatch point. "auto" is "fla"
+    for CUDA bf16/fp16 x without padding or document ids when megatron_ham.kernels.short_conv
+    imports, else "reference"; "fla" asked for where it cannot run raises ValueError."""
     runnable = (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and doc is None
                 and mask is None)
-    if impl not in IMPLS:
-        raise ValueError(f"causal_conv_silu: impl must be one of {list(IMPLS)}, got {impl!r}")
-    kernel, submodule = ("fla", "short_conv") if impl == "fla" else ("triton", "conv1d")
     return resolve_kernel_impl(
-        "causal_conv_silu", impl, ("auto", "reference", kernel), kernel, runnable, submodule,
+        "causal_conv_silu", impl, IMPLS, "fla", runnable, "short_conv",
         f"CUDA bf16/fp16 x without mask or doc ids (documents as cu_seqlens); x is {x.dtype} on "
         f"{x.device}, mask {'given' if mask is not None else 'None'}, doc "
         f"{'given' if doc is not None else 'None'}")
