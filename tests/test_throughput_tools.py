@@ -225,7 +225,7 @@ def test_profile_step_cpu(tmp_path):
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",
            "model.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
-           "--steps", "1", "--warmup", "1", "--out", str(out)]
+           "--steps", "1", "--warmup", "1", "--host", "--out", str(out)]
     p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads(out.read_text())
@@ -247,6 +247,11 @@ def test_profile_step_cpu(tmp_path):
     assert "% of step" in p.stdout and "host gaps" in p.stdout
     # the same step without the profiler, against the time in operators under it
     assert s["unprofiled_step_ms"] > 0 and "step (unprofiled)" in p.stdout
+    # --host: one more step under cProfile, its Python functions by own time, most first
+    fns = s["host"]["functions"]
+    assert s["host"]["host_ms"] > 0 and len(fns) == 25 and "host functions of one more step" in p.stdout
+    assert all(a[1] >= b[1] for a, b in zip(fns, fns[1:])) and all(calls >= 1 for _, _, calls in fns)
+    assert sum(ms for _, ms, _ in fns) <= s["host"]["host_ms"] * 1.01
     bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
 

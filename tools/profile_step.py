@@ -4,6 +4,7 @@
     python tools/profile_step.py recipes/transformer_800m.yaml --steps 1 --warmup 2 --trace tr.json.gz
     python tools/profile_step.py recipes/tiny_cpu.yaml --set model.seq_length=128 --steps 1 --warmup 1  # CPU
     python tools/profile_step.py recipes/ham_800m.yaml --sync-debug   # + where the host waits for the GPU
+    python tools/profile_step.py recipes/transformer_800m.yaml --host   # + where the host's time goes
     python tools/profile_step.py recipes/transformer_800m.yaml --top 40 --baseline HEAD~1   # a change vs a revision
 
 Runs in this process at world size 1 (or under torchrun: every rank profiles, rank 0 reports):
@@ -23,6 +24,9 @@ GPU idled"): each CPU operator's self time that falls inside a GPU-idle interval
 by its outermost operator (an autograd node, Optimizer.step, ...); "no operator" is idle time
 while no operator ran (Python between ops, data loading). Percentages are of the wall time;
 with overlapping streams (communication beside compute) the categories can sum past 100 %.
+With --host, one more step runs under cProfile (autograd's backward on the calling thread, so its
+Python is profiled too) and the Python functions with most own host time are listed: where the
+host spends a step when the GPU idles waiting for it (the Transformer recipe, 2026-12-03).
 With --sync-debug, one more step runs under torch.cuda.set_sync_debug_mode("warn") and the
 calls that made the host wait for the GPU (.item(), .tolist(), nonzero, ...) are counted by
 call site: each one drains the GPU's queue, so the host's Python after it shows up as GPU idle
@@ -303,8 +307,31 @@ def synchronizing_calls(run_step, top: int = 15) -> dict:
     return {"total": sum(counts.values()), "sites": [[k, n] for k, n in order[:top]]}
 
 
+def host_functions(run_step, top: int = 25) -> dict:
+    """Run `run_step()` under cProfile with autograd's backward on this thread (so its Python
+    is seen too): the host's time per step and the functions with most own time, [(function,
+    own ms, calls)]. cProfile slows Python, so read the shares, not the absolute times."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    prof = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        t0 = time.perf_counter()
+        prof.enable()
+        run_step()
+        prof.disable()
+        host = time.perf_counter() - t0
+    rows = [(f"{os.path.basename(f)}:{line} {name}", tt * 1e3, nc)
+            for (f, line, name), (_, nc, tt, _, _) in pstats.Stats(prof).stats.items()]
+    rows.sort(key=lambda r: -r[1])
+    return dict(host_ms=host * 1e3, functions=rows[:top])
+
+
 def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,
-            trace: Optional[str] = None, sync_debug: bool = False, top: int = 5) -> dict:
+            trace: Optional[str] = None, sync_debug: bool = False, top: int = 5,
+            host: bool = False) -> dict:
     """Set up the recipe as ham-train does, run `warmup` steps, profile `steps` steps."""
     import warnings
 
@@ -314,8 +341,8 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
     from megatron_ham.training import compile_cache
     from megatron_ham.training.config import load_config
 
-    # warm-up, profiled, unprofiled and (--sync-debug) one more: the schedule covers them all
-    forced = measurement_overrides(work, warmup + 2 * steps + 1) + ["logging.log_kv_layers=false"]
+    # warm-up, profiled, unprofiled and (--sync-debug, --host) one more each: the schedule covers them all
+    forced = measurement_overrides(work, warmup + 2 * steps + 2) + ["logging.log_kv_layers=false"]
     cfg = load_config(recipe, [*overrides, *forced])
     cache = compile_cache.configure(cfg.train.compile_cache_dir, cfg.train.compile_cache_local)
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
@@ -357,6 +384,8 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
             prof.export_chrome_trace(trace)
         if sync_debug and torch.cuda.is_available():
             summary["synchronizing_calls"] = synchronizing_calls(lambda: train_step(tr))
+        if host:
+            summary["host"] = host_functions(lambda: (train_step(tr), sync()))
     finally:
         tr.log.close()
         dist.destroy_process_group()
@@ -413,6 +442,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-debug", action="store_true",
                     help="CUDA: run one more step under torch.cuda.set_sync_debug_mode('warn') and "
                          "list the calls that made the host wait for the GPU, by call site")
+    ap.add_argument("--host", action="store_true",
+                    help="run one more step under cProfile (backward on the calling thread) and list "
+                         "the Python functions with most own host time: what keeps the host busy "
+                         "when the GPU idles")
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="profile git revision REV the same way first, then compare (one process only)")
     args = ap.parse_args(argv)
@@ -435,7 +468,7 @@ def main(argv=None) -> int:
                     print(f"profile_step: {e}", file=sys.stderr)
                     return 2
             s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace, args.sync_debug,
-                        top=args.top)
+                        top=args.top, host=args.host)
     except ConfigError as e:
         print(f"profile_step: config error: {e}", file=sys.stderr)
         return 2
@@ -450,6 +483,12 @@ def main(argv=None) -> int:
         print(f"\nsynchronizing calls in one more step: {sc['total']}")
         for site, n in sc["sites"]:
             print(f"  {n:6d}  {site}")
+    hs = s.get("host")
+    if hs is not None:
+        print(f"\nhost functions of one more step under cProfile ({hs['host_ms']:.0f} ms of host time, "
+              f"cProfile's overhead included), most own time first:")
+        for name, ms, calls in hs["functions"]:
+            print(f"  {ms:9.2f} ms  {calls:7d} calls  {name[:100]}")
     if before is not None:
         from compare_profiles import compare
 
