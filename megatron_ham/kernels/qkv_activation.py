@@ -53,7 +53,7 @@ def _tile(X, N, H, C, K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl
 
 @triton.jit
 def _qkv_act_fwd_kernel(X, Q, Kt, Vt, N, H, C, eps,
-                K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+                        K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     s = x * tl.sigmoid(x)                                                     # [BT, BD]
     if is_qk:
@@ -80,7 +80,8 @@ def _grad_tile(D1, D2, offs, m, TWO: tl.constexpr):
 
 @triton.jit
 def _qkv_act_bwd_kernel(X, DQ, DK, DV, DQ2, DK2, DV2, DX, N, H, C, eps,
-                K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, TWO: tl.constexpr):
+                        K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                        TWO: tl.constexpr):
     j, rows, d, col, is_qk, m, x = _tile(X, N, H, C, K, V, BD, BT)
     sig = tl.sigmoid(x)
     s = x * sig

@@ -56,7 +56,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, H, eps, BH: tl.constexpr, BT: tl.cons
 
 @triton.jit
 def _rms_norm_bwd_kernel(X, W, RSTD, DY, DRES, DX, DW_PART, N, H,
-                HAS_DRES: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr):
+                         HAS_DRES: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     cols = tl.arange(0, BH)
@@ -115,7 +115,8 @@ class _RMSNormWithResidual(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(N, device=x.device, dtype=torch.float32)
         if N:
-            _launch(_rms_norm_fwd_kernel, _fwd_tuned, x2, lambda bt: triton.cdiv(N, bt), x2, w, y, rstd, N, H, eps)
+            _launch(_rms_norm_fwd_kernel, _fwd_tuned, x2, lambda bt: triton.cdiv(N, bt), x2, w, y, rstd,
+                    N, H, eps)
         ctx.save_for_backward(x2, w, rstd)
         ctx.shape = x.shape
         # the residual: x itself, as a view this node owns, so its gradient comes back here

@@ -310,11 +310,11 @@ def _fwd_tiles(acc, l_i, m_i, q, kb, vb, order, start, n_tiles, offs_m, ds_rows,
 
 @triton.jit
 def _staircase_fwd_kernel(Q, K, V, O, LSE, CUM, ORDER, DSTART,
-                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                T, H, GROUP, qk_scale,
-                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                          T, H, GROUP, qk_scale,
+                          DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
         _query_program(CUM, ORDER, DSTART, T, H, GROUP, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
@@ -363,12 +363,12 @@ def _dq_tiles(dq, q, do, lse, delta, kb, vb, order, start, n_tiles, offs_m, ds_r
 
 @triton.jit
 def _staircase_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CUM, ORDER, DSTART,
-                   s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                   s_db, s_dt, s_dh, s_gb, s_gt, s_gh,
-                   T, H, GROUP, qk_scale, sm_scale,
-                   DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                         s_db, s_dt, s_dh, s_gb, s_gt, s_gh,
+                         T, H, GROUP, qk_scale, sm_scale,
+                         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         HAS_DOC: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_bh, i_b, i_h, order, cnt, offs_m, ds_rows, lo, n_a, start_b, n_b, start_c, n_c = \
         _query_program(CUM, ORDER, DSTART, T, H, GROUP, BLOCK_M, BLOCK_N, HAS_DOC)
     m_row = offs_m < T
@@ -429,12 +429,12 @@ def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, 
 
 @triton.jit
 def _staircase_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
-                     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                     s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
-                     T, H, GROUP, qk_scale, sm_scale,
-                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     HAS_DOC: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                           s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
+                           T, H, GROUP, qk_scale, sm_scale,
+                           DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n, i_bh = _schedule(tl.cdiv(T, BLOCK_N), GROUP)            # slot block 0: most work
     i_bh, i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
     s0 = i_n * BLOCK_N
