@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_kernels import time_fwd_bwd  # noqa: E402  (tools/, this script's directory)
+from profile_step import host_functions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,26 +50,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def host_table(fn, leaves, calls: int = 20, top: int = 10):
-    """(host ms per call, [(function, own ms per call)] most first) of fn (cProfile, with the
-    backward run on this thread; the GPU is waited for once, after the calls)."""
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    with torch.autograd.set_multithreading_enabled(False):  # backward on this thread: profiled
-        prof.enable()
-        for _ in range(calls):
-            for x in leaves:
-                x.grad = None
-            fn()
-        prof.disable()
-    torch.cuda.synchronize()
-    st = pstats.Stats(prof).stats
-    rows = [(f"{Path(f).name}:{line} {name}", tt * 1e3 / calls) for (f, line, name), (_, _, tt, _, _)
-            in st.items()]
-    total = sum(ms for _, ms in rows)
-    return total, sorted(rows, key=lambda kv: -kv[1])[:top]
+def _fresh_call(fn, leaves):
+    """One call of fn with the leaves' gradients cleared first (as the timings run it)."""
+    for x in leaves:
+        x.grad = None
+    fn()
 
 
 def kernel_table(fn, leaves, calls: int = 5, top: int = 6):
@@ -77,9 +63,7 @@ def kernel_table(fn, leaves, calls: int = 5, top: int = 6):
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            for x in leaves:
-                x.grad = None
-            fn()
+            _fresh_call(fn, leaves)
         torch.cuda.synchronize()
     times = {}
     for e in prof.events():
@@ -135,10 +119,12 @@ def main(argv=None):
                 for kname, kms in rows[-1]["kernels"]:
                     print(f"    {kms:8.3f} ms  {kname[:90]}")
             if args.host:
-                total, top = host_table(fn, leaves)
-                rows[-1]["host_ms"], rows[-1]["host_top"] = total, top
-                print(f"    host {total:.3f} ms per call (cProfile's own overhead included); most:")
-                for fname, fms in top:
+                hs = host_functions(lambda fn=fn, leaves=leaves: _fresh_call(fn, leaves), top=10,
+                                    calls=20)
+                torch.cuda.synchronize()
+                rows[-1]["host_ms"], rows[-1]["host_top"] = hs["host_ms"], hs["functions"]
+                print(f"    host {hs['host_ms']:.3f} ms per call (cProfile's own overhead included); most:")
+                for fname, fms, _ in hs["functions"]:
                     print(f"    {fms:8.3f} ms  {fname[:90]}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), tokens=N,

@@ -307,10 +307,11 @@ def synchronizing_calls(run_step, top: int = 15) -> dict:
     return {"total": sum(counts.values()), "sites": [[k, n] for k, n in order[:top]]}
 
 
-def host_functions(run_step, top: int = 25) -> dict:
-    """Run `run_step()` under cProfile with autograd's backward on this thread (so its Python
-    is seen too): the host's time per step and the functions with most own time, [(function,
-    own ms, calls)]. cProfile slows Python, so read the shares, not the absolute times."""
+def host_functions(run, top: int = 25, calls: int = 1) -> dict:
+    """Run `run()` `calls` times under cProfile with autograd's backward on this thread (so its
+    Python is seen too): the host's ms per run and the functions with most own time, [(function,
+    own ms per run, calls per run)]. cProfile slows Python, so read the shares, not the absolute
+    times. (tools/bench_norm_mlp.py --host uses it too.)"""
     import cProfile
     import pstats
 
@@ -320,13 +321,14 @@ def host_functions(run_step, top: int = 25) -> dict:
     with torch.autograd.set_multithreading_enabled(False):
         t0 = time.perf_counter()
         prof.enable()
-        run_step()
+        for _ in range(calls):
+            run()
         prof.disable()
         host = time.perf_counter() - t0
-    rows = [(f"{os.path.basename(f)}:{line} {name}", tt * 1e3, nc)
+    rows = [(f"{os.path.basename(f)}:{line} {name}", tt * 1e3 / calls, round(nc / calls))
             for (f, line, name), (_, nc, tt, _, _) in pstats.Stats(prof).stats.items()]
     rows.sort(key=lambda r: -r[1])
-    return dict(host_ms=host * 1e3, functions=rows[:top])
+    return dict(host_ms=host * 1e3 / calls, functions=rows[:top])
 
 
 def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,

@@ -193,10 +193,10 @@ def _schedule(n_blk, GROUP):
 
 @triton.jit
 def _batch_head(i_bh, CUM, ORDER, T, H):
-    """(i_bh, i_b, i_h, this row's cum and order, routed count) of batch x head index i_bh."""
+    """(i_b, i_h, this row's cum and order, routed count) of batch x head index i_bh."""
     i_b = (i_bh // H).to(tl.int64)
     cum = CUM + i_b * T
-    return i_bh, i_b, (i_bh % H).to(tl.int64), cum, ORDER + i_b * T, tl.load(cum + T - 1)
+    return i_b, (i_bh % H).to(tl.int64), cum, ORDER + i_b * T, tl.load(cum + T - 1)
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _query_program(CUM, ORDER, DSTART, T, H, GROUP, BLOCK_M: tl.constexpr,
     n_m = tl.cdiv(T, BLOCK_M)
     rank, i_bh = _schedule(n_m, GROUP)
     i_m = n_m - 1 - rank
-    i_bh, i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
+    i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
     t0 = i_m * BLOCK_M
     offs_m = t0 + tl.arange(0, BLOCK_M)
     t_last = tl.minimum(t0 + BLOCK_M, T) - 1
@@ -436,7 +436,7 @@ def _staircase_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART
                            HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     i_n, i_bh = _schedule(tl.cdiv(T, BLOCK_N), GROUP)            # slot block 0: most work
-    i_bh, i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
+    i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
     s0 = i_n * BLOCK_N
     offs_s, pos, valid = _slot_tile(order, s0, 0, cnt, T, BLOCK_N)
     in_t = offs_s < T
@@ -572,13 +572,14 @@ class _StaircaseAttention(torch.autograd.Function):
         o = torch.empty(B, T, H, v.shape[-1], dtype=v.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         kern, kw = _kernel("fwd", tiles)
+        group = _group(tiles, T, q, v)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
         kern[grid](q, kk, vv, o, lse, cum, order, dstart, *_bht(q), *_bht(kk), *_bht(vv), *_bht(o),
-                   T, H, _group(tiles, T, q, v), scale * _LOG2E, HAS_DOC=dstart is not None,
+                   T, H, group, scale * _LOG2E, HAS_DOC=dstart is not None,
                    COMPACT=compact, **_dims(q, v), **kw)
         del kk, vv                      # the backward gathers them again rather than keep them
         ctx.save_for_backward(q, k, v, o, lse, cum, order, dstart, dend)
-        ctx.scale, ctx.tiles, ctx.compact = scale, tiles, compact
+        ctx.scale, ctx.tiles, ctx.compact, ctx.group = scale, tiles, compact, group
         return o
 
     @staticmethod
@@ -588,7 +589,7 @@ class _StaircaseAttention(torch.autograd.Function):
         do = _rowmajor(do)
         dq, delta = torch.empty_like(q), torch.empty_like(lse)
         common = dict(HAS_DOC=dstart is not None, **_dims(q, v))
-        group = _group(ctx.tiles, T, q, v)
+        group = ctx.group
         kk, vv = (_compacted(k, order), _compacted(v, order)) if ctx.compact else (k, v)
         kern, kw = _kernel("dq", ctx.tiles)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
