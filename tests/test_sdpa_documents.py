@@ -43,12 +43,16 @@ def _worker(rank, world):
     attn = SDPACoreAttention(tc, 1, AttnMaskType.causal, "self",
                              pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     g = torch.Generator().manual_seed(0)
-    cases = {
-        "one document per row": [0, 24, 48],
-        "documents per call": [0, 5, 6, 17, 24, 25, 48],       # a one-token document, uneven rows
-        "many documents (mask)": [0, *range(3, 48, 3), 48],
+    cases = {  # name: (s, b, cu)
+        "one document per row": (s, b, [0, 24, 48]),
+        # a one-token document, uneven rows; every window runs past the row: padded
+        "documents per call": (s, b, [0, 5, 6, 17, 24, 25, 48]),
+        # windows of 128, 128 and 256 tokens: two views of the row (over the next document's
+        # tokens), the last one padded
+        "documents on windows": (300, 1, [0, 100, 130, 300]),
+        "many documents (mask)": (s, b, [0, *range(3, 48, 3), 48]),
     }
-    for name, cu in cases.items():
+    for name, (s, b, cu) in cases.items():
         q, k, v = (torch.randn(s, b, n, d, generator=g, requires_grad=True) for _ in range(3))
         psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
                               cu_seqlens_kv=torch.tensor(cu, dtype=torch.int32), max_seqlen_q=s,
@@ -71,6 +75,17 @@ def _worker(rank, world):
         for x, y, which in zip(got, want, "qkv"):
             assert torch.allclose(x, y, atol=1e-5), (name, f"d{which}", (x - y).abs().max())
 
+    # without the causal mask a document is attended on its own slice, never on a window
+    q, k, v = (torch.randn(300, 1, n, d, generator=g) for _ in range(3))
+    two = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor([0, 100, 300], dtype=torch.int32),
+                          cu_seqlens_kv=torch.tensor([0, 100, 300], dtype=torch.int32), max_seqlen_q=300,
+                          max_seqlen_kv=300)
+    out = attn(q, k, v, None, attn_mask_type=AttnMaskType.no_mask, packed_seq_params=two)
+    for a, e in ((0, 100), (100, 300)):
+        alone = attn(q[a:e], k[a:e], v[a:e], None, attn_mask_type=AttnMaskType.no_mask)
+        assert torch.allclose(out[a:e], alone, atol=1e-6), (a, e)
+    q, k, v = (torch.randn(s, b, n, d, generator=g, requires_grad=True) for _ in range(3))
+
     # model.sdpa_backend picks the CUDA kernel; on CPU it changes nothing
     cudnn = SDPACoreAttention(tc, 1, AttnMaskType.causal, "self",
                               pg_collection=ProcessGroupCollection.use_mpu_process_groups(), sdpa_backend="cudnn")
@@ -92,6 +107,18 @@ def _worker(rank, world):
 
 def test_sdpa_documents_equal_the_block_diagonal_mask():
     run_world(_worker, 1)
+
+
+def test_document_windows_come_in_few_lengths_and_cost_at_most_an_eighth_more():
+    from megatron_ham.layers.sdpa_attention import WINDOW_MIN_STEP, window_length
+
+    lengths = [window_length(n) for n in range(1, 16385)]
+    assert all(w >= n for n, w in enumerate(lengths, 1))
+    assert lengths == sorted(lengths) and lengths[-1] == 16384
+    assert len(set(lengths)) == 40
+    assert all(w % WINDOW_MIN_STEP == 0 for w in lengths)
+    assert max(w / n for n, w in enumerate(lengths, 1) if n > 8 * WINDOW_MIN_STEP) <= 1.125
+    assert window_length(1024) == 1024 and window_length(1025) == 1152 and window_length(8193) == 9216
 
 
 def _gpu_worker(rank, world):

@@ -18,9 +18,10 @@ megatron_ham.layers.documents.document_forward_kwargs produces), `cu_seqlens_q` 
 flattened batch (index = batch_index * s + position) and attention is restricted to the same
 document. How (the same result each way):
   - one document per row (every row starts a document, so this is also a batch with no EOD
-    inside a row): one causal SDPA call over the batch (flash on GPU);
-  - up to MAX_DOCUMENT_CALLS documents in the batch: one causal SDPA call per document, on its
-    slice of the row (flash on GPU; the boundaries come to the host once per forward);
+    inside a row): one causal SDPA call over the batch;
+  - up to MAX_DOCUMENT_CALLS documents in the batch: one causal SDPA call per document, on a
+    window of the row from its start, of one of 40 lengths (window_length: cuDNN plans one
+    kernel per shape; the boundaries come to the host once per forward);
   - more: one call with the block-diagonal causal mask (built once per forward; on GPU SDPA then
     uses its memory-efficient kernel with a boolean [b, 1, s, s] mask, slower per token but one
     launch).
@@ -55,6 +56,12 @@ SDPA_BACKENDS = {"auto": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTEN
 #: mask (the per-call launch and slicing cost would exceed what the dense mask wastes).
 MAX_DOCUMENT_CALLS = 64
 
+#: The finest step of the window lengths the per-document calls run on (window_length). cuDNN
+#: builds an execution plan for every new shape and keeps it: ~NN ms of host time while the GPU
+#: waits, and a cache that grows with every document length the data holds. Windows of 40
+#: lengths up to 16k bound both; the longer window costs the GPU at most 1/8 more per document.
+WINDOW_MIN_STEP = 128
+
 
 def _document_spans(packed_seq_params, b, s):
     """[(row, start, end)] of every document, host ints, from cu_seqlens over the flattened
@@ -82,6 +89,28 @@ def _document_spans(packed_seq_params, b, s):
         cache = ((b, s), spans)
         setattr(packed_seq_params, "_ham_sdpa_spans", cache)
     return cache[1]
+
+
+def window_length(n: int) -> int:
+    """The length of the window a document of n tokens is attended on: n rounded up to a
+    multiple of max(WINDOW_MIN_STEP, 2**floor(log2 n) / 8). So at most 12.5 % longer above
+    8 * WINDOW_MIN_STEP tokens, and 40 lengths up to 16,384 tokens."""
+    step = max(WINDOW_MIN_STEP, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _window(x: torch.Tensor, r: int, a: int, e: int, causal: bool) -> torch.Tensor:
+    """x [b, n, s, d] -> [1, n, window_length(e - a), d]: row r from position a, a view of the
+    row where the window fits in it, else the rest of the row padded with zeros. Under the causal
+    mask the first e - a outputs depend on x[r, :, a:e] only, and the tokens after e get no
+    gradient from them, so the tokens after the document (the next one's, or zeros) change
+    nothing. Without the causal mask: the document's own slice [1, n, e - a, d]."""
+    if not causal:
+        return x[r: r + 1, :, a:e]
+    w, s = window_length(e - a), x.shape[2]
+    if a + w <= s:
+        return x[r: r + 1, :, a: a + w]
+    return F.pad(x[r: r + 1, :, a:], (0, 0, 0, a + w - s))
 
 
 def _document_mask(packed_seq_params, b, s, causal, device) -> torch.Tensor:
@@ -234,8 +263,8 @@ class SDPACoreAttention(MegatronModule):
             if spans is None and attention_mask is not None and not causal:
                 mask = ~attention_mask.to(torch.bool)  # Megatron: True = masked out
             out = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None and causal and sq > 1)
-        elif len(spans) <= MAX_DOCUMENT_CALLS:  # one call per document, on its slice
-            parts = [sdpa(q[r: r + 1, :, a:e], k[r: r + 1, :, a:e], v[r: r + 1, :, a:e], is_causal=causal)
+        elif len(spans) <= MAX_DOCUMENT_CALLS:  # one call per document, on its window
+            parts = [sdpa(*(_window(x, r, a, e, causal) for x in (q, k, v)), is_causal=causal)[:, :, : e - a]
                      for r, a, e in spans]                                       # [1, n, len, d] each
             out = torch.cat([torch.cat([p for p, (r, _, _) in zip(parts, spans) if r == row], dim=2)
                              for row in range(b)], dim=0)                        # [b, n, s, d]
