@@ -7,7 +7,8 @@
 #   bash tools/gpu_checks.sh $OUT "short_conv"    # only the kernel tests matching a pytest -k expression
 #
 # The two parts run at the same time (correctness only, nothing here is timed; 16 CPU cores compile for both):
-# 1. tests/test_kernels_gpu.py (kernels vs their CPU references), the GDN mixer on its GPU
+# 1. tests/test_kernels_gpu.py (kernels vs their CPU references), SDPA's per-document windows
+#    at 16k with every backend vs the block-diagonal mask, the GDN mixer on its GPU
 #    kernels vs the fp32 mixer, gradient accumulation fusion vs DDP's unfused main_grad and a model
 #    with the fusions on (our pre-norm kernels, liger-kernel's SwiGLU) vs off
 #    (tests/test_parallel.py, one process each); cut at 480 s                          -> OUT/gpu_tests.log
@@ -41,7 +42,8 @@ failed=0
 # deselected the test_parallel ones on 2026-12-03 14:10)
 timeout 480 bash -c 'python -m pytest tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops \
     tests/test_parallel.py::test_gradient_accumulation_fusion_gives_the_unfused_main_grad \
-    tests/test_parallel.py::test_pre_norm_kernel_and_liger_swiglu_in_the_model -v -rs --timeout=200
+    tests/test_parallel.py::test_pre_norm_kernel_and_liger_swiglu_in_the_model \
+    tests/test_sdpa_documents.py::test_sdpa_documents_flash_equals_mask_on_gpu -v -rs --timeout=200
   r=$?; python -m pytest tests/test_kernels_gpu.py -k "$0" -v -rs --timeout=300 --durations=10 || r=1; exit $r' "$K" \
   > "$OUT/gpu_tests.log" 2>&1 &
 PARITY=$!
