@@ -4,7 +4,10 @@
 #
 #   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD || exit;
 #   bash tools/gpu_checks.sh $OUT                 # everything below
-#   bash tools/gpu_checks.sh $OUT "short_conv"    # only the kernel tests matching a pytest -k expression
+#   bash tools/gpu_checks.sh $OUT "short_conv"    # the kernel tests matching a pytest -k expression
+#   bash tools/gpu_checks.sh $OUT "" kernels      # only the kernel tests (all but flex at 16k), in
+#                                                 # their own call: after the model tests they do
+#                                                 # not fit one call (2026-12-03 21:54, below)
 #
 # The two parts run at the same time (correctness only, nothing here is timed; 16 CPU cores compile for both):
 # 1. tests/test_kernels_gpu.py (kernels vs their CPU references), SDPA's per-document windows
@@ -29,15 +32,27 @@
 # resume and ham-eval (85 s) passed; the K also deselected the test_parallel checks, so they now
 # run in their own pytest before the kernel tests)
 # Each part has its own limit (<= 480 s in all: one device call of 600 s); what finished is under OUT. Exit status: the number of failed parts.
+# (2026-12-03 21:54 run: the four model-level tests took 215 s with fla's TileLang kernels
+# compiled cold; of the kernel tests after them 2 ran before the 480 s limit: run those with
+# PART=kernels in a call of their own)
 set -u
-OUT=${1:?usage: gpu_checks.sh OUT_DIR [PYTEST_K]}
+OUT=${1:?usage: gpu_checks.sh OUT_DIR [PYTEST_K] [all|kernels]}
 K=${2:-not (flex and 16384)}
+K=${K:-not (flex and 16384)}
+PART=${3:-all}
+case "$PART" in all|kernels) ;; *) echo "gpu_checks.sh: PART must be all or kernels, got '$PART'" >&2; exit 2;; esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True NCCL_NVLS_ENABLE=0 \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 failed=0
+if [ "$PART" = kernels ]; then
+  timeout 560 python -m pytest tests/test_kernels_gpu.py -k "$K" -v -rs --timeout=300 --durations=10 \
+    > "$OUT/gpu_tests.log" 2>&1 || failed=1
+  tail -3 "$OUT/gpu_tests.log"
+  exit $failed
+fi
 # the three test_parallel checks, then the kernel tests that match K (a -k over both invocations
 # deselected the test_parallel ones on 2026-12-03 14:10)
 timeout 480 bash -c 'python -m pytest tests/test_parallel.py::test_gdn_mixer_gpu_kernels_match_reference_ops \
