@@ -341,7 +341,7 @@ def test_short_conv_fla_matches_reference(T):
             y = causal_conv_silu(x, wx, impl=impl, **kw)
             (y.float() * weights).sum().backward()
             res[impl] = (y.float(), p.grad[..., :C].float(), wl.grad.float())
-        assert not p.grad[..., C:].any()
+            assert not p.grad[..., C:].any()
         for name, a, b in zip(("y", "dx", "dw"), res["fla"], res["reference"]):
             assert rel(a, b) < 1e-2, (name, rows, list(kw), rel(a, b))
 

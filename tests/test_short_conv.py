@@ -123,3 +123,16 @@ def test_boundaries_equal_document_ids_and_bad_documents():
         causal_conv_silu(x, w, impl="fla")
     with pytest.raises(ValueError, match="impl must be one of"):
         causal_conv_silu(x, w, impl="triton")
+
+
+def test_conv_impl_dispatch():
+    """auto runs the reference off CUDA; fla's kernel asked for on CPU tensors, or an unknown
+    impl, is a clear error naming the op."""
+    from megatron_ham.ops.short_conv import conv_impl
+
+    x = torch.randn(1, 8, 4)
+    assert conv_impl(x) == "reference" and conv_impl(x, "reference") == "reference"
+    with pytest.raises(ValueError, match="causal_conv_silu: impl='fla' needs CUDA bf16/fp16"):
+        conv_impl(x, "fla")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        conv_impl(x, "cuda")
