@@ -10,8 +10,10 @@
 #   ham_bench            bench_recipes.py ham_800m, both modes, with an EMPTY compile cache:
 #                        its mbs1 run is the COLD time to first step (ttfs), its recipe-mode run
 #                        (32 micro-batches per step) starts WARM from the cache the first one filled
-#   ham_profile          profile_step.py ham_800m (warm cache), global batch 4, 1 profiled step
-#   transformer_profile  profile_step.py transformer_800m, global batch 4
+#   ham_profile          profile_step.py ham_800m (warm cache), 1 profiled step at the recipe's
+#                        global batch (32 rows: a 4-row profile understates the scratchpad ~20 %,
+#                        its cost depends on the rows' documents; docs/benchmarks.md 2026-12-04)
+#   transformer_profile  profile_step.py transformer_800m, the same
 #   transformer_bench    bench_recipes.py transformer_800m, both modes (the baseline of the ratios)
 # With 2+ GPUs the HAM stages run on GPU 0 and the Transformer stages on GPU 1 at the same time
 # (same host, same minutes); with one GPU they run one after the other (expect ~7-8 min for the
@@ -56,7 +58,7 @@ stage() {  # stage NAME GPU: run one stage on one GPU under what is left of the 
       --set "train.compile_cache_dir=$CACHE" --out "$OUT/bench_$arch.json" > "$OUT/bench_$arch.log" 2>&1
   else
     CUDA_VISIBLE_DEVICES=$gpu timeout "$t" python tools/profile_step.py "$recipe" --steps 1 --warmup 1 \
-      --set "train.compile_cache_dir=$CACHE" train.global_batch_size=4 --sync-debug \
+      --set "train.compile_cache_dir=$CACHE" --sync-debug \
       --out "$OUT/profile_$arch.json" > "$OUT/profile_$arch.log" 2>&1
   fi
   echo "[throughput] $name exit $? after $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt" >&2
