@@ -37,8 +37,7 @@
 # PART=kernels in a call of their own)
 set -u
 OUT=${1:?usage: gpu_checks.sh OUT_DIR [PYTEST_K] [all|kernels]}
-K=${2:-not (flex and 16384)}
-K=${K:-not (flex and 16384)}
+K=${2:-not (flex and 16384)}  # also when given as "" (PART after it)
 PART=${3:-all}
 case "$PART" in all|kernels) ;; *) echo "gpu_checks.sh: PART must be all or kernels, got '$PART'" >&2; exit 2;; esac
 mkdir -p "$OUT"
