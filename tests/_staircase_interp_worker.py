@@ -82,6 +82,21 @@ def main():
         case(f"B=2 H=3 heads per group {group}", 70, 3, 16, 16, r, B=2,
              tiles={"fwd": (16, 16), "dq": (16, 32), "dkdv": (32, 16), "group": group})
     case("T=96 fp16 f=0.4", 96, 2, 16, 16, rand(1, 96, 0.4), dtype=torch.float16, tiles=(32, 32))
+    # dk/dv with each slot block's walk split over programs (partials summed in the scratch):
+    # pieces of one tile and of several, empty pieces (walks shorter than the split), documents,
+    # a partly routed last block, two batch rows; twice in a row (the scratch must be left zero)
+    from megatron_ham.kernels import staircase as st
+    r = rand(1, 130, 0.5)
+    for split in (2, 3, 8):
+        case(f"T=130 docs f=0.5 split {split}", 130, 2, 16, 16, r, cu=cu,
+             tiles={"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16), "split": split})
+    r = torch.cat([rand(1, 150, 0.15), rand(1, 150, 0.4)])
+    for _ in range(2):
+        case("B=2 f=0.15/0.4 split 4 K=24 V=20", 150, 3, 24, 20, r, B=2,
+             tiles={"fwd": (16, 16), "dq": (16, 16), "dkdv": (32, 16), "split": 4})
+    for acc, locks in st._SPLIT_SCRATCH.values():
+        assert (acc == 0).all() and (locks == 0).all(), "the split left its scratch dirty"
+    assert st._SPLIT_SCRATCH, "no case split a walk"
     print("OK")
 
 

@@ -15,7 +15,9 @@ BLOCK_N, warps, stages) of each kernel:
   kernels the best configuration's kernels under torch.profiler: ms per call by kernel (the
           plan, the K/V copies, forward, dq, dk/dv)
   group   with --groups: the kernels' own (autotuned) tiles, the schedule's heads per group
-          set to each value given ("auto": the kernel's rule, staircase.heads_per_group);
+          set to each value given ("auto": the kernel's rule, staircase.heads_per_group)
+  split   with --splits: the same, the dk/dv kernel's walks split in at most each number of
+          pieces given ("auto": the kernel's rule, staircase.split_plan; 1: never split);
           --groups-only skips the tile sweep
 
 Times are CUDA-event medians; TFLOP/s count the visible (query, key) pairs P (4 P D H forward,
@@ -68,8 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--groups", nargs="+", default=[],
                    help="also time the autotuned kernels with these heads per group of the "
                         "schedule (ints, or 'auto' for the kernel's own rule)")
+    p.add_argument("--splits", nargs="+", default=[],
+                   help="also time the autotuned kernels with the dk/dv kernel's walks split in "
+                        "this many pieces (ints; 1 = never; 'auto' for the kernel's own rule, "
+                        "staircase.split_plan)")
     p.add_argument("--groups-only", action="store_true",
-                   help="only the --groups rows (no tile sweep)")
+                   help="only the --groups / --splits rows (no tile sweep)")
     p.add_argument("--json", type=str, default=None, help="write all rows to this JSON file")
     p.add_argument("--compile-only", type=str, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -117,8 +123,8 @@ def run_case(st, q, k, v, routed, job, warmup, iters):
 
 
 def _tiles(job):
-    """The tiles= argument of a job: per-kernel tuples, and "group" (an int) where set."""
-    return {n: c if n == "group" else tuple(c) for n, c in job["tiles"].items()}
+    """The tiles= argument of a job: per-kernel tuples, and "group" / "split" (ints) where set."""
+    return {n: c if n in ("group", "split") else tuple(c) for n, c in job["tiles"].items()}
 
 
 def jobs(layouts):
@@ -192,10 +198,12 @@ def main(argv=None):
         raise SystemExit("sweep_staircase.py needs a CUDA GPU")
     from megatron_ham.kernels import staircase as st
 
-    groups = [None if g == "auto" else int(g) for g in args.groups]
+    # schedule variants of the autotuned kernels: (tiles key, value or None for the kernel's rule)
+    variants = [("group", None if g == "auto" else int(g)) for g in args.groups] + \
+               [("split", None if n == "auto" else int(n)) for n in args.splits]
     all_jobs = [] if args.groups_only else jobs(args.layouts)
-    if args.groups_only and not groups:
-        raise SystemExit("--groups-only needs --groups")
+    if args.groups_only and not variants:
+        raise SystemExit("--groups-only needs --groups or --splits")
     if args.compile_workers > 0 and all_jobs:
         precompile(args, all_jobs)
     T, H, D = args.T, args.H, args.D
@@ -249,15 +257,19 @@ def main(argv=None):
                   f"{b_ms:8.3f} {row['fwd_tflops']:8.0f} {row['bwd_tflops']:8.0f} "
                   f"{row['x_f_sdpa']:8.2f}", flush=True)
         rows += mine
-        for g in groups:
-            job = {"layout": "compact", "kernel": "group", "tiles": {} if g is None else {"group": g}}
+        for name, val in variants:
+            job = {"layout": "compact", "kernel": name, "tiles": {} if val is None else {name: val}}
             f_ms, b_ms = run_case(st, q, k, v, routed, job, args.warmup, args.iters)
-            used = st.heads_per_group(T, D, D, q.element_size()) if g is None else g
-            row = {"case": "group", "f": frac, "group": used, "auto": g is None, "fwd_ms": f_ms,
+            if name == "group":
+                used = st.heads_per_group(T, D, D, q.element_size()) if val is None else val
+            else:
+                used = st.split_plan(job["tiles"], T, H, q.device).n_max
+            row = {"case": name, "f": frac, name: used, "auto": val is None, "fwd_ms": f_ms,
                    "bwd_ms": b_ms, "total_ms": f_ms + b_ms, "x_f_sdpa": (f_ms + b_ms) / ref,
                    "kernels_ms": kernel_times(st, q, k, v, routed, job)}
             rows.append(row)
-            print(f"GROUP f={frac} heads per group {used}{' (auto)' if g is None else ''}: fwd "
+            what = "heads per group" if name == "group" else "dk/dv pieces (at most)"
+            print(f"{name.upper()} f={frac} {what} {used}{' (auto)' if val is None else ''}: fwd "
                   f"{f_ms:.3f} + bwd {b_ms:.3f} = {f_ms + b_ms:.3f} ms, {row['x_f_sdpa']:.2f}x "
                   f"(f x SDPA); kernels " + ", ".join(
                       f"{n[:24]} {ms:.3f}" for n, ms in row["kernels_ms"].items()), flush=True)

@@ -34,13 +34,17 @@ dims, documents or not, layout), never per routing; the routed count is only rea
 4. Backward :func:`_staircase_dkdv_kernel`, one program per block of key SLOTS: the queries that see
    slots ``[s0, s1)`` are ``[pos[s0], dend[pos[s1-1]])``, all of them see every slot for
    ``t in [pos[s1-1], dend[pos[s0]])``; dk, dv are accumulated in fp32 and stored at rows
-   ``order[s]`` (zeros for slots past the routed count, i.e. the unrouted positions).
+   ``order[s]`` (zeros for slots past the routed count, i.e. the unrouted positions). With few
+   routed keys a block's walk is split over up to :data:`SPLIT_MAX` programs (:func:`split_plan`,
+   decided on the device from the routed count): each adds its partial dk, dv to an fp32
+   scratch, and the last one to finish stores the sums (:func:`_split_sum`).
 
 Cost: proportional to the routed work (about f x a causal attention), plus O(T) integer work in
-step 1, the O(T) copies and the O(T) ``delta`` read of step 3. Saved for the backward: q, k, v,
-o, the lse ``[B,H,T]`` fp32 and the plan (``cum``, ``order`` int32 ``[B,T]``; ``dstart``,
-``dend`` ``[T]``); the backward gathers its copies again (freed before dk, dv are allocated).
-The backward recomputes (7 matmuls per tile pair, FlashAttention-2's is 5 with dq added by
+step 1, the O(T) copies and the O(T) ``delta`` read of step 3. The split's scratch is kept
+between calls (at most 132 MiB on a 132-SM H100 / H200 at head dim 128, :func:`_split_scratch`).
+Saved for the backward: q, k, v, o, the lse ``[B,H,T]`` fp32 and the plan (``cum``, ``order``
+int32 ``[B,T]``; ``dstart``, ``dend`` ``[T]``); the backward gathers its copies again (freed
+before dk, dv are allocated). The backward recomputes (7 matmuls per tile pair, FlashAttention-2's is 5 with dq added by
 atomics): measured on an H200, atomics for dq made it 14-37 % slower (docs/benchmarks.md).
 
 Schedule: a 1-d grid, longest-first inside groups of :func:`heads_per_group` heads (FlashAttention-
@@ -52,8 +56,9 @@ can be passed (``tiles=``) -- the CPU tests run the kernels under Triton's inter
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
@@ -428,21 +433,56 @@ def _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, 
 
 
 @triton.jit
+def _split_count(cnt, walk, BH, NSPLIT, SPLIT_TARGET, MIN_PIECE, S_CAP, BLOCK_N: tl.constexpr):
+    """Programs that share one slot block's walk of ``walk`` queries (1: not split): enough for
+    this row's slot blocks x the B x H rows to reach SPLIT_TARGET programs, at most NSPLIT, pieces
+    of at least MIN_PIECE queries, and only while the row's slots fit the scratch (S_CAP rows)."""
+    n_blk = tl.maximum(tl.cdiv(cnt, BLOCK_N), 1)
+    n = tl.minimum(SPLIT_TARGET // (n_blk * BH), NSPLIT)
+    n = tl.minimum(n, tl.cdiv(walk, MIN_PIECE))
+    n = tl.where(n_blk * BLOCK_N <= S_CAP, n, 1)
+    return tl.maximum(n, 1)
+
+
+@triton.jit
+def _split_sum(dk, dv, ACC_K, ACC_V, LOCKS, i_bh, i_n, s0, n_split, S_CAP,
+               BK: tl.constexpr, BV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adds this piece's partial dk, dv to the fp32 scratch rows of its slots and counts the piece
+    in; the piece counted last reads the sums (after its acquiring count, so every other piece's
+    adds are in) and writes zeros back (the scratch is zero again for the next call) and resets
+    the counter. Returns (dk, dv, pieces counted before)."""
+    rows = (i_bh.to(tl.int64) * S_CAP + s0 + tl.arange(0, BLOCK_N))[:, None]
+    pk = ACC_K + rows * BK + tl.arange(0, BK)[None, :]
+    pv = ACC_V + rows * BV + tl.arange(0, BV)[None, :]
+    tl.atomic_add(pk, dk, sem="relaxed")
+    tl.atomic_add(pv, dv, sem="relaxed")
+    tl.debug_barrier()                                  # every thread's adds before the count
+    lock = LOCKS + i_bh.to(tl.int64) * (S_CAP // 16) + i_n
+    done = tl.atomic_add(lock, 1, sem="acq_rel")
+    if done == n_split - 1:                            # read from L2 (".cg"), where the adds went
+        dk = tl.load(pk, cache_modifier=".cg")
+        dv = tl.load(pv, cache_modifier=".cg")
+        tl.store(pk, tl.zeros([BLOCK_N, BK], dtype=tl.float32))
+        tl.store(pv, tl.zeros([BLOCK_N, BV], dtype=tl.float32))
+        tl.atomic_xchg(lock, 0, sem="relaxed")
+    return dk, dv, done
+
+
+@triton.jit
 def _staircase_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART, DEND,
+                           ACC_K, ACC_V, LOCKS,
                            s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                            s_gkb, s_gkt, s_gkh, s_gvb, s_gvt, s_gvh,
-                           T, H, GROUP, qk_scale, sm_scale,
+                           T, H, GROUP, NSPLIT, SPLIT_TARGET, MIN_PIECE, S_CAP, qk_scale, sm_scale,
                            DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            HAS_DOC: tl.constexpr, PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    i_n, i_bh = _schedule(tl.cdiv(T, BLOCK_N), GROUP)            # slot block 0: most work
+    n_blk = tl.cdiv(T, BLOCK_N)
+    rank, i_bh = _schedule(n_blk * NSPLIT, GROUP)          # slot block 0 (its pieces): most work
+    i_n = rank // NSPLIT
+    j = rank % NSPLIT
     i_b, i_h, cum, order, cnt = _batch_head(i_bh, CUM, ORDER, T, H)
     s0 = i_n * BLOCK_N
-    offs_s, pos, valid = _slot_tile(order, s0, 0, cnt, T, BLOCK_N)
-    in_t = offs_s < T
-    rows = pos
-    k = _load_rows(K + i_b * s_kb + i_h * s_kh, rows, s_kt, in_t, DK, BK, False)   # [BN, BK]
-    v = _load_rows(V + i_b * s_vb + i_h * s_vh, rows, s_vt, in_t, DV, BV, False)   # [BN, BV]
 
     # queries that see slots [s0, s1): [pos[s0], dend(pos[s1-1])); all of them for
     # t in [pos[s1-1], dend(pos[s0])). A block holding slots past cnt is walked fully masked;
@@ -459,22 +499,41 @@ def _staircase_dkdv_kernel(Q, K, V, DO, DK_, DV_, LSE, DELTA, CUM, ORDER, DSTART
         f_hi = T
     q_hi = tl.where(has_keys, q_hi, p_first)
     f_hi = tl.where(s0 + BLOCK_N <= cnt, f_hi, p_first)
-    n_a, start_b, n_b, start_c, n_c = _phases(p_first, q_hi, p_last, f_hi, BLOCK_M)
-
-    Qb = Q + i_b * s_qb + i_h * s_qh
-    DOb = DO + i_b * s_db + i_h * s_dh
-    LSEb = LSE + i_bh.to(tl.int64) * T
-    DELTAb = DELTA + i_bh.to(tl.int64) * T
-    dk = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
-    for ph in tl.static_range(3):
-        start, n = _phase(ph, p_first, n_a, start_b, n_b, start_c, n_c)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n, T,
-                             s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1, HAS_DOC, PREC)
-    dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
-    dv = tl.where(valid[:, None], dv, 0.0)
-    _store_rows(DK_ + i_b * s_gkb + i_h * s_gkh, rows, s_gkt, dk, in_t, DK, BK)
-    _store_rows(DV_ + i_b * s_gvb + i_h * s_gvh, rows, s_gvt, dv, in_t, DV, BV)
+    n_split = _split_count(cnt, q_hi - p_first, tl.num_programs(0) // (n_blk * NSPLIT), NSPLIT,
+                           SPLIT_TARGET, MIN_PIECE, S_CAP, BLOCK_N)
+    if j < n_split:
+        # piece j of the walk: [a, b), a multiple of BLOCK_M queries long (but the last), so its
+        # tiles are those of the unsplit walk
+        piece = tl.cdiv(tl.cdiv(q_hi - p_first, n_split), BLOCK_M) * BLOCK_M
+        a = tl.minimum(p_first + j * piece, q_hi)
+        b = tl.where(j == n_split - 1, q_hi, tl.minimum(a + piece, q_hi))
+        n_a, start_b, n_b, start_c, n_c = _phases(a, b, tl.minimum(tl.maximum(p_last, a), b),
+                                                  tl.minimum(tl.maximum(f_hi, a), b), BLOCK_M)
+        offs_s, pos, valid = _slot_tile(order, s0, 0, cnt, T, BLOCK_N)
+        in_t = offs_s < T
+        rows = pos
+        k = _load_rows(K + i_b * s_kb + i_h * s_kh, rows, s_kt, in_t, DK, BK, False)  # [BN, BK]
+        v = _load_rows(V + i_b * s_vb + i_h * s_vh, rows, s_vt, in_t, DV, BV, False)  # [BN, BV]
+        Qb = Q + i_b * s_qb + i_h * s_qh
+        DOb = DO + i_b * s_db + i_h * s_dh
+        LSEb = LSE + i_bh.to(tl.int64) * T
+        DELTAb = DELTA + i_bh.to(tl.int64) * T
+        dk = tl.zeros([BLOCK_N, BK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BV], dtype=tl.float32)
+        for ph in tl.static_range(3):
+            start, n = _phase(ph, a, n_a, start_b, n_b, start_c, n_c)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, pos, valid, Qb, DOb, LSEb, DELTAb, DSTART, start, n,
+                                 T, s_qt, s_dt, qk_scale, DK, DV, BK, BV, BLOCK_M, ph != 1, HAS_DOC,
+                                 PREC)
+        done = n_split - 1
+        if n_split > 1:
+            dk, dv, done = _split_sum(dk, dv, ACC_K, ACC_V, LOCKS, i_bh, i_n, s0, n_split, S_CAP,
+                                      BK, BV, BLOCK_N)
+        if done == n_split - 1:                        # the whole walk is in dk, dv
+            dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
+            dv = tl.where(valid[:, None], dv, 0.0)
+            _store_rows(DK_ + i_b * s_gkb + i_h * s_gkh, rows, s_gkt, dk, in_t, DK, BK)
+            _store_rows(DV_ + i_b * s_gvb + i_h * s_gvh, rows, s_gvt, dv, in_t, DV, BV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,6 +579,78 @@ def _group(tiles: Optional[Tiles], T: int, q: torch.Tensor, v: torch.Tensor) -> 
     if isinstance(tiles, dict) and tiles.get("group") is not None:
         return int(tiles["group"])
     return heads_per_group(T, q.shape[-1], v.shape[-1], q.element_size())
+
+
+#: the dk/dv kernel's split of long walks (:func:`split_plan`): at most SPLIT_MAX programs per
+#: slot block, while a row's slot blocks x (B x H) are below SPLIT_PROGRAMS_PER_SM programs per
+#: SM, each walking at least SPLIT_MIN_PIECE queries
+SPLIT_MAX = 4
+SPLIT_PROGRAMS_PER_SM = 16
+SPLIT_MIN_PIECE = 1024
+_MAX_SLOT_BLOCK = 128           # the largest dk/dv BLOCK_N of the autotuned configurations
+
+
+class SplitPlan(NamedTuple):
+    """How the dk/dv kernel may split slot blocks' query walks (the device decides per row from
+    its routed count, :func:`_split_count`): ``n_max`` programs per slot block in the grid,
+    ``target`` programs to reach, pieces of at least ``min_piece`` queries, rows of the fp32
+    scratch per batch x head (``s_cap``; a row whose slots do not fit is not split)."""
+    n_max: int
+    target: int
+    min_piece: int
+    s_cap: int
+
+
+def split_plan(tiles: Optional[Tiles], T: int, BH: int, device: torch.device) -> SplitPlan:
+    """The dk/dv kernel splits a slot block's walk over queries when the routed keys are few.
+
+    One program per block of slots walks every later query of the block's documents: at small
+    KV fractions there are few blocks (at f = 0.1, 16k tokens and 16 heads: 416 programs for 132
+    SMs) and the first ones walk the whole row, so the longest walks set the kernel's time
+    (docs/benchmarks.md: 3.6x the forward at f = 0.1, 2.3x at f = 0.5). Split, each of up to
+    SPLIT_MAX programs walks a piece and adds its partial dk, dv to an fp32 scratch; the last
+    one stores the sums. Default: split while a row's blocks x heads are fewer than
+    SPLIT_PROGRAMS_PER_SM programs per SM. ``tiles={"split": n}`` forces n pieces wherever a
+    walk has n tiles (tests, tools/sweep_staircase.py); ``{"split": 1}`` turns it off."""
+    forced = tiles.get("split") if isinstance(tiles, dict) else None
+    t_rows = triton.cdiv(T, _MAX_SLOT_BLOCK) * _MAX_SLOT_BLOCK
+    if forced is not None:
+        n = int(forced)
+        if n < 1:
+            raise ValueError(f"tiles['split'] must be >= 1, got {forced!r}")
+        return SplitPlan(n, 1 << 30, 1, t_rows if n > 1 else 0)
+    target = SPLIT_PROGRAMS_PER_SM * _sm_count(device)
+    s_cap = min(t_rows, target // (2 * BH) * _MAX_SLOT_BLOCK)  # >= 2 pieces needs <= target/2
+    return SplitPlan(SPLIT_MAX if s_cap else 1, target, SPLIT_MIN_PIECE, s_cap)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1                                           # the interpreter (tests)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+#: (device, stream) -> (fp32 scratch, int32 counters), all zeros between calls
+_SPLIT_SCRATCH: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_scratch(device: torch.device, BH: int, s_cap: int, BK: int, BV: int):
+    """The split's fp32 dk, dv scratch ``[BH, s_cap, BK]``, ``[BH, s_cap, BV]`` (flat views) and
+    its counters ``[BH, s_cap / 16]``, kept per device and stream: the kernel leaves them zero
+    (the last piece of each block reads its sums, writes zeros back and resets its counter),
+    so no call clears them; a call that needs more allocates larger zeros (freeing the old ones
+    in stream order). Without a split (``s_cap`` 0) a one-element placeholder."""
+    n_k, n_v, n_l = BH * s_cap * BK, BH * s_cap * BV, max(1, BH * s_cap // 16)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    acc, locks = _SPLIT_SCRATCH.get(key, (None, None))
+    if acc is None or acc.numel() < max(1, n_k + n_v) or locks.numel() < n_l:
+        n_acc = max(1, n_k + n_v, 0 if acc is None else acc.numel())
+        n_lock = max(n_l, 0 if locks is None else locks.numel())
+        acc = torch.zeros(n_acc, dtype=torch.float32, device=device)
+        locks = torch.zeros(n_lock, dtype=torch.int32, device=device)
+        _SPLIT_SCRATCH[key] = (acc, locks)
+    return acc[:max(1, n_k)], acc[n_k:n_k + n_v] if n_v else acc[:1], locks
 
 
 def _kernel(name: str, tiles: Optional[Tiles]):
@@ -599,9 +730,13 @@ class _StaircaseAttention(torch.autograd.Function):
         del kk, vv                      # freed before dk, dv exist: the peak stays 3 x |q|
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         kern, kw = _kernel("dkdv", ctx.tiles)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) * B * H,)  # noqa: E731
-        kern[grid](q, k, v, do, dk, dv, lse, delta, cum, order, dstart, dend, *_bht(q), *_bht(k),
-                   *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, group, ctx.scale * _LOG2E,
+        split = split_plan(ctx.tiles, T, B * H, q.device)
+        acc_k, acc_v, locks = _split_scratch(q.device, B * H, split.s_cap, common["BK"],
+                                             common["BV"])
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) * split.n_max * B * H,)  # noqa: E731
+        kern[grid](q, k, v, do, dk, dv, lse, delta, cum, order, dstart, dend, acc_k, acc_v, locks,
+                   *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dv), T, H, group,
+                   split.n_max, split.target, split.min_piece, split.s_cap, ctx.scale * _LOG2E,
                    ctx.scale, **common, **kw)
         return dq, dk, dv, None, None, None, None, None
 
