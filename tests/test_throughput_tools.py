@@ -241,6 +241,11 @@ def test_profile_step_cpu(tmp_path):
         assert r["count_per_step"] >= 1 and r["mean_us"] > 0
         assert abs(r["count_per_step"] * r["mean_us"] / 1e3 - r["ms_per_step"]) < 1e-6 * max(1.0, r["ms_per_step"])
     assert "op calls/step" in p.stdout
+    # the most frequent items, most first, their calls adding up to the categories' counts
+    freq = s["most_frequent"]
+    assert freq and all(a[1] >= b[1] for a, b in zip(freq, freq[1:])) and "most frequent" in p.stdout
+    assert sum(c for _, c, _ in freq) <= sum(r.get("count_per_step", 0) for r in s["categories"])
+    assert all(c >= 1 for _, c, _ in freq) and sum(ms for _, _, ms in freq) <= s["busy_ms_per_step"] * 1.001
     assert any(n.startswith("Optimizer.step#") for n, _ in cats["optimizer"]["top"])
     total = sum(r["percent"] for r in s["categories"])
     assert 99.0 < total < 101.0, total  # CPU: one thread of operators + the time outside them

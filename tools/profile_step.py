@@ -211,10 +211,14 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
     wall_us = wall_s * 1e6
     by_cat: Dict[str, Dict[str, float]] = {c: {} for c, _, _ in CATEGORIES}
     count: Dict[str, int] = {c: 0 for c, _, _ in CATEGORIES}
+    per_name: Dict[str, List[float]] = {}  # name -> [launches (CUDA) or calls (CPU), us]
     for name, us, parents in items:
         cat = classify(name, parents)
         by_cat[cat][name] = by_cat[cat].get(name, 0.0) + us
         count[cat] += 1
+        n_us = per_name.setdefault(name, [0, 0.0])
+        n_us[0] += 1
+        n_us[1] += us
     rows = []
     for cat, names in by_cat.items():
         us = sum(names.values())
@@ -227,8 +231,11 @@ def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
     gap_us = max(0.0, wall_us - busy_us)
     rows.append({"category": "host gaps", "ms_per_step": gap_us / 1e3 / steps,
                  "percent": 100 * gap_us / wall_us, "top": []})
+    # the items run most often: where a launch-bound step's launches come from
+    often = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
     out = {"timeline": "cuda" if device else "cpu", "steps": steps, "step_wall_ms": wall_us / 1e3 / steps,
-           "busy_ms_per_step": busy_us / 1e3 / steps, "categories": rows}
+           "busy_ms_per_step": busy_us / 1e3 / steps, "categories": rows,
+           "most_frequent": [[n[:120], c / steps, u / 1e3 / steps] for n, (c, u) in often]}
     if gaps is not None:  # per step, ms
         per = lambda us: us / 1e3 / steps  # noqa: E731
         out["while_gpu_idle"] = {"ops": [[n, per(us)] for n, us in gaps["ops"]],
@@ -258,6 +265,9 @@ def format_table(s: dict) -> str:
             line += (f": as it trains the GPU idles about {idle:.2f} ms/step, {100 * idle / un:.1f}%; "
                      "the host gaps above include the profiler's own overhead")
         lines.append(line + ")")
+    if s.get("most_frequent"):
+        lines.append(f"most frequent ({unit}/step, ms/step): " + ", ".join(
+            f"{n[:40]} {c:.0f} {ms:.2f}" for n, c, ms in s["most_frequent"][:8]))
     g = s.get("while_gpu_idle")
     if g:
         lines.append(f"while the GPU idled ({g['idle_intervals']:.0f} intervals per step, "
