@@ -44,8 +44,9 @@ step 1, the O(T) copies and the O(T) ``delta`` read of step 3. The split's scrat
 between calls (at most 132 MiB on a 132-SM H100 / H200 at head dim 128, :func:`_split_scratch`).
 Saved for the backward: q, k, v, o, the lse ``[B,H,T]`` fp32 and the plan (``cum``, ``order``
 int32 ``[B,T]``; ``dstart``, ``dend`` ``[T]``); the backward gathers its copies again (freed
-before dk, dv are allocated). The backward recomputes (7 matmuls per tile pair, FlashAttention-2's is 5 with dq added by
-atomics): measured on an H200, atomics for dq made it 14-37 % slower (docs/benchmarks.md).
+before dk, dv are allocated). The backward recomputes (7 matmuls per tile pair, FlashAttention-2's
+is 5 with dq added by atomics): measured on an H200, atomics for dq made it 14-37 % slower
+(docs/benchmarks.md).
 
 Schedule: a 1-d grid, longest-first inside groups of :func:`heads_per_group` heads (FlashAttention-
 3's order). The earlier grid (blocks x heads, the longest first within each head) left the last
