@@ -98,6 +98,10 @@ def test_bench_recipes_both_modes_cold_then_warm_cache(tmp_path):
     assert list((cache / "inductor").rglob("*")), "the Inductor cache stayed empty"
     assert 0 < mbs1["setup_s"] < mbs1["ttfs_s"]
     assert "recipe" in p.stdout and "cold" in p.stdout and "warm" in p.stdout
+    # the host it ran on, with its per-operator overhead: the same record on every row
+    m = mbs1["machine"]
+    assert m == recipe["machine"] and m["logical_cpus"] >= 1 and 0 < m["dispatch_us"] < 1000 and m["cpu"]
+    assert p.stdout.count("host: ") == 2 and "us per eager PyTorch operator" in p.stdout
 
 
 @pytest.mark.slow
@@ -241,6 +245,7 @@ def test_profile_step_cpu(tmp_path):
         assert r["count_per_step"] >= 1 and r["mean_us"] > 0
         assert abs(r["count_per_step"] * r["mean_us"] / 1e3 - r["ms_per_step"]) < 1e-6 * max(1.0, r["ms_per_step"])
     assert "op calls/step" in p.stdout
+    assert s["machine"]["dispatch_us"] > 0 and "host: " in p.stdout
     # the most frequent items, most first, their calls adding up to the categories' counts
     freq = s["most_frequent"]
     assert freq and all(a[1] >= b[1] for a, b in zip(freq, freq[1:])) and "most frequent" in p.stdout

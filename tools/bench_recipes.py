@@ -25,7 +25,9 @@ docs/training.md, the HAM scratchpad counted at its measured KV fraction). Each 
 its time from process start to the end of its first step (`ttfs`), split into set-up and the
 first step, and whether the compile cache was warm (with `--set train.compile_cache_dir=DIR`
 the first run of a recipe fills DIR and its second mode starts warm). Ratios are against the
-Transformer of the same mode and GPU count measured in the same session. Targets (issue #15):
+Transformer of the same mode and GPU count measured in the same session; the host's CPU and
+its per-operator overhead are printed and recorded (`machine`, tools/machine_info.py): a
+launch-bound step runs at the host's speed, which differs between machines. Targets (issue #15):
 MFU >= 40 %, HAM tokens/s >= 1.3 x Transformer. With several `--gpus`, each recipe and mode also
 gets its data-parallel scaling: tokens/s per GPU at N GPUs over that at the first count given
 (issue #15's target: >= 0.9 from 1 to 2 GPUs); the recipe mode keeps the recipe's global batch
@@ -56,12 +58,13 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]  # megatron_ham, machine_info
 
 from megatron_ham.distributed import free_port  # noqa: E402
 from megatron_ham.models.presets import PAPER_ARCHITECTURES  # noqa: E402
 from megatron_ham.training.atomic import atomic_write_text  # noqa: E402
 from megatron_ham.training.config import ConfigError, load_config  # noqa: E402
+from machine_info import describe, machine_info  # noqa: E402
 
 DEFAULT = [f"recipes/{a}_800m.yaml" for a in PAPER_ARCHITECTURES]
 
@@ -308,6 +311,8 @@ def main(argv=None) -> int:
             return 2
     modes = MODES if args.mode == "both" else (args.mode,)
     plan = {"mbs1": (args.steps, args.warmup), "recipe": (args.recipe_steps, args.recipe_warmup)}
+    machine = machine_info()  # the host's speed can set a launch-bound step's time
+    print(describe(machine), flush=True)
     results, baseline = [], []
     with tempfile.TemporaryDirectory(prefix="bench_recipes_") as work:
         trees = {"current": REPO}
@@ -333,7 +338,10 @@ def main(argv=None) -> int:
                     results.append(merge_runs(runs["current"]))
                     if args.baseline:
                         baseline.append(merge_runs(runs["baseline"]))
+    for x in results + baseline:
+        x["machine"] = machine
     print()
+    print(describe(machine))
     report(results, modes, args.gpus)
     if args.baseline:
         ab_report(baseline, results, args.baseline)

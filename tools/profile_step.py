@@ -470,6 +470,9 @@ def main(argv=None) -> int:
         return 2
     from megatron_ham.training.config import ConfigError
 
+    from machine_info import describe, machine_info
+
+    machine = machine_info()  # measured before the profiled process starts its work
     before = None
     try:
         with tempfile.TemporaryDirectory(prefix="profile_step_") as work:
@@ -486,10 +489,12 @@ def main(argv=None) -> int:
         return 2
     if s["rank"] != 0:
         return 0
+    s["machine"] = machine
     print(f"\n{s['recipe']} {' '.join(s['overrides'])}: {s['device_name']}, global batch "
           f"{s['global_batch_size']} x {s['seq_length']} tokens in micro-batches of {s['micro_batch_size']}, "
           f"{s['steps']} profiled step(s)")
     print(format_table(s))
+    print(describe(machine))
     sc = s.get("synchronizing_calls")
     if sc is not None:
         print(f"\nsynchronizing calls in one more step: {sc['total']}")
