@@ -41,6 +41,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandab
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 echo "compile cache $CACHE at start: $(find "$CACHE" -type f | wc -l) files" >> "$OUT/gpu.txt"
+python tools/machine_info.py >> "$OUT/gpu.txt" 2>&1  # the host: a launch-bound step runs at its speed
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
 left() { echo $((DEADLINE - ($(date +%s) - START))); }
