@@ -33,17 +33,20 @@ def _same_on_all_ranks(name, t, group=None):
 
 # ---------------------------------------------------------------------------- mixer (TP, SP)
 def _gdn_mixer_kernels_worker(rank, world):
-    """One CUDA process: the GDN mixer in bf16 on its GPU kernels (fla's conv and GDN, model
-    impl "auto") is as close to the fp32 mixer as the same bf16 mixer on the reference ops (impl
-    "chunk"): forward and backward, on a batch of 2 rows with documents (the conv's
-    flattened-batch path). Wrong wiring (documents, strides) would be far off. The allowance
-    (1.5x the reference ops' distance, at least 3e-2) is for the per-head gate parameters, whose
-    gradients sum a bf16 product over every token: on the H200 on 2026-12-03 06:57, A_log.grad
-    was 2.32e-2 from fp32 on the kernels and 1.84e-2 on the reference ops (out and x.grad: the
-    kernels closer). Every tensor is printed before the verdict."""
+    """One CUDA process: the GDN and HAM mixers in bf16 on their GPU kernels (model impl "auto":
+    the conv fused into our q/k/v activation kernels, fla's GDN, HAM's staircase) are as close to
+    the fp32 mixer as the same bf16 mixer on the reference ops (impl "chunk"): forward and
+    backward, on a batch of 2 rows with documents (the conv's flattened-batch path, the
+    projection transposed from [s, b]). Wrong wiring (documents, strides, the in-projection's
+    gradient) would be far off. HAM routes with the random router (content-independent, so
+    both runs route the same tokens). The allowance (1.5x the reference ops' distance, at least
+    3e-2) is for the per-head gate parameters, whose gradients sum a bf16 product over every
+    token: on the H200 on 2026-12-03 06:57, A_log.grad was 2.32e-2 from fp32 on the kernels and
+    1.84e-2 on the reference ops (out and x.grad: the kernels closer). Every tensor is printed
+    before the verdict."""
     from megatron_ham import distributed as D
     from megatron_ham.models import document_forward_kwargs
-    from megatron_ham.ops.short_conv import conv_impl
+    from megatron_ham.ops.gdn_activations import conv_qkv_impl
 
     D.initialize(tp=1, seed=11, backend="nccl")
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -55,30 +58,34 @@ def _gdn_mixer_kernels_worker(rank, world):
     docs = document_forward_kwargs(tokens, 0, dev)  # boundaries on the GPU, their host copy kept
     dims = dict(hidden_size=h, mixer_num_heads=2, mixer_key_head_dim=64, mixer_value_head_dim=64,
                 fusions="off")
-    m = _build_mixer("gdn", "error_l2", False, dev, dtype="bf16", **dims)
-    m32 = _build_mixer("gdn", "error_l2", False, dev, dtype="fp32", **dims)
-    with torch.no_grad():  # the fp32 mixer holds the bf16 mixer's (rounded) weights
-        for p32, p in zip(m32.parameters(), m.parameters()):
-            p32.copy_(p.float())
-    assert conv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "fla"
-
-    def run(mixer, impl, dtype):
-        mixer.impl = impl
-        out, xg = _mixer_case(mixer, x_full.to(dtype), dout_full.to(dtype), False, 1, 0, dev, docs)
-        return [t.float() for t in [out, xg] + [p.grad for p in mixer.parameters()]]
-
-    exact = run(m32, "chunk", torch.float32)
-    names = ["out", "x.grad"] + [f"{n}.grad" for n, _ in m.named_parameters()]
-    errs = {}
-    for impl in ("auto", "chunk"):
-        errs[impl] = [((a - e).norm() / e.norm().clamp_min(1e-12)).item()
-                      for a, e in zip(run(m, impl, torch.bfloat16), exact)]
+    assert conv_qkv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "triton"
     bad = []
-    for name, ek, er in zip(names, errs["auto"], errs["chunk"]):
-        print(f"[gdn mixer] {name}: rel. diff. from fp32: kernels {ek:.2e}, reference ops {er:.2e}")
-        if ek > max(3e-2, 1.5 * er):
-            bad.append(f"{name}: bf16 kernels {ek:.3e} from fp32, the bf16 reference ops {er:.3e}")
-    assert not bad, "GDN mixer on the GPU kernels: " + "; ".join(bad)
+    for kind, router in (("gdn", "error_l2"), ("ham", "random")):
+        m = _build_mixer(kind, router, False, dev, dtype="bf16", **dims)
+        m32 = _build_mixer(kind, router, False, dev, dtype="fp32", **dims)
+        with torch.no_grad():  # the fp32 mixer holds the bf16 mixer's (rounded) weights
+            for p32, p in zip(m32.parameters(), m.parameters()):
+                p32.copy_(p.float())
+
+        def run(mixer, impl, dtype):
+            mixer.impl = impl
+            if kind == "ham":  # its scratchpad: the staircase kernel, or the reference
+                mixer.scratchpad_impl = "auto" if impl == "auto" else "reference"
+            out, xg = _mixer_case(mixer, x_full.to(dtype), dout_full.to(dtype), False, 1, 0, dev, docs)
+            return [t.float() for t in [out, xg] + [p.grad for p in mixer.parameters()]]
+
+        exact = run(m32, "chunk", torch.float32)
+        names = ["out", "x.grad"] + [f"{n}.grad" for n, _ in m.named_parameters()]
+        errs = {}
+        for impl in ("auto", "chunk"):
+            errs[impl] = [((a - e).norm() / e.norm().clamp_min(1e-12)).item()
+                          for a, e in zip(run(m, impl, torch.bfloat16), exact)]
+        for name, ek, er in zip(names, errs["auto"], errs["chunk"]):
+            print(f"[{kind} mixer] {name}: rel. diff. from fp32: kernels {ek:.2e}, reference ops {er:.2e}")
+            if ek > max(3e-2, 1.5 * er):
+                bad.append(f"{kind} {name}: bf16 kernels {ek:.3e} from fp32, the bf16 reference ops {er:.3e}")
+    assert not bad, "mixers on the GPU kernels: " + "; ".join(bad)
+
 
 def _pre_norm_swiglu_worker(rank, world):
     """One CUDA process: a bf16 two-layer attention model with the fusions on (its pre-norms
