@@ -46,8 +46,10 @@ __all__ = ["qkv_activations_triton", "conv_qkv_activations_triton", "EPS"]
 EPS = 1e-6
 #: tokens per program (activations)
 BT = 32
+#: the activation kernels with the conv (W > 0): tokens per program, warps (None: by head dim)
+CONV_ACT_BT, CONV_ACT_WARPS = 16, 4
 #: the conv backward: tokens per sub-tile, sub-tiles per program, channels per program, warps
-CONV_BT, CONV_SUB, CONV_BC, CONV_WARPS = 32, 1, 128, 4
+CONV_BT, CONV_SUB, CONV_BC, CONV_WARPS = 64, 1, 64, 2
 
 
 @triton.jit
@@ -146,7 +148,8 @@ def _conv_bwd_kernel(DX, U, Wt, DOC, DU, DWP, N, T, C, sub, sut, sdb, sdt, sw,
                      W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr,
                      BC: tl.constexpr, HAS_DOC: tl.constexpr):
     """du (written through DU's strides) and this program's partial dw [C, W] (fp32, DWP row
-    program_id(0)) from dx [N, C] contiguous: tokens [pid*SUB*BT, +SUB*BT) x channels BC."""
+    program_id(0)) from dx [N, C] contiguous: tokens [pid*SUB*BT, +SUB*BT) x channels BC. Each
+    tap reads dx shifted by i once, for du[t] (+= w * dx[t+i]) and dw (+= dx[t+i] * u[t])."""
     i_t, i_c = tl.program_id(0), tl.program_id(1)
     c = i_c * BC + tl.arange(0, BC)
     cm = c < C
@@ -154,29 +157,25 @@ def _conv_bwd_kernel(DX, U, Wt, DOC, DU, DWP, N, T, C, sub, sut, sdb, sdt, sw,
     dw = tl.zeros([BC, WP], dtype=tl.float32)
     for sb in range(SUB):
         rows = ((i_t * SUB + sb) * BT + tl.arange(0, BT)).to(tl.int64)
-        rm = rows < N
         b, t = rows // T, rows % T
-        m = rm[:, None] & cm[None, :]
-        dx0 = tl.load(DX + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        m = (rows < N)[:, None] & cm[None, :]
+        u = tl.load(U + (b * sub + t * sut)[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
         du = tl.zeros([BT, BC], dtype=tl.float32)
-        for i in tl.static_range(W):
+        for i in tl.static_range(W):  # the pairs (token t, token t+i) of one document
             w = tl.load(Wt + c * sw + (W - 1 - i), mask=cm, other=0.0).to(tl.float32)
-            later = _same_doc(DOC, rows, t, N, T, -i, HAS_DOC)                # token t+i
-            dxi = tl.load(DX + (rows + i)[:, None] * C + c[None, :], mask=m & later[:, None],
-                          other=0.0).to(tl.float32)
-            du += dxi * w[None, :]
-            earlier = _same_doc(DOC, rows, t, N, T, i, HAS_DOC)               # token t-i
-            u = tl.load(U + (b * sub + (t - i) * sut)[:, None] + c[None, :], mask=m & earlier[:, None],
-                        other=0.0).to(tl.float32)
-            dw += tl.where(tap[None, :] == W - 1 - i, tl.sum(dx0 * u, 0)[:, None], 0.0)
+            later = _same_doc(DOC, rows, t, N, T, -i, HAS_DOC)
+            dx = tl.load(DX + (rows + i)[:, None] * C + c[None, :], mask=m & later[:, None],
+                         other=0.0).to(tl.float32)                           # dx[t+i]
+            du += dx * w[None, :]
+            dw += tl.where(tap[None, :] == W - 1 - i, tl.sum(dx * u, 0)[:, None], 0.0)
         tl.store(DU + (b * sdb + t * sdt)[:, None] + c[None, :], du.to(DU.dtype.element_ty), mask=m)
     tl.store(DWP + i_t * C * W + c[:, None] * W + tap[None, :], dw, mask=cm[:, None] & (tap < W)[None, :])
 
 
-def _launch(kernel, N, H, K, V, *args, **meta):
+def _launch(kernel, N, H, K, V, *args, bt=BT, warps=None, **meta):
     BD = max(16, triton.next_power_of_2(max(K, V)))
-    kernel[(triton.cdiv(N, BT), 3 * H)](*args, K=K, V=V, BD=BD, BT=BT,
-                                       num_warps=4 if BD <= 128 else 8, **meta)
+    kernel[(triton.cdiv(N, bt), 3 * H)](*args, K=K, V=V, BD=BD, BT=bt,
+                                       num_warps=warps or (4 if BD <= 128 else 8), **meta)
 
 
 def _outputs(x, H, K, V):
@@ -234,7 +233,8 @@ class _ConvQKVActivation(torch.autograd.Function):
         q, k, v = _outputs(u, H, K, V)
         if B * T:
             _launch(_qkv_act_fwd_kernel, B * T, H, K, V, u, weight, u if doc is None else doc, q, k, v,
-                    B * T, T, H, u.stride(0), u.stride(1), weight.stride(0), EPS, W=W, HAS_DOC=doc is not None)
+                    B * T, T, H, u.stride(0), u.stride(1), weight.stride(0), EPS, W=W, HAS_DOC=doc is not None,
+                    bt=CONV_ACT_BT, warps=CONV_ACT_WARPS)
         ctx.save_for_backward(u, weight, doc)
         ctx.dims = (H, K, V, C, tuple(sections))
         offs = [C + sum(sections[:i]) for i in range(len(sections))]
@@ -257,7 +257,8 @@ class _ConvQKVActivation(torch.autograd.Function):
         if B * T:
             dx = torch.empty(B * T, C, device=u.device, dtype=u.dtype)
             _launch(_qkv_act_bwd_kernel, B * T, H, K, V, u, weight, docs, *g, dx, B * T, T, H, C,
-                    u.stride(0), u.stride(1), weight.stride(0), EPS, W=W, HAS_DOC=doc is not None, TWO=two)
+                    u.stride(0), u.stride(1), weight.stride(0), EPS, W=W, HAS_DOC=doc is not None, TWO=two,
+                    bt=CONV_ACT_BT, warps=CONV_ACT_WARPS)
             _conv_bwd_kernel[(n_prog, triton.cdiv(C, CONV_BC))](
                 dx, u, weight, docs, du, dw_part, B * T, T, C, u.stride(0), u.stride(1), du.stride(0),
                 du.stride(1), weight.stride(0), W=W, WP=triton.next_power_of_2(W), BT=CONV_BT, SUB=CONV_SUB,
