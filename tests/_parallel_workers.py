@@ -34,7 +34,7 @@ def _same_on_all_ranks(name, t, group=None):
 # ---------------------------------------------------------------------------- mixer (TP, SP)
 def _gdn_mixer_kernels_worker(rank, world):
     """One CUDA process: the GDN and HAM mixers in bf16 on their GPU kernels (model impl "auto":
-    the conv fused into our q/k/v activation kernels, fla's GDN, HAM's staircase) are as close to
+    fla's conv, our q/k/v activation kernels, fla's GDN, HAM's staircase) are as close to
     the fp32 mixer as the same bf16 mixer on the reference ops (impl "chunk"): forward and
     backward, on a batch of 2 rows with documents (the conv's flattened-batch path, the
     projection transposed from [s, b]). Wrong wiring (documents, strides, the in-projection's
@@ -46,7 +46,7 @@ def _gdn_mixer_kernels_worker(rank, world):
     before the verdict."""
     from megatron_ham import distributed as D
     from megatron_ham.models import document_forward_kwargs
-    from megatron_ham.ops.gdn_activations import conv_qkv_impl
+    from megatron_ham.ops.short_conv import conv_impl
 
     D.initialize(tp=1, seed=11, backend="nccl")
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -58,7 +58,7 @@ def _gdn_mixer_kernels_worker(rank, world):
     docs = document_forward_kwargs(tokens, 0, dev)  # boundaries on the GPU, their host copy kept
     dims = dict(hidden_size=h, mixer_num_heads=2, mixer_key_head_dim=64, mixer_value_head_dim=64,
                 fusions="off")
-    assert conv_qkv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "triton"
+    assert conv_impl(torch.zeros(1, 1, 1, device=dev, dtype=torch.bfloat16)) == "fla"
     bad = []
     for kind, router in (("gdn", "error_l2"), ("ham", "random")):
         m = _build_mixer(kind, router, False, dev, dtype="bf16", **dims)

@@ -35,8 +35,8 @@ def test_mixer_tp2_matches_tp1_nccl():
 
 @pytest.mark.gpu
 def test_gdn_mixer_gpu_kernels_match_reference_ops():
-    """The GDN and HAM mixers' wiring of the GPU kernels (our conv + q/k/v activations with
-    documents over a batch of rows, fla's GDN, the staircase) is as close to the fp32 mixer as
+    """The GDN and HAM mixers' wiring of the GPU kernels (fla's conv with documents over a
+    batch of rows, our q/k/v activations, fla's GDN, the staircase) is as close to the fp32 mixer as
     the reference ops in bf16."""
     run_world(_gdn_mixer_kernels_worker, 1)
 

@@ -1,6 +1,6 @@
-"""qkv_activations and conv_qkv_activations: the SiLU + per-head L2 norm of the conv's q, k, v
-(the latter with the conv). Our Triton kernels (megatron_ham.kernels.qkv_activation) on the CPU
-under Triton's interpreter against the reference; the dispatch and its errors. The GPU parity test is in tests/test_kernels_gpu.py."""
+"""qkv_activations: the SiLU + per-head L2 norm of the conv's q, k, v. Our Triton kernels
+(megatron_ham.kernels.qkv_activation) on the CPU under Triton's interpreter against the
+reference; the dispatch and its errors. The GPU parity test is in tests/test_kernels_gpu.py."""
 from __future__ import annotations
 
 import pytest
@@ -13,11 +13,6 @@ from megatron_ham.ops.gdn_activations import decay_and_beta, gdn_activations, qk
 
 def test_qkv_kernels_under_triton_interpreter():
     run_interpreted("_qkv_activation_interp_worker.py")
-
-
-def test_conv_qkv_kernels_under_triton_interpreter():
-    """The conv fused into the activation kernels, and its backward (tests/_conv_qkv_interp_worker.py)."""
-    run_interpreted("_conv_qkv_interp_worker.py")
 
 
 def test_halves_are_the_whole_and_the_dispatch():

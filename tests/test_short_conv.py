@@ -81,30 +81,18 @@ def test_short_sequences_and_bad_input():
         causal_conv_silu(x, w, torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_conv_qkv_activations_is_the_conv_then_the_activations():
-    """ops.conv_qkv_activations (what the mixers run) == causal_conv_silu(silu=False) then
-    qkv_activations(silu=True), with documents; the other sections come back as views of u (no
-    copy); bad shapes and impls are refused by name."""
-    from megatron_ham.ops.gdn_activations import conv_qkv_activations, conv_qkv_impl, qkv_activations
+def test_mixer_reads_qkv_as_one_view_of_the_projection():
+    """The mixers split the fused projection once, q, k, v as one view (no concatenation)."""
+    from megatron_ham.layers.gdn_mixer import GDNMixer
 
-    g = torch.Generator().manual_seed(3)
-    H, K, V, W = 2, 4, 3, 4
-    C = H * (2 * K + V)
-    u = torch.randn(2, 9, C + 5, generator=g, dtype=torch.float64)
-    w = torch.randn(C, W, generator=g, dtype=torch.float64)
-    doc = torch.tensor([[0] * 4 + [1] * 5, [2] * 9])
-    out = conv_qkv_activations(u, w, H, K, V, doc=doc, branches=2, sections=[3, 2])
-    pre = causal_conv_silu(u[..., :C], w, doc, silu=False)
-    for a, b in zip(out[:6], qkv_activations(pre, H, K, V, silu=True) * 2):
-        torch.testing.assert_close(a, b)
-    assert out[6].data_ptr() == u[..., C:].data_ptr() and torch.equal(out[7], u[..., C + 3:])
-    assert conv_qkv_impl(u) == "reference"  # CPU
-    with pytest.raises(ValueError, match=r"u must have shape .*H\*\(2K\+V\)\+sum\(sections\)"):
-        conv_qkv_activations(u, w, H, K, V, sections=[3])
-    with pytest.raises(ValueError, match="weight"):
-        conv_qkv_activations(u, w[1:], H, K, V, sections=[5])
-    with pytest.raises(ValueError, match="impl='triton' needs CUDA bf16/fp16 u"):
-        conv_qkv_activations(u, w, H, K, V, sections=[5], impl="triton")
+    class Fake:  # just what _split_sections reads
+        section_names = lambda self, p: ["q", "k", "v", "z", "beta", "a"]  # noqa: E731
+        local_widths = lambda self, p: [4, 4, 6, 6, 2, 2]  # noqa: E731
+    proj = torch.randn(2, 5, 24)
+    parts = GDNMixer._split_sections(Fake(), proj)
+    assert list(parts) == ["qkv", "z", "beta", "a"]
+    assert parts["qkv"].data_ptr() == proj.data_ptr() and parts["qkv"].shape[-1] == 14
+    torch.testing.assert_close(parts["a"], proj[..., 22:])
 
 
 def test_boundaries_equal_document_ids_and_bad_documents():

@@ -17,19 +17,12 @@ ham_800m: 12 heads x (2 x 128 + 128) channels, kernel 4, bf16, two documents in 
                    (fla's backward then neither recomputes the conv nor re-reads it at every tap)
   *_pre+act_triton the same with our Triton SiLU + norm kernels for q, k, v (ops.gdn_activations.
                    qkv_activations impl "triton") and the compiled decay and beta
-  conv_fla_pre     the conv alone (silu=False) on fla's kernels (with +act_triton: the mixers'
-                   whole front end until 2026-12-04)
-  front_split      HAM's front end as the mixers ran it until 2026-12-04: the in-projection's
-                   output split into views (torch.split), fla's conv (silu=False), our q/k/v
-                   kernels with two branches, the compiled decay and beta; every section used, so
-                   the backward concatenates the in-projection's gradient (the baseline)
-  front_fused      what the mixers run now: ops.gdn_activations.conv_qkv_activations impl
-                   "triton" (the conv inside our q/k/v kernels, the gradient in one buffer), the
-                   same outputs and losses
+  conv_fla_pre     the conv alone (silu=False) on fla's kernels: what the mixers run (with
+                   +act_triton: the mixers' whole front end)
 Each row's ratio is against the baseline of its kind (the last column names it).
 
     python tools/bench_short_conv.py --T 16384 --json $OUT/short_conv.json
-    python tools/bench_short_conv.py --profile     # also the conv_fla_pre and front_* rows' kernels
+    python tools/bench_short_conv.py --profile     # also the conv_fla_pre row's kernels
 """
 from __future__ import annotations
 
@@ -57,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", type=str, default=None, help="write the rows to this JSON file")
     p.add_argument("--profile", action="store_true",
-                   help="also the CUDA kernels of the conv_fla_pre and front_* rows (torch.profiler, ms per call)")
+                   help="also the CUDA kernels of the conv_fla_pre row (torch.profiler, ms per call)")
     return p.parse_args(argv)
 
 
@@ -66,7 +59,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_short_conv.py needs a CUDA GPU")
     from megatron_ham.layers.gdn_mixer import activations_recomputed
-    from megatron_ham.ops.gdn_activations import conv_qkv_activations, decay_and_beta, gdn_activations, qkv_activations
+    from megatron_ham.ops.gdn_activations import decay_and_beta, gdn_activations, qkv_activations
     from megatron_ham.ops.short_conv import causal_conv_silu
 
     dev = torch.device("cuda")
@@ -82,7 +75,7 @@ def main(argv=None):
     for T in args.T:
         torch.manual_seed(T)
         # the projection's output [1, T, q k v | z | beta a]: the conv reads a strided view of it
-        proj = torch.randn(1, T, C + H * V + 4 * H, device=dev).bfloat16().requires_grad_()
+        proj = torch.randn(1, T, C + H * V + 2 * H, device=dev).bfloat16().requires_grad_()
         w = (torch.randn(C, W, device=dev) / 2).bfloat16().requires_grad_()
         A_log, dt_bias = torch.rand(H, device=dev).add(1).log(), torch.rand(H, device=dev)
         cut = T // 3
@@ -99,7 +92,7 @@ def main(argv=None):
                 conv(proj[..., :C]).backward(dy)
 
             def step_act(conv=conv):
-                a, beta = proj[..., C + H * V: C + H * V + H], proj[..., C + H * V + H: C + H * V + 2 * H]
+                a, beta = proj[..., C + H * V: C + H * V + H], proj[..., C + H * V + H:]
                 q, k, v, g, b = act_c(conv(proj[..., :C]), a, beta, A_log, dt_bias, H, K, V)
                 (q.float().sum() + k.float().sum() + v.float().sum() + g.sum() + b.sum()).backward()
 
@@ -130,34 +123,12 @@ def main(argv=None):
         }
         for name, (conv, act) in pre_rows.items():
             def step_pre(conv=conv, act=act):
-                a, beta = proj[..., C + H * V: C + H * V + H], proj[..., C + H * V + H: C + H * V + 2 * H]
+                a, beta = proj[..., C + H * V: C + H * V + H], proj[..., C + H * V + H:]
                 q, k, v, g, b = act(conv(proj[..., :C]), a, beta)
                 (q.float().sum() + k.float().sum() + v.float().sum() + g.sum() + b.sum()).backward()
 
             ms, peak, _ = time_fwd_bwd(step_pre, [proj, w], args.warmup, args.iters)
             rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak, base="conv_compiled_pre+act"))
-        # HAM's whole front end, the in-projection's output split as the mixers do
-        widths = [C, H * V, H, H, H, H]  # q k v | z | beta a gate_rnn gate_kv
-
-        def front(fused):
-            if fused:
-                outs = conv_qkv_activations(proj, w, H, K, V, doc=doc, branches=2, sections=widths[1:],
-                                            impl="triton")
-                qkv, (z, beta, a, g1, g2) = outs[:6], outs[6:]
-            else:
-                x, z, beta, a, g1, g2 = torch.split(proj, widths, dim=-1)
-                qkv = qkv_activations(conv_pre_fla(x), H, K, V, silu=True, impl="triton", branches=2)
-            g, b = db_c(a, beta, A_log, dt_bias)
-            loss = sum(t.float().sum() * (i + 1) for i, t in enumerate(qkv))
-            (loss + z.float().sum() + g1.float().sum() + g2.float().sum() + g.sum() + b.sum()).backward()
-
-        for name, fused in (("front_split", False), ("front_fused", True)):
-            ms, peak, _ = time_fwd_bwd(lambda fused=fused: front(fused), [proj, w], args.warmup, args.iters)
-            rows.append(dict(name=name, T=T, C=C, ms=ms, peak_mib=peak, base="front_split"))
-            if args.profile:
-                from bench_norm_mlp import kernel_table  # tools/, this script's directory
-
-                rows[-1]["kernels"] = kernel_table(lambda fused=fused: front(fused), [proj, w])
         mine = [r for r in rows if r["T"] == T]
         ms_of = {r["name"]: r["ms"] for r in mine}
         print(f"\nT = {T}: fwd+bwd ms, ratio to the baseline of the same row kind")

@@ -14,7 +14,7 @@ Heads are split over the tensor-parallel (TP) ranks: H_l = num_heads / tp per ra
            [H_l*V], beta [H_l], a (decay) [H_l] (HAMMixer appends gate_rnn [H_l], gate_kv [H_l]).
            Under SP it all-gathers the sequence.
   conv1d   depthwise causal conv (kernel conv_kernel) + SiLU over this rank's q, k, v channels
-           (computed with the activations, see _conv_activations)
+           (the SiLU applied with the activations, see _conv)
            (weight [C_l, 1, kernel], C_l = H_l*(2K+V)); it does not cross document boundaries.
   A_log, dt_bias  [H_l]: g = -exp(A_log) * softplus(a + dt_bias) (log decay), beta = sigmoid(.)
   norm weight [V] replicated: gated per-head RMSNorm; its gradient is all-reduced over TP in
@@ -49,8 +49,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ham.ops.combine import gated_rms_norm
-from megatron_ham.ops.gdn_activations import conv_qkv_activations, conv_qkv_impl, decay_and_beta, gdn_activations
-from megatron_ham.ops.short_conv import causal_conv_silu
+from megatron_ham.ops.gdn_activations import decay_and_beta, gdn_activations, qkv_activations, qkv_impl
+from megatron_ham.ops.short_conv import causal_conv_silu, conv_impl
 
 from .documents import cached_document_ids, document_cu_seqlens, host_cu_seqlens
 from .fusion import maybe_compiled
@@ -106,9 +106,6 @@ class GDNMixer(SectionedMixer):
             raise ValueError("HAM/GDN mixers: context_parallel_size must be 1")
         self.H, self.K, self.V = c.mixer_num_heads, c.mixer_key_head_dim, c.mixer_value_head_dim
         self.H_l = self.units_local
-        if self.section_names("in_proj.weight")[:3] != ["q", "k", "v"]:
-            raise ValueError(f"{type(self).__name__}: the layer kind's in_proj sections must start with q, k, v "
-                             f"(the conv's input, one view), got {self.section_names('in_proj.weight')}")
         self.conv_kernel = c.conv_kernel
         self.conv_init = c.conv_init
         self.norm_eps = float(c.mixer_norm_eps)
@@ -209,44 +206,62 @@ class GDNMixer(SectionedMixer):
         s, b = proj.shape[:2]
         cu = document_cu_seqlens(packed_seq_params, b, s)
         proj = proj.transpose(0, 1)  # [b, s, D_l]
-        doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, proj.device)
-        out, parts = self._conv_activations(proj, doc)  # q, k, v (, q2, k2, v2), g, beta; the other sections
+        parts = self._split_sections(proj)  # views; "qkv" one view when q, k, v are adjacent
+        qkv = parts.pop("qkv", None)
+        if qkv is None:
+            qkv = torch.cat([parts["q"], parts["k"], parts["v"]], dim=-1)
+        qkv = self._conv(qkv, cu, packed_seq_params)  # the pre-activation: SiLU in the next line
+        out = self._activations(qkv, parts["a"], parts["beta"])  # q, k, v, g, beta (, q2, k2, v2)
         if "z" in parts:  # the output gate (model.output_gate "silu")
             out["z"] = parts["z"].reshape(b, s, self.H_l, self.V)
         for name in parts:
-            if name not in ("z", "beta", "a"):
+            if name not in ("q", "k", "v", "z", "beta", "a"):
                 out[name] = parts[name]
         if cu is not None:  # documents: one row [1, b*s] with cu_seqlens
             out = {n: t.reshape((1, b * s) + t.shape[2:]) for n, t in out.items()}
         return out, cu, s, b
 
-    def _conv_activations(self, proj: torch.Tensor, doc: Optional[torch.Tensor]):
-        """The short conv + SiLU + q/k norms of the in-projection's q, k, v [b, s, D_l]
-        (doc: document ids [b, s] or None), and the decay and beta -> (dict q, k, v, g, beta, and
-        q2, k2, v2 (the same values, a copy per reader) when qkv_branches is 2; dict of the other
-        sections, views of proj).
-        Where the Triton kernels run (impl auto/fla; ops.conv_qkv_impl): one op, the conv
-        computed inside the activation kernels and proj's gradient written in one buffer.
-        Elsewhere the reference conv, then the activations recomputed in backward
-        (activations_recomputed), both compiled with the fusions."""
-        names, widths = self.section_names("in_proj.weight"), self.local_widths("in_proj.weight")
+    def _conv(self, qkv: torch.Tensor, cu: Optional[torch.Tensor], packed_seq_params):
+        """The causal short conv of q, k, v [b, s, C_l], WITHOUT its SiLU (_activations applies
+        it with the q/k norms: fla's backward would otherwise recompute the conv and re-read it
+        at every tap): fla's Triton kernel where it runs (ops.short_conv.conv_impl;
+        documents as the boundaries of the flattened batch), else the reference, compiled with
+        the fusions (documents as ids)."""
         w = self.conv1d.weight[:, 0, :]  # [C_l, kernel]; tap kernel-1 is the current token
-        qkv_names = ("q", "k", "v", "q2", "k2", "v2")[:3 * self.qkv_branches]
-        kernels = "auto" if self.impl in ("auto", "fla") else "reference"
-        if conv_qkv_impl(proj, kernels) == "triton":
-            outs = conv_qkv_activations(proj, w, self.H_l, self.K, self.V, doc=doc,
-                                        branches=self.qkv_branches, sections=widths[3:], impl="triton")
-            n = len(qkv_names)
-            out, parts = dict(zip(qkv_names, outs[:n])), dict(zip(names[3:], outs[n:]))
-            out["g"], out["beta"] = self._fused(decay_and_beta)(parts["a"], parts["beta"], self.A_log,
-                                                                self.dt_bias)
-            return out, parts
-        qkv, *rest = torch.split(proj, [sum(widths[:3])] + widths[3:], dim=-1)  # views, q, k, v as one
-        parts = dict(zip(names[3:], rest))
-        qkv = self._fused(causal_conv_silu)(qkv, w, doc, impl="reference", silu=False)
-        q, k, v, g, beta = self._fused(activations_recomputed)(qkv, parts["a"], parts["beta"], self.A_log,
-                                                               self.dt_bias, self.H_l, self.K, self.V)
-        return dict(zip(qkv_names, (q, k, v) * self.qkv_branches), g=g, beta=beta), parts
+        b, s, c = qkv.shape
+        if conv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "reference":
+            doc = None if cu is None else cached_document_ids(packed_seq_params, b, s, qkv.device)
+            return self._fused(causal_conv_silu)(qkv, w, doc, impl="reference", silu=False)
+        if cu is None:
+            return causal_conv_silu(qkv, w, impl="fla", silu=False)
+        return causal_conv_silu(qkv.reshape(1, b * s, c), w, cu_seqlens=cu, impl="fla", silu=False,
+                                cu_seqlens_cpu=host_cu_seqlens(packed_seq_params)).view(b, s, c)
+
+    def _activations(self, qkv: torch.Tensor, a: torch.Tensor, beta_logit: torch.Tensor) -> dict:
+        """SiLU + norms of the conv's pre-activation qkv [b, s, C_l], and the decay and beta
+        (ops.gdn_activations) -> dict q, k, v, g, beta, and q2, k2, v2 (the same values, a copy
+        per reader) when qkv_branches is 2: our Triton kernels for q, k, v where they run (impl
+        auto/fla; ops.qkv_activations), the decay and beta compiled with the fusions; elsewhere
+        the reference, recomputed in backward (activations_recomputed), compiled with the fusions."""
+        if qkv_impl(qkv, "auto" if self.impl in ("auto", "fla") else "reference") == "triton":
+            qkv_out = qkv_activations(qkv, self.H_l, self.K, self.V, silu=True, impl="triton",
+                                      branches=self.qkv_branches)
+            g, beta = self._fused(decay_and_beta)(a, beta_logit, self.A_log, self.dt_bias)
+        else:
+            q, k, v, g, beta = self._fused(activations_recomputed)(qkv, a, beta_logit, self.A_log, self.dt_bias,
+                                                                   self.H_l, self.K, self.V)
+            qkv_out = (q, k, v) * self.qkv_branches
+        names = ("q", "k", "v", "q2", "k2", "v2")[:len(qkv_out)]
+        return dict(zip(names, qkv_out), g=g, beta=beta)
+
+    def _split_sections(self, proj: torch.Tensor) -> dict:
+        """The in-projection's sections as views of proj (one torch.split, so the backward
+        writes proj's gradient in one concatenation). q, k, v adjacent in that order come out
+        as ONE view "qkv" (the conv's input, read in place: no concatenation either way)."""
+        names, widths = self.section_names("in_proj.weight"), self.local_widths("in_proj.weight")
+        if names[:3] == ["q", "k", "v"]:
+            names, widths = ["qkv"] + names[3:], [sum(widths[:3])] + widths[3:]
+        return dict(zip(names, torch.split(proj, widths, dim=-1)))
 
     def _norm_weight(self) -> torch.Tensor:
         return all_reduce_backward(self.norm_weight, self.tp_group)

@@ -7,20 +7,19 @@
 
 Layout `[B,T,...]`, H = this tensor-parallel rank's heads. Used by the Megatron mixers
 (megatron_ham.layers) and the exported Hugging Face model alike. :func:`gdn_activations` is the
-whole step; the mixers run its two halves: :func:`conv_qkv_activations` (the short conv and
-:func:`qkv_activations` in one op; on CUDA our Triton kernels, megatron_ham.kernels.qkv_activation,
-``impl="auto"``) and :func:`decay_and_beta`.
+whole step; the mixers run its two halves, :func:`qkv_activations` (on CUDA with ``silu=True``:
+our Triton kernels, megatron_ham.kernels.qkv_activation, ``impl="auto"``) and
+:func:`decay_and_beta`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_tensor
 from ._kernels import load_kernels, resolve_kernel_impl
-from .short_conv import causal_conv_silu
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -64,47 +63,6 @@ def qkv_impl(qkv: torch.Tensor, impl: str = "auto", silu: bool = True) -> str:
     return resolve_kernel_impl(
         "qkv_activations", impl, IMPLS, "triton", runnable, "qkv_activation",
         f"CUDA bf16/fp16 qkv and silu=True; qkv is {qkv.dtype} on {qkv.device}, silu={silu}")
-
-
-def conv_qkv_activations(u: torch.Tensor, weight: torch.Tensor, H: int, K: int, V: int,
-                         doc: Optional[torch.Tensor] = None, branches: int = 1,
-                         sections: Sequence[int] = (), impl: str = "auto") -> Tuple[torch.Tensor, ...]:
-    """The short conv and :func:`qkv_activations` in one op, on the in-projection's output:
-    ``qkv_activations(causal_conv_silu(u_qkv, weight, doc, silu=False), H, K, V, silu=True,
-    branches=branches)``, then u's other sections.
-
-    u ``[B,T,H*(2K+V) + sum(sections)]``: q, k, v's conv inputs (``u_qkv``, the first
-    H*(2K+V) columns), then sections of the widths ``sections``; weight ``[H*(2K+V),W]`` (tap
-    W-1 the current token); doc int ``[B,T]`` document ids (None = one document per row).
-    Returns q, k ``[B,T,H,K]``, v ``[B,T,H,V]`` (``branches`` times, as qkv_activations), then
-    one ``[B,T,width]`` view of u per section. ``impl``: "reference" (the two ops above, u split
-    with torch.split), "triton" (our kernels, CUDA bf16/fp16: the conv computed inside the
-    activation kernels, and u's gradient written in one buffer), "auto" (triton where it runs,
-    :func:`conv_qkv_impl`)."""
-    C = H * (2 * K + V)
-    sections = [int(w) for w in sections]
-    check_tensor("u", u, [None, None, C + sum(sections)], "[B,T,H*(2K+V)+sum(sections)]")
-    check_tensor("weight", weight, [C, None], "[H*(2K+V),W]")
-    if doc is not None:
-        check_tensor("doc", doc, list(u.shape[:2]), "[B,T]", floating=False)
-    if branches not in (1, 2):
-        raise ValueError(f"conv_qkv_activations: branches must be 1 or 2, got {branches!r}")
-    if conv_qkv_impl(u, impl) == "triton":
-        return load_kernels("qkv_activation").conv_qkv_activations_triton(
-            u, weight.contiguous(), H, K, V, doc, branches, sections)
-    u_qkv, *rest = torch.split(u, [C] + sections, dim=-1)
-    x = causal_conv_silu(u_qkv, weight, doc, silu=False, impl="reference")
-    return qkv_activations(x, H, K, V, silu=True, impl="reference", branches=branches) + tuple(rest)
-
-
-def conv_qkv_impl(u: torch.Tensor, impl: str = "auto") -> str:
-    """The implementation :func:`conv_qkv_activations` runs: THE single dispatch point. "auto"
-    is "triton" for CUDA bf16/fp16 u when megatron_ham.kernels.qkv_activation imports, else
-    "reference"; "triton" asked for where it cannot run raises ValueError."""
-    runnable = u.is_cuda and u.dtype in (torch.bfloat16, torch.float16)
-    return resolve_kernel_impl(
-        "conv_qkv_activations", impl, IMPLS, "triton", runnable, "qkv_activation",
-        f"CUDA bf16/fp16 u; u is {u.dtype} on {u.device}")
 
 
 def _qkv_reference(qkv, H: int, K: int, V: int, silu: bool):
