@@ -229,7 +229,7 @@ def test_profile_step_cpu(tmp_path):
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), TINY, "--set", "model.num_layers=1",
            "model.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
-           "--steps", "1", "--warmup", "1", "--host", "--out", str(out)]
+           "--steps", "1", "--warmup", "1", "--host", "--sites", "--out", str(out)]
     p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads(out.read_text())
@@ -262,6 +262,13 @@ def test_profile_step_cpu(tmp_path):
     assert s["host"]["host_ms"] > 0 and len(fns) == 25 and "host functions of one more step" in p.stdout
     assert all(a[1] >= b[1] for a, b in zip(fns, fns[1:])) and all(calls >= 1 for _, _, calls in fns)
     assert sum(ms for _, ms, _ in fns) <= s["host"]["host_ms"] * 1.01
+    # --sites: one more step's launches (CPU: leaf operator calls) by operator and call site, most
+    # first; the sites are the project's own frames (the mixers' and layers' lines), not torch's
+    ls = s["launch_sites"]
+    assert len(ls) == 40 and all(a[2] >= b[2] for a, b in zip(ls, ls[1:])) and "by operator and call site" in p.stdout
+    assert all(n >= 1 and ms >= 0 for _, _, n, ms in ls)
+    assert any(op.startswith("aten::") and "megatron_ham/" in site for op, site, _, _ in ls), ls[:5]
+    assert not any("/torch/" in site for _, site, _, _ in ls)
     bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
 

@@ -27,6 +27,10 @@ with overlapping streams (communication beside compute) the categories can sum p
 With --host, one more step runs under cProfile (autograd's backward on the calling thread, so its
 Python is profiled too) and the Python functions with most own host time are listed: where the
 host spends a step when the GPU idles waiting for it (the Transformer recipe, 2026-12-03).
+With --sites, one more step runs under the profiler with Python stacks (with_stack=True) and the
+launches (CUDA: kernels, memsets, copies; CPU: leaf operator calls) are counted by launching
+operator and call site (the innermost frames outside torch): where the ~3,300 launches of a
+ham_800m micro-batch come from.
 With --sync-debug, one more step runs under torch.cuda.set_sync_debug_mode("warn") and the
 calls that made the host wait for the GPU (.item(), .tolist(), nonzero, ...) are counted by
 call site: each one drains the GPU's queue, so the host's Python after it shows up as GPU idle
@@ -166,8 +170,8 @@ def idle_activity(cpu_events, idle: List[Tuple[float, float]], top: int = 8) -> 
             "intervals": len(idle), "over_1ms": sum(1 for a, b in idle if b - a >= 1000)}
 
 
-def _device_items(events, device) -> List[Tuple[str, float, List[str]]]:
-    """(kernel name, us, names of the operators that launched it) of every device event.
+def _launches(events, device) -> List[Tuple[str, float, object]]:
+    """(kernel name, us, the CPU event that launched it or None) of every device event.
 
     torch >= 2.12 links a device event to its launching CPU event (`linked_correlation_id`);
     older versions (2.11 on the GPU machine) only list each CPU event's kernels
@@ -179,13 +183,66 @@ def _device_items(events, device) -> List[Tuple[str, float, List[str]]]:
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     if hasattr(device[0], "linked_correlation_id"):
         cpu_by_id = {e.id: e for e in cpu if e.id > 0}
-        return [(e.name, e.time_range.elapsed_us(), _parents(cpu_by_id.get(e.linked_correlation_id)))
-                for e in device]
-    items = [(k.name, float(k.duration), _parents(e)) for e in cpu for k in e.kernels]
+        return [(e.name, e.time_range.elapsed_us(), cpu_by_id.get(e.linked_correlation_id)) for e in device]
+    items = [(k.name, float(k.duration), e) for e in cpu for k in e.kernels]
     rest = sum(e.time_range.elapsed_us() for e in device) - sum(us for _, us, _ in items)
     if rest > 0:
-        items.append(("(unattributed)", rest, []))
+        items.append(("(unattributed)", rest, None))
     return items
+
+
+def _device_items(events, device) -> List[Tuple[str, float, List[str]]]:
+    """(kernel name, us, names of the operators that launched it) of every device event."""
+    return [(name, us, _parents(e)) for name, us, e in _launches(events, device)]
+
+
+_PY = re.compile(r"\.py\(\d+\): |^<built-in ")  # the profiler's Python events (with_stack=True)
+
+
+def _site_and_op(e, frames: int = 3) -> Tuple[str, Optional[str]]:
+    """Where CPU event `e` was called from and the outermost operator above it before Python.
+
+    With `with_stack=True` the profiler records Python calls as events of their own
+    ("megatron_ham/layers/ham_mixer.py(120): forward", "<built-in method zeros ...>"), parents of
+    the operators they ran. The site is the innermost `frames` of them outside torch (and Python's
+    built-ins), as 'file(line): function <- ...'; the operator is the outermost non-Python event
+    between `e` and its first Python caller (aten::zeros rather than the aten::fill_ it ran, an
+    autograd node in backward)."""
+    op, own = None, []
+    while e is not None and len(own) < frames:
+        if _PY.search(e.name):
+            if not e.name.startswith("<built-in ") and "torch/" not in e.name:
+                own.append(e.name.replace(REPO + os.sep, "").split("site-packages/")[-1])
+        elif not own and not re.match(r"cuda[A-Z]|cu[A-Z]", e.name):  # not the runtime call itself
+            op = e.name
+        e = e.cpu_parent
+    return " <- ".join(own) or "(no Python caller)", op
+
+
+def launch_sites(events, steps: int, top: int = 40) -> List[list]:
+    """[operator, call site, launches per step, device ms per step] of the `top` most frequent
+    (operator, site) pairs: where a launch-bound step's kernels, memsets and copies come from.
+    CUDA: each device event, by the operator nearest above its runtime call (`_site_and_op`; a
+    Triton kernel launched from Python: its own name); CPU: each leaf operator call."""
+    from torch.autograd import DeviceType
+
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    found = []
+    if device:
+        for name, us, e in _launches(events, device):
+            site, op = _site_and_op(e)
+            found.append((op or name, site, us))
+    else:
+        for e in events:
+            if e.device_type == DeviceType.CPU and not e.is_async and not e.cpu_children and not _PY.search(e.name):
+                found.append((e.name, _site_and_op(e)[0], e.self_cpu_time_total))
+    by: Dict[Tuple[str, str], List[float]] = {}
+    for op, site, us in found:
+        n_us = by.setdefault((op, site), [0, 0.0])
+        n_us[0] += 1
+        n_us[1] += us
+    rows = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
+    return [[op[:60], site, n / steps, us / 1e3 / steps] for (op, site), (n, us) in rows]
 
 
 def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
@@ -343,7 +400,7 @@ def host_functions(run, top: int = 25, calls: int = 1) -> dict:
 
 def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: str,
             trace: Optional[str] = None, sync_debug: bool = False, top: int = 5,
-            host: bool = False) -> dict:
+            host: bool = False, sites: bool = False) -> dict:
     """Set up the recipe as ham-train does, run `warmup` steps, profile `steps` steps."""
     import warnings
 
@@ -353,8 +410,8 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
     from megatron_ham.training import compile_cache
     from megatron_ham.training.config import load_config
 
-    # warm-up, profiled, unprofiled and (--sync-debug, --host) one more each: the schedule covers them all
-    forced = measurement_overrides(work, warmup + 2 * steps + 2) + ["logging.log_kv_layers=false"]
+    # warm-up, profiled, unprofiled and (--sync-debug, --host, --sites) one more each: the schedule covers them all
+    forced = measurement_overrides(work, warmup + 2 * steps + 3) + ["logging.log_kv_layers=false"]
     cfg = load_config(recipe, [*overrides, *forced])
     cache = compile_cache.configure(cfg.train.compile_cache_dir, cfg.train.compile_cache_local)
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
@@ -398,6 +455,11 @@ def profile(recipe: str, overrides: List[str], steps: int, warmup: int, work: st
             summary["synchronizing_calls"] = synchronizing_calls(lambda: train_step(tr))
         if host:
             summary["host"] = host_functions(lambda: (train_step(tr), sync()))
+        if sites:  # Python stacks slow the host further: a step of its own, not the timed ones
+            with torch_profile(activities=acts, with_stack=True) as prof:
+                train_step(tr)
+                sync()
+            summary["launch_sites"] = launch_sites(prof.events(), 1, top=max(top, 40))
     finally:
         tr.log.close()
         dist.destroy_process_group()
@@ -458,6 +520,10 @@ def main(argv=None) -> int:
                     help="run one more step under cProfile (backward on the calling thread) and list "
                          "the Python functions with most own host time: what keeps the host busy "
                          "when the GPU idles")
+    ap.add_argument("--sites", action="store_true",
+                    help="run one more step under the profiler with Python stacks and list the most "
+                         "frequent launches (kernels, memsets, copies; CPU: operator calls) by "
+                         "launching operator and call site: where a launch-bound step's launches come from")
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="profile git revision REV the same way first, then compare (one process only)")
     args = ap.parse_args(argv)
@@ -483,7 +549,7 @@ def main(argv=None) -> int:
                     print(f"profile_step: {e}", file=sys.stderr)
                     return 2
             s = profile(args.recipe, args.set, args.steps, args.warmup, work, args.trace, args.sync_debug,
-                        top=args.top, host=args.host)
+                        top=args.top, host=args.host, sites=args.sites)
     except ConfigError as e:
         print(f"profile_step: config error: {e}", file=sys.stderr)
         return 2
@@ -506,6 +572,11 @@ def main(argv=None) -> int:
               f"cProfile's overhead included), most own time first:")
         for name, ms, calls in hs["functions"]:
             print(f"  {ms:9.2f} ms  {calls:7d} calls  {name[:100]}")
+    ls = s.get("launch_sites")
+    if ls is not None:
+        print("\nlaunches of one more step by operator and call site (per step, device ms), most first:")
+        for op, site, n, ms in ls:
+            print(f"  {n:7.0f}  {ms:8.2f} ms  {op[:40]:<40}  {site[:150]}")
     if before is not None:
         from compare_profiles import compare
 
