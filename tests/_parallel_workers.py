@@ -556,6 +556,80 @@ def _wgrad_fusion_worker(rank, world, device_kind):
         raise AssertionError(f"main_grad differs with the fusion: {bad}")
 
 
+def _batched_grad_adds_worker(rank, world, device_kind):
+    """One process: the training loop's DDP (training/ddp.py, the small parameters' main_grad
+    adds of a backward pass batched into one callback) gives, bitwise, the main_grad of
+    megatron-core's own DistributedDataParallel over two accumulated micro-batches (no_sync) and
+    a last one (outside no_sync: overlap_grad_reduce's path), for every parameter; under no_sync
+    its backward adds with multi-tensor adds, Megatron's with one add_ per parameter."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core import tensor_parallel
+    from torch.profiler import profile as torch_profile
+
+    from megatron_ham import distributed as D
+    from megatron_ham.models import build_model
+    from megatron_ham.training.config import load_config
+    from megatron_ham.training.ddp import BatchedGradDDP
+    from megatron_ham.training.loop import build_model_chunks
+
+    cuda = device_kind == "cuda"
+    D.initialize(tp=1, seed=3, backend="nccl" if cuda else "gloo")
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny_cpu.yaml")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(1, 8000, (2, 129), generator=g) for _ in range(3)]
+    cfg = load_config(recipe, ["model.dtype=" + ("bf16" if cuda else "fp32"), "model.fusions=off",
+                               "model.impl=chunk", "model.scratchpad_impl=reference",
+                               "train.gradient_accumulation_fusion=off"])
+    cfg.model.use_cpu_initialization = not cuda
+
+    def seeded():
+        torch.manual_seed(0)
+        if cuda:
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+
+    seeded()
+    (ours,) = build_model_chunks(cfg)
+    if not isinstance(ours, BatchedGradDDP):
+        raise AssertionError(f"the training loop wraps its model in {type(ours).__name__}")
+    seeded()
+    m = build_model(cfg.model, pre_process=True, post_process=True)
+    m.to(dev)
+    ref = DistributedDataParallel(config=m.config, module=m, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=False))
+    grads, adds = {}, {}
+    for name, chunk in (("ours", ours), ("megatron", ref)):
+        chunk.zero_grad_buffer()
+
+        def step(tokens):
+            tokens = tokens.to(dev)
+            pos = torch.arange(128, device=dev).expand(2, 128)
+            loss = chunk(tokens[:, :-1].contiguous(), pos, None, labels=tokens[:, 1:].contiguous())
+            loss.float().mean().backward()
+
+        with chunk.no_sync():
+            step(batches[0])
+            with torch_profile() as prof:
+                step(batches[1])
+        step(batches[2])  # the last micro-batch: the buckets reduce as their grads become ready
+        chunk.finish_grad_sync()
+        events = prof.events()  # the add_ a multi-tensor add runs per tensor on the CPU not counted
+        adds[name] = (sum(e.name == "aten::_foreach_add_" for e in events),
+                      sum(e.name == "aten::add_" and not (e.cpu_parent and "foreach" in e.cpu_parent.name)
+                          for e in events))
+        grads[name] = {n: p.main_grad.detach().clone() for n, p in chunk.module.named_parameters()}
+    if grads["ours"].keys() != grads["megatron"].keys():
+        raise AssertionError("different parameters")
+    for n, a in grads["ours"].items():
+        b = grads["megatron"][n]
+        if b.abs().max() == 0 or not torch.equal(a, b):
+            raise AssertionError(f"{n}: main_grad differs from Megatron's DDP by {(a - b).abs().max().item()} "
+                                 f"(max |main_grad| {b.abs().max().item()})")
+    n_params = sum(1 for p in ours.module.parameters() if p.requires_grad)
+    if adds["ours"][0] < 1 or adds["megatron"][0] != 0 or adds["megatron"][1] - adds["ours"][1] < n_params:
+        raise AssertionError(f"(foreach adds, adds) in one accumulated backward: {adds}, {n_params} parameters")
+
+
 def _swiglu_module_worker(rank, world):
     """One CPU process: megatron-core's MLP built from our spec with the SwiGLU module (what a
     CUDA model with liger-kernel runs, forced here: layers.swiglu.swiglu_available patched) gives

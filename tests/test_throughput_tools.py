@@ -265,10 +265,10 @@ def test_profile_step_cpu(tmp_path):
     # --sites: one more step's launches (CPU: leaf operator calls) by operator and call site, most
     # first; the sites are the project's own frames (the mixers' and layers' lines), not torch's
     ls = s["launch_sites"]
-    assert len(ls) == 40 and all(a[2] >= b[2] for a, b in zip(ls, ls[1:])) and "by operator and call site" in p.stdout
-    assert all(n >= 1 and ms >= 0 for _, _, n, ms in ls)
-    assert any(op.startswith("aten::") and "megatron_ham/" in site for op, site, _, _ in ls), ls[:5]
-    assert not any("/torch/" in site for _, site, _, _ in ls)
+    assert len(ls) == 40 and all(a[3] >= b[3] for a, b in zip(ls, ls[1:])) and "by operator and call site" in p.stdout
+    assert all(n >= 1 and ms >= 0 and op == kernel for op, kernel, _, n, ms in ls)  # CPU: the operator itself
+    assert any(op.startswith("aten::") and "megatron_ham/" in site for op, _, site, _, _ in ls), ls[:5]
+    assert not any("/torch/" in site for _, _, site, _, _ in ls)
     bad = subprocess.run(cmd[:2] + ["no/such.yaml"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "no/such.yaml" in bad.stderr
 
@@ -450,3 +450,36 @@ def test_gpu_checks_smoke_config_loads(tmp_path):
     for s in steps:
         cfg = load_config(os.path.join(REPO, recipe), overrides + [s])
         assert cfg.data.backend == "synthetic" and cfg.checkpoint.dir == f"{tmp_path}/ckpt"
+
+
+@pytest.mark.parametrize("stacks_on_ops", [True, False])
+def test_profile_launch_sites(stacks_on_ops):
+    """Each kernel is counted under the outermost operator above its runtime call and the
+    innermost Python frames outside torch: from Python events in the parent chain (torch >= 2.12)
+    or from the operators' own recorded stacks (torch 2.11 on the GPU machine)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    site = "megatron_ham/layers/ham_mixer.py(107): _random_scores"
+    frames = [site, "torch/nn/modules/module.py(1775): _call_impl", "megatron_ham/layers/ham_mixer.py(160): forward"]
+    caller = FunctionEvent(1, frames[2], 1, 0, 100)
+    wrapper = FunctionEvent(2, frames[1], 1, 1, 99)
+    fn = FunctionEvent(3, frames[0], 1, 2, 98)
+    zeros = FunctionEvent(4, "aten::zeros", 1, 3, 90, stack=frames if stacks_on_ops else [])
+    fill = FunctionEvent(5, "aten::fill_", 1, 4, 80)
+    launch = FunctionEvent(6, "cudaLaunchKernel", 1, 5, 6)
+    chain = [caller, wrapper, fn, zeros, fill, launch] if not stacks_on_ops else [zeros, fill, launch]
+    for parent, child in zip(chain, chain[1:]):
+        child.set_cpu_parent(parent)
+    kernels = []
+    for i in range(3):
+        k = FunctionEvent(10 + i, "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+                          "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>)", 1, 20 + 10 * i, 22 + 10 * i,
+                          device_type=DeviceType.CUDA, linked_correlation_id=6)
+        launch.append_kernel(k.name, 0, 2)
+        kernels.append(k)
+    tool = _profile_tool()
+    rows = tool.launch_sites(chain + kernels, steps=3)
+    want_site = f"{site} <- megatron_ham/layers/ham_mixer.py(160): forward"
+    assert rows == [["aten::zeros", "elementwise FillFunctor<float>", want_site, 1.0, pytest.approx(0.002)]]
+    assert tool._short_kernel("Memset (Device)") == "Memset (Device)"

@@ -208,22 +208,27 @@ def _site_and_op(e, frames: int = 3) -> Tuple[str, Optional[str]]:
     built-ins), as 'file(line): function <- ...'; the operator is the outermost non-Python event
     between `e` and its first Python caller (aten::zeros rather than the aten::fill_ it ran, an
     autograd node in backward)."""
+    def mine(frame: str) -> bool:
+        return "torch/" not in frame and not frame.startswith("<built-in ")
+
     op, own = None, []
     while e is not None and len(own) < frames:
-        if _PY.search(e.name):
-            if not e.name.startswith("<built-in ") and "torch/" not in e.name:
-                own.append(e.name.replace(REPO + os.sep, "").split("site-packages/")[-1])
-        elif not own and not re.match(r"cuda[A-Z]|cu[A-Z]", e.name):  # not the runtime call itself
+        python = _PY.search(e.name)
+        if not own and not python and not re.match(r"cuda[A-Z]|cu[A-Z]", e.name):  # not the runtime call
             op = e.name
+        if python and mine(e.name):
+            own.append(e.name)
+        own += [f for f in getattr(e, "stack", None) or () if mine(f)]  # torch 2.11: the stack on the op
         e = e.cpu_parent
+    own = [f.replace(REPO + os.sep, "").split("site-packages/")[-1] for f in own[:frames]]
     return " <- ".join(own) or "(no Python caller)", op
 
 
 def launch_sites(events, steps: int, top: int = 40) -> List[list]:
-    """[operator, call site, launches per step, device ms per step] of the `top` most frequent
-    (operator, site) pairs: where a launch-bound step's kernels, memsets and copies come from.
-    CUDA: each device event, by the operator nearest above its runtime call (`_site_and_op`; a
-    Triton kernel launched from Python: its own name); CPU: each leaf operator call."""
+    """[operator, kernel, call site, launches per step, device ms per step] of the `top` most
+    frequent triples: where a launch-bound step's kernels, memsets and copies come from. CUDA:
+    each device event, by the operator above its runtime call (`_site_and_op`; a Triton kernel
+    launched from Python: its own name); CPU: each leaf operator call (kernel = its name)."""
     from torch.autograd import DeviceType
 
     device = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -231,18 +236,25 @@ def launch_sites(events, steps: int, top: int = 40) -> List[list]:
     if device:
         for name, us, e in _launches(events, device):
             site, op = _site_and_op(e)
-            found.append((op or name, site, us))
+            found.append((op or name, name, site, us))
     else:
         for e in events:
             if e.device_type == DeviceType.CPU and not e.is_async and not e.cpu_children and not _PY.search(e.name):
-                found.append((e.name, _site_and_op(e)[0], e.self_cpu_time_total))
-    by: Dict[Tuple[str, str], List[float]] = {}
-    for op, site, us in found:
-        n_us = by.setdefault((op, site), [0, 0.0])
+                found.append((e.name, e.name, _site_and_op(e)[0], e.self_cpu_time_total))
+    by: Dict[Tuple[str, str, str], List[float]] = {}
+    for op, kernel, site, us in found:
+        n_us = by.setdefault((op, _short_kernel(kernel), site), [0, 0.0])
         n_us[0] += 1
         n_us[1] += us
     rows = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
-    return [[op[:60], site, n / steps, us / 1e3 / steps] for (op, site), (n, us) in rows]
+    return [[op[:70], kernel, site, n / steps, us / 1e3 / steps] for (op, kernel, site), (n, us) in rows]
+
+
+def _short_kernel(name: str) -> str:
+    """A kernel's name without its template noise: 'void at::native::vectorized_elementwise_kernel<8,
+    at::native::bfloat16_copy_kernel_cuda(...' -> 'elementwise bfloat16_copy_kernel_cuda'."""
+    m = "elementwise" in name and re.search(r"(\w*(?:copy_kernel_cuda|Functor\w*)(?:<[\w:]+>)?)", name)
+    return f"elementwise {m.group(1)}" if m else name[:60]
 
 
 def summarise(events, wall_s: float, steps: int, top: int = 5) -> dict:
@@ -575,8 +587,8 @@ def main(argv=None) -> int:
     ls = s.get("launch_sites")
     if ls is not None:
         print("\nlaunches of one more step by operator and call site (per step, device ms), most first:")
-        for op, site, n, ms in ls:
-            print(f"  {n:7.0f}  {ms:8.2f} ms  {op[:40]:<40}  {site[:150]}")
+        for op, kernel, site, n, ms in ls:
+            print(f"  {n:7.0f}  {ms:8.2f} ms  {op[:60]:<60}  {kernel[:50]:<50}  {site[:160]}")
     if before is not None:
         from compare_profiles import compare
 
