@@ -10,7 +10,6 @@ import torch
 
 from _dist import run_world
 from _parallel_workers import (
-    _batched_grad_adds_worker,
     _gdn_mixer_kernels_worker,
     _mixer_worker,
     _model_worker,
@@ -62,17 +61,6 @@ def test_gradient_accumulation_fusion_gives_the_unfused_main_grad():
     run_world(_wgrad_fusion_worker, 1, "cuda")
 
 
-def test_batched_grad_adds_give_megatrons_main_grad():
-    """The training loop's DDP batches each backward pass's main_grad adds (training/ddp.py) and
-    gives megatron-core DDP's main_grad bitwise, accumulating and on the last micro-batch."""
-    run_world(_batched_grad_adds_worker, 1, "cpu")
-
-
-@pytest.mark.gpu
-def test_batched_grad_adds_give_megatrons_main_grad_cuda():
-    run_world(_batched_grad_adds_worker, 1, "cuda")
-
-
 def test_model_tp_sp_and_checkpoint_resharding(tmp_path):
     """Small hybrid model (H, *, G layers; learned router; packed documents):
     TP=2+SP trains a step of the controller, its dist checkpoint (torch_dist) loads at TP=1 with
@@ -100,20 +88,3 @@ def test_pipeline_pp2_forward_matches_pp1_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     run_world(_pp_worker, 2, str(tmp_path), "cuda")
-
-
-def test_add_into_matches_one_add_per_tensor():
-    """training.ddp.add_into: mains[i] += grads[i] for grads of mixed dtypes, shapes and layouts
-    (a transposed grad), bitwise what one add_ per tensor gives; mains keep their dtypes."""
-    from megatron_ham.training.ddp import add_into
-
-    g = torch.Generator().manual_seed(0)
-    shapes = [(3, 5), (7,), (2, 3, 4), (1,), (5, 3)]
-    dtypes = [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
-    mains = [torch.randn(s, generator=g) for s in shapes]
-    grads = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
-    grads[4] = torch.randn(3, 5, generator=g).t()  # not contiguous
-    want = [m.clone().add_(x) for m, x in zip(mains, grads)]
-    add_into(mains, grads)
-    for m, w in zip(mains, want):
-        assert m.dtype == torch.float32 and torch.equal(m, w)

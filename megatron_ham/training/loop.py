@@ -68,9 +68,7 @@ def _prepare_model_config(cfg: RunConfig, log) -> None:
 def build_model_chunks(cfg: RunConfig):
     """This rank's model chunks (one per virtual pipeline stage), each wrapped in Megatron DDP."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    from .ddp import BatchedGradDDP
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_ham.models import build_model
 
@@ -98,7 +96,7 @@ def build_model_chunks(cfg: RunConfig):
         use_distributed_optimizer=cfg.train.use_distributed_optimizer,
     )
     wrapped = [
-        BatchedGradDDP(config=c.config, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
+        DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
         for i, c in enumerate(chunks)
     ]
     # Hooks the pipeline schedules call: no_sync during grad accumulation, then finalize
