@@ -30,7 +30,9 @@ host spends a step when the GPU idles waiting for it (the Transformer recipe, 20
 With --sites, one more step runs under the profiler with Python stacks (with_stack=True) and the
 launches (CUDA: kernels, memsets, copies; CPU: leaf operator calls) are counted by launching
 operator and call site (the innermost frames outside torch): where the ~3,300 launches of a
-ham_800m micro-batch come from.
+ham_800m micro-batch come from. On torch 2.11 (the GPU machine, 2026-12-04) the profiler gave no
+Python callers for them: the sites read "(no Python caller)" and the operator column (an
+autograd node in backward) is the attribution.
 With --sync-debug, one more step runs under torch.cuda.set_sync_debug_mode("warn") and the
 calls that made the host wait for the GPU (.item(), .tolist(), nonzero, ...) are counted by
 call site: each one drains the GPU's queue, so the host's Python after it shows up as GPU idle
@@ -218,7 +220,7 @@ def _site_and_op(e, frames: int = 3) -> Tuple[str, Optional[str]]:
             op = e.name
         if python and mine(e.name):
             own.append(e.name)
-        own += [f for f in getattr(e, "stack", None) or () if mine(f)]  # torch 2.11: the stack on the op
+        own += [f for f in getattr(e, "stack", None) or () if mine(f)]  # a stack recorded on the op itself
         e = e.cpu_parent
     own = [f.replace(REPO + os.sep, "").split("site-packages/")[-1] for f in own[:frames]]
     return " <- ".join(own) or "(no Python caller)", op
