@@ -455,8 +455,8 @@ def test_gpu_checks_smoke_config_loads(tmp_path):
 @pytest.mark.parametrize("stacks_on_ops", [True, False])
 def test_profile_launch_sites(stacks_on_ops):
     """Each kernel is counted under the outermost operator above its runtime call and the
-    innermost Python frames outside torch: from Python events in the parent chain (torch >= 2.12)
-    or from the operators' own recorded stacks (torch 2.11 on the GPU machine)."""
+    innermost Python frames outside torch: from Python events in the parent chain (torch 2.13)
+    or from a stack recorded on the operator itself (FunctionEvent.stack, where a profiler fills it)."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
