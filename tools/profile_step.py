@@ -42,8 +42,12 @@ launches: the unprofiled line below says whether it does), and
 each category's biggest items; --out writes the same as JSON.
 The profiler slows the host (it records every operator), so its host gaps overstate the GPU's
 idle time: the same `--steps` then run once more without it, and the table ends with that
-step time against the profiled GPU-busy time, i.e. how long the GPU idles as the recipe trains
-(2026-12-03: 20 % host gaps under the profiler, under 1 % without it, for ham_800m).
+step time against the profiled GPU-busy time, i.e. how long the GPU idled in those steps
+(2026-12-03: 20 % host gaps under the profiler, under 1 % without it, for ham_800m). With few
+sequences per step that idle time includes the step's once-per-step work (optimizer, gradient
+norm, logging): 23 % at a global batch of 2 on 2026-12-04, under 1 % in the recipe's 32 on the
+same machine. The `GPU busy/sequence` line is what to hold against `bench_recipes.py --mode
+recipe`'s step time per sequence.
 
 With --baseline REV the same profile runs first for git revision REV (its megatron_ham, recipes
 and tools extracted into a temporary directory; its own profile_step.py, in a subprocess, one
@@ -333,9 +337,17 @@ def format_table(s: dict) -> str:
         line = f"{'step (unprofiled)':<20} {un:>10.2f}   (the same steps without the profiler"
         if s["timeline"] == "cuda":
             idle = max(0.0, un - busy)
-            line += (f": as it trains the GPU idles about {idle:.2f} ms/step, {100 * idle / un:.1f}%; "
+            line += (f": in these steps the GPU idles about {idle:.2f} ms/step, {100 * idle / un:.1f}%; "
                      "the host gaps above include the profiler's own overhead")
         lines.append(line + ")")
+        gbs = s.get("global_batch_size")
+        if s["timeline"] == "cuda" and gbs:
+            # a step's once-per-step work (optimizer, grad norm, logging) spread over few sequences
+            # counts as idle here; the recipe spreads it over its whole global batch
+            lines.append(f"{'GPU busy/sequence':<20} {busy / gbs:>10.2f}   (ms per sequence of the global batch of "
+                         f"{gbs}: with few sequences per step the idle time above includes the step's "
+                         "once-per-step work; for the recipe's idle time compare bench_recipes.py --mode "
+                         "recipe's step time per sequence with this)")
     if s.get("most_frequent"):
         lines.append(f"most frequent ({unit}/step, ms/step): " + ", ".join(
             f"{n[:40]} {c:.0f} {ms:.2f}" for n, c, ms in s["most_frequent"][:8]))
